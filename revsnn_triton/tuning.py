@@ -41,7 +41,7 @@ INTERPRETER_BLOCK = 128
 
 # Candidates tried by `tune` unless given: block sizes x warps, all powers of two.
 DEFAULT_CANDIDATES: tuple[tuple[int, int], ...] = tuple(
-    (b, w) for b in (256, 512, 1024, 2048, 4096) for w in (1, 2, 4, 8, 16) if b // (32 * w) >= 1)
+    (b, w) for b in (512, 1024, 2048, 4096) for w in (2, 4, 8))
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()} | {
