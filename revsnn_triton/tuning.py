@@ -17,7 +17,6 @@ the environment variable ``REVSNN_TUNE_CACHE`` (``off`` disables the cache), els
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -129,7 +128,7 @@ _loaded: dict[Path, dict[str, dict]] = {}
 def clear_memory_cache() -> None:
     """Forget cache files read so far (the next launch re-reads the file)."""
     _loaded.clear()
-    _gpu_name.cache_clear()
+    _gpu_names.clear()
 
 
 def _read_entries(path: Path) -> dict[str, dict]:
@@ -166,9 +165,13 @@ def _entries(path: Path) -> dict[str, dict]:
     return _loaded[path]
 
 
-@functools.lru_cache(maxsize=None)
+_gpu_names: dict[int, str] = {}
+
+
 def _gpu_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+    if index not in _gpu_names:
+        _gpu_names[index] = torch.cuda.get_device_name(index)
+    return _gpu_names[index]
 
 
 def _triton_version() -> str:
@@ -236,6 +239,12 @@ def _benchmarks() -> dict[str, Bench]:
     return tuning_benchmarks()
 
 
+def _measure_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` (``triton.testing.do_bench``: CUDA events, L2 flushed per repetition)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
 def tunable_kernels() -> list[str]:
     """Names of the kernels :func:`tune` can measure (the names the op layer passes to
     :func:`launch_config`)."""
@@ -285,8 +294,6 @@ def tune(shapes: Iterable[tuple[int, int]], dtypes: Iterable[torch.dtype], kerne
     if unknown:
         raise ValueError(f"kernels: unknown {unknown}; tunable kernels are {sorted(benches)}")
 
-    import triton.testing
-
     gpu = _gpu_name(device.index)
     new: dict[str, dict] = {}
     for name in names:
@@ -296,8 +303,7 @@ def tune(shapes: Iterable[tuple[int, int]], dtypes: Iterable[torch.dtype], kerne
                 timings = []
                 for cfg in cands:
                     try:
-                        ms = triton.testing.do_bench(lambda: run(cfg.block_size, cfg.num_warps),
-                                                     warmup=25, rep=100, return_mode="median")
+                        ms = _measure_ms(lambda: run(cfg.block_size, cfg.num_warps))
                     except Exception as exc:  # a config can exceed the GPU's resources: skip it
                         if verbose:
                             print(f"  {name} {cfg}: failed ({type(exc).__name__}: {exc})", file=sys.stderr)

@@ -1,0 +1,167 @@
+"""Launch configurations: heuristic, tuned cache, refusal to tune without a GPU."""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from revsnn_triton import tuning
+from revsnn_triton.runtime import interpreter_enabled
+from revsnn_triton.tuning import LaunchConfig, launch_config
+
+FAKE_GPU = "Fake GPU 80GB"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Let `launch_config` look up the cache for a CUDA device on a machine that has none: only the GPU's
+    name (part of the cache key) is faked; nothing is launched."""
+    tuning.clear_memory_cache()
+    monkeypatch.setattr(tuning, "_gpu_name", lambda index: FAKE_GPU)
+    yield
+    tuning.clear_memory_cache()
+
+
+def test_heuristic_is_sane_and_deterministic():
+    for n in (1, 7, 1000, 65_536, 131_072, 524_288, 8_388_608, 10**9):
+        for T in (1, 4, 16):
+            cfg = tuning.heuristic(n, T, on_gpu=True)
+            assert cfg == tuning.heuristic(n, T, on_gpu=True)
+            assert 128 <= cfg.block_size <= 1024 and 1 <= cfg.num_warps <= 8
+            # enough programs to fill a GPU whenever n allows it
+            if n >= 512 * 128:
+                assert -(-n // cfg.block_size) >= 512
+    assert tuning.heuristic(8_388_608, 4, on_gpu=True) == LaunchConfig(1024, 4)
+    # interpreter: one fixed small block, so that test shapes span several programs
+    assert launch_config("neuron_fwd", 10**6, 4, torch.float32, "cpu") == LaunchConfig(tuning.INTERPRETER_BLOCK, 1)
+
+
+@pytest.mark.parametrize("bad, exc", [
+    (dict(kernel=""), ValueError), (dict(kernel=3), ValueError), (dict(n=0), ValueError),
+    (dict(n=2.0), TypeError), (dict(T=0), ValueError), (dict(T=True), TypeError),
+    (dict(dtype=torch.int32), TypeError), (dict(dtype="fp32"), TypeError),
+])
+def test_launch_config_rejects_bad_input(bad, exc):
+    args = dict(kernel="neuron_fwd", n=100, T=4, dtype=torch.float32, device="cpu") | bad
+    with pytest.raises(exc, match=next(iter(bad))):
+        launch_config(**args)
+
+
+@pytest.mark.parametrize("block, warps", [(100, 4), (1024, 3), (8, 1), (1024, 64)])
+def test_launch_config_validates(block, warps):
+    with pytest.raises(ValueError, match="power of two"):
+        LaunchConfig(block, warps)
+
+
+def test_cache_round_trip(tmp_path, fake_gpu, monkeypatch):
+    """A winner written by `tune` (measurements faked: fastest = block 2048 / 8 warps) is read back by
+    `launch_config` for every (n, T) of the same bucket, and only for the same kernel, dtype and GPU."""
+    path = tmp_path / "sub" / "tune.json"
+    calls = []
+
+    def factory(T, n, dtype, device):
+        calls.append((T, n, dtype))
+        return lambda block_size, num_warps: (block_size, num_warps)
+
+    times = {(2048, 8): 0.5}
+    monkeypatch.setattr(tuning, "_require_gpu_for_tuning", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(tuning, "_benchmarks", lambda: {"neuron_fwd": factory, "neuron_bwd": factory})
+    monkeypatch.setattr(tuning, "_measure_ms", lambda fn: times.get(fn(), 1.0))
+
+    new = tuning.tune([(4, 8_000_000)], [torch.bfloat16], kernels=["neuron_fwd"], cache_path=path)
+    assert calls == [(4, 8_000_000, torch.bfloat16)]
+    assert len(new) == 1
+    (key, entry), = new.items()
+    assert FAKE_GPU in key and "neuron_fwd" in key and "bf16" in key
+    assert (entry["block_size"], entry["num_warps"], entry["ms"]) == (2048, 8, 0.5)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["format"] == tuning.CACHE_FORMAT and on_disk["entries"] == new
+    assert [p.name for p in path.parent.iterdir()] == ["tune.json"]  # no temp file left behind
+
+    tuning.clear_memory_cache()  # read back from the file, not from memory
+    monkeypatch.setattr(tuning, "_gpu_name", lambda index: FAKE_GPU)
+    dev = torch.device("cuda", 0)
+    for n, T in ((8_000_000, 4), (5_000_000, 3), (8_388_608, 4)):  # same bucket (2^23, 4)
+        assert launch_config("neuron_fwd", n, T, torch.bfloat16, dev, cache_file=path) == LaunchConfig(2048, 8)
+    heur = tuning.heuristic(8_000_000, 4, on_gpu=True)
+    assert launch_config("neuron_bwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.float32, dev, cache_file=path) == heur
+    assert launch_config("neuron_fwd", 8_000_000, 16, torch.bfloat16, dev, cache_file=path) == heur
+    assert launch_config("neuron_fwd", 9_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+    # the environment variable selects the same file
+    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == LaunchConfig(2048, 8)
+    monkeypatch.setenv(tuning.CACHE_ENV, "off")
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == heur
+    # another GPU does not use this GPU's winners
+    tuning.clear_memory_cache()
+    monkeypatch.setattr(tuning, "_gpu_name", lambda index: "Other GPU")
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+
+    # a second tune merges into the file instead of replacing it
+    monkeypatch.setattr(tuning, "_gpu_name", lambda index: FAKE_GPU)
+    tuning.tune([(16, 1000)], [torch.float32], kernels=["neuron_bwd"], cache_path=path)
+    assert len(json.loads(path.read_text())["entries"]) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 999, "entries": {}}),
+                                     json.dumps({"format": 1, "entries": {"k": {"block_size": 100,
+                                                                                "num_warps": 4}}})])
+def test_corrupt_cache_falls_back_with_warning(tmp_path, fake_gpu, content):
+    path = tmp_path / "tune.json"
+    path.write_text(content)
+    dev = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        cfg = launch_config("neuron_fwd", 4096, 4, torch.float32, dev, cache_file=path)
+    assert cfg == tuning.heuristic(4096, 4, on_gpu=True)
+    with warnings.catch_warnings():  # warned once, then silent
+        warnings.simplefilter("error")
+        assert launch_config("neuron_fwd", 4096, 4, torch.float32, dev, cache_file=path) == cfg
+
+
+def test_missing_cache_is_silent(tmp_path, fake_gpu):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = launch_config("neuron_fwd", 4096, 4, torch.float32, "cuda:0", cache_file=tmp_path / "none.json")
+    assert cfg == tuning.heuristic(4096, 4, on_gpu=True)
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.delenv(tuning.CACHE_ENV, raising=False)
+    assert tuning.resolve_cache_path() == tuning.DEFAULT_CACHE.expanduser()
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "x.json"))
+    assert tuning.resolve_cache_path() == tmp_path / "x.json"
+    assert tuning.resolve_cache_path(tmp_path / "y.json") == tmp_path / "y.json"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not interpreter_enabled(),
+                    reason="tuning is allowed on this machine (CUDA, no interpreter)")
+def test_tune_refuses_without_gpu_or_under_interpreter(tmp_path):
+    with pytest.raises(RuntimeError, match="interpreter|no CUDA device"):
+        tuning.tune([(4, 1024)], [torch.float32], cache_path=tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()
+    assert tuning.main(["--shape", "4x1024", "--cache", str(tmp_path / "t.json")]) == 2
+
+
+def test_tune_refuses_under_interpreter_even_with_cuda(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="interpreter"):
+        tuning.tune([(4, 1024)], [torch.float32], cache_path=tmp_path / "t.json")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shapes=[(4,)]), "shapes"), (dict(shapes=[]), "shapes"), (dict(shapes=[(0, 5)]), "T"),
+    (dict(dtypes=[]), "dtypes"), (dict(dtypes=[torch.int8]), "dtype"), (dict(candidates=[(100, 4)]), "power"),
+])
+def test_tune_rejects_bad_input(kwargs, match, tmp_path):
+    args = dict(shapes=[(4, 1024)], dtypes=[torch.float32], cache_path=tmp_path / "t.json") | kwargs
+    with pytest.raises((ValueError, TypeError), match=match):
+        tuning.tune(**args)
+
+
+def test_cli_parses_shapes():
+    assert tuning._parse_shape("4x8388608") == (4, 8388608)
+    with pytest.raises(Exception, match="TxN"):
+        tuning._parse_shape("4-8")
