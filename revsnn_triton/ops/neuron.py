@@ -1,0 +1,179 @@
+"""Multi-step IF / LIF / PLIF neurons as ``torch.library`` custom ops, and their Python entry point.
+
+Ops (namespace ``revsnn``), each with a fake (meta) implementation, so they trace under ``torch.compile``:
+
+- ``revsnn::neuron_forward(x, v_init, w, kind, tau, decay_input, v_threshold, hard_reset, v_reset,
+  detach_reset, surrogate, alpha, save) -> (spikes, v_final, saved)``, differentiable through
+  ``register_autograd`` whose backward calls
+- ``revsnn::neuron_backward(grad_spikes, grad_v_final, saved, x, v_init, w, <same scalars>)
+  -> (grad_x, grad_v_init, grad_w)``.
+
+``v_reset`` is encoded schema-friendly as ``hard_reset: bool`` + ``v_reset: float`` (0.0 for soft reset, which is
+also what the soft-reset charge uses); ``w`` is None except for PLIF. Where they run (``runtime.use_triton``):
+CUDA tensors -> the Triton kernels of ``revsnn_triton.kernels.neurons``; CPU tensors -> the plain-PyTorch
+reference of :mod:`revsnn_triton.ops.neuron_reference`, or the Triton kernels under the interpreter inside
+``runtime.cpu_kernels("triton")``. Both paths return tensors in the same layout (the neuron layout of ``x``:
+time outermost, inner dims in ``x``'s stride order).
+
+Memory kept for backward per neuron-step: ``save="h"`` 4 bytes (fp32 H), ``"h_bf16"`` 2 bytes (bf16
+``H - v_threshold``; approximate gradients), ``"input"`` nothing beyond ``x`` itself (forward recomputed in
+backward). PLIF also keeps ``x`` (its grad of ``w`` needs it) and every kind keeps ``v_init`` [*shape] when
+it needs it (PLIF, ``"input"``). See ``revsnn_triton.kernels.neurons`` for details.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from revsnn_triton.kernels import neurons as K
+from revsnn_triton.ops.neuron_reference import (NeuronConfig, check_neuron_args, decode_saved, encode_saved,
+                                                initial_membrane, neuron_backward_reference,
+                                                neuron_forward_reference, plif_grad_w)
+from revsnn_triton.runtime import use_triton
+
+__all__ = ["multistep_neuron", "neuron_forward", "neuron_backward"]
+
+
+def _q(w: Optional[Tensor]) -> Optional[Tensor]:
+    """PLIF's ``1/tau = sigmoid(w)``, computed in fp32 as spikingjelly does; 1 element."""
+    return None if w is None else torch.sigmoid(w.float()).reshape(1)
+
+
+def _cfg(kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha) -> NeuronConfig:
+    return NeuronConfig(kind=kind, tau=tau, decay_input=decay_input, v_threshold=v_threshold,
+                        hard_reset=hard_reset, v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
+                        alpha=alpha)
+
+
+def _saved_dtype(save: str) -> torch.dtype:
+    return torch.bfloat16 if save == "h_bf16" else torch.float32
+
+
+@torch.library.custom_op("revsnn::neuron_forward", mutates_args=())
+def neuron_forward(x: Tensor, v_init: Tensor, w: Optional[Tensor], kind: str, tau: float, decay_input: bool,
+                   v_threshold: float, hard_reset: bool, v_reset: float, detach_reset: bool, surrogate: str,
+                   alpha: float, save: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward: ``(spikes [T, *shape] x.dtype, v_final [*shape] fp32, saved)``; ``saved`` is fp32 H
+    (``save="h"``), bf16 ``H - v_threshold`` (``"h_bf16"``) or an empty fp32 tensor (``"input"``)."""
+    q = _q(w)
+    if use_triton(x.device):
+        return K.neuron_forward(x, v_init, q, kind=kind, tau=tau, decay_input=decay_input,
+                                v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset, save=save)
+    cfg = _cfg(kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha)
+    spikes, v_final, h = neuron_forward_reference(x, v_init, None if q is None else q.reshape(()), cfg)
+    out_s = K.empty_neuron_layout(x, x.dtype)
+    out_s.copy_(spikes)
+    out_v = K.empty_neuron_layout(x, torch.float32, with_time=False)
+    out_v.copy_(v_final)
+    if save == "input":
+        return out_s, out_v, x.new_empty(0, dtype=torch.float32)
+    out_h = K.empty_neuron_layout(x, _saved_dtype(save))
+    out_h.copy_(encode_saved(h, save, v_threshold))
+    return out_s, out_v, out_h
+
+
+@neuron_forward.register_fake
+def _(x, v_init, w, kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha,
+      save):
+    spikes = K.empty_neuron_layout(x, x.dtype)
+    v_final = K.empty_neuron_layout(x, torch.float32, with_time=False)
+    saved = x.new_empty(0, dtype=torch.float32) if save == "input" else K.empty_neuron_layout(x, _saved_dtype(save))
+    return spikes, v_final, saved
+
+
+@torch.library.custom_op("revsnn::neuron_backward", mutates_args=())
+def neuron_backward(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, x: Optional[Tensor],
+                    v_init: Optional[Tensor], w: Optional[Tensor], kind: str, tau: float, decay_input: bool,
+                    v_threshold: float, hard_reset: bool, v_reset: float, detach_reset: bool, surrogate: str,
+                    alpha: float, save: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward: ``(grad_x [T, *shape] grad_spikes' dtype, grad_v_init [*shape] fp32, grad_w)``; ``grad_w`` has
+    ``w``'s shape and dtype for PLIF, else it is an empty fp32 tensor. ``x`` is required for PLIF and
+    ``save="input"``, ``v_init`` for PLIF and ``"input"`` (else they may be None)."""
+    q = _q(w)
+    template = x if save == "input" else saved
+    if use_triton(grad_spikes.device):
+        grad_x, grad_v_init, w_partial = K.neuron_backward(
+            grad_spikes, grad_v_final, saved, x, v_init, q, kind=kind, tau=tau, decay_input=decay_input,
+            v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset, detach_reset=detach_reset,
+            surrogate=surrogate, alpha=alpha, save=save)
+    else:
+        cfg = _cfg(kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha)
+        q0 = None if q is None else q.reshape(())
+        if save == "input":
+            _, _, h = neuron_forward_reference(x, v_init, q0, cfg)
+            h, spikes = decode_saved(h, "h", v_threshold)
+        else:
+            h, spikes = decode_saved(saved, save, v_threshold)
+        gx, gv, w_partial = neuron_backward_reference(grad_spikes, grad_v_final, h, spikes, x, v_init, q0, cfg)
+        grad_x = K.empty_neuron_layout(template, grad_spikes.dtype)
+        grad_x.copy_(gx)
+        grad_v_init = K.empty_neuron_layout(template, torch.float32, with_time=False)
+        grad_v_init.copy_(gv)
+    if w is None:
+        return grad_x, grad_v_init, grad_v_init.new_empty(0)
+    return grad_x, grad_v_init, plif_grad_w(w_partial, q.reshape(()), w)
+
+
+@neuron_backward.register_fake
+def _(grad_spikes, grad_v_final, saved, x, v_init, w, kind, tau, decay_input, v_threshold, hard_reset, v_reset,
+      detach_reset, surrogate, alpha, save):
+    template = x if save == "input" else saved
+    grad_x = K.empty_neuron_layout(template, grad_spikes.dtype)
+    grad_v_init = K.empty_neuron_layout(template, torch.float32, with_time=False)
+    grad_w = grad_v_init.new_empty(0) if w is None else torch.empty_like(w, memory_format=torch.contiguous_format)
+    return grad_x, grad_v_init, grad_w
+
+
+_SCALARS = ("kind", "tau", "decay_input", "v_threshold", "hard_reset", "v_reset", "detach_reset", "surrogate",
+            "alpha", "save")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, v_init, w, *scalars = inputs
+    params = dict(zip(_SCALARS, scalars))
+    ctx.params = params
+    ctx.x_dtype = x.dtype
+    needs_x = params["kind"] == "plif" or params["save"] == "input"
+    ctx.save_for_backward(output[2], x if needs_x else None, v_init if needs_x else None, w)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, grad_spikes, grad_v_final, _grad_saved):
+    saved, x, v_init, w = ctx.saved_tensors
+    p = ctx.params
+    grad_x, grad_v_init, grad_w = neuron_backward(
+        grad_spikes.to(ctx.x_dtype), grad_v_final, saved, x, v_init, w, p["kind"], p["tau"], p["decay_input"],
+        p["v_threshold"], p["hard_reset"], p["v_reset"], p["detach_reset"], p["surrogate"], p["alpha"], p["save"])
+    return (grad_x, grad_v_init, grad_w if w is not None else None) + (None,) * len(_SCALARS)
+
+
+neuron_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def multistep_neuron(x_seq, v_init=None, *, tau=None, w=None, decay_input=True, v_threshold=1.0, v_reset=0.0,
+                     detach_reset=False, surrogate="sigmoid", alpha=4.0, save="h"):
+    """Multi-step IF / LIF / PLIF neuron over ``x_seq [T, *shape]`` (spikingjelly 2.0 semantics, ``step_mode='m'``).
+
+    - ``x_seq``: ``[T, *shape]`` with T >= 1 and at least 2 dims; float32, float16 or bfloat16 (no float64,
+      integer or complex); any strides, including a time stride of 0 (``expand``), read in place.
+    - ``v_init``: ``[*shape]`` float32 on ``x_seq``'s device, or None (= ``v_reset``; 0 for soft reset).
+    - kind: ``w`` given -> PLIF (``1/tau = sigmoid(w)``, ``w`` a 1-element float tensor, gradient returned);
+      else ``tau`` given -> LIF (finite, > 1); else IF.
+    - ``v_reset=None`` -> soft reset (subtract ``v_threshold``); ``v_threshold`` and ``v_reset`` finite.
+    - ``surrogate``: one of ``revsnn_triton.surrogate.SURROGATES`` (the fused ones), ``alpha`` its parameter (> 0).
+    - ``save``: ``"h"`` (4 bytes/neuron-step, exact), ``"h_bf16"`` (2 bytes, approximate gradients),
+      ``"input"`` (0 bytes, forward recomputed in backward; exact).
+
+    Returns ``(spikes [T, *shape] in x_seq's dtype, v_final [*shape] float32)``, differentiable w.r.t.
+    ``x_seq``, ``v_init`` and ``w``. Raises ``TypeError``/``ValueError`` naming the bad argument.
+    """
+    cfg = check_neuron_args(x_seq, v_init, tau=tau, w=w, decay_input=decay_input, v_threshold=v_threshold,
+                            v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, save=save)
+    if v_init is None:
+        v_init = initial_membrane(x_seq, v_reset)
+    spikes, v_final, _ = neuron_forward(x_seq, v_init, w if cfg.kind == "plif" else None, cfg.kind, cfg.tau,
+                                        cfg.decay_input, cfg.v_threshold, cfg.hard_reset, cfg.v_reset,
+                                        cfg.detach_reset, cfg.surrogate, cfg.alpha, save)
+    return spikes, v_final

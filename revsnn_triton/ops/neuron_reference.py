@@ -1,0 +1,261 @@
+"""Plain-PyTorch multi-step IF / LIF / PLIF neurons: the test oracle and the CPU implementation of the ops.
+
+Semantics are spikingjelly 2.0's (``step_mode='m'``), computed in fp32 whatever the input dtype, with the same
+operations in the same order, so spikes and membranes are bit-equal to spikingjelly's in fp32. For each t
+(``V[-1] = v_init``; ``vr = v_reset``, or 0 in the charge for soft reset):
+
+- charge: IF ``H = V + X``; LIF ``H = V + (X - (V - vr)) / tau`` (``decay_input=False``:
+  ``H = V - (V - vr) / tau + X``); PLIF the same with ``* q`` for ``/ tau``, ``q = sigmoid(w)`` in fp32
+- fire: ``S = (H >= v_threshold)``, returned in the input dtype
+- reset: hard ``V = S * vr + (1 - S) * H``, soft ``V = H - S * v_threshold``
+
+Three entry points:
+
+- :func:`multistep_autograd`: a Python loop whose gradients come from autograd (the independent oracle).
+- :func:`neuron_forward_reference` / :func:`neuron_backward_reference`: the explicit forward and hand-written
+  backward that the ``revsnn::neuron_*`` ops run on CPU tensors; the Triton kernels implement the same formulas.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from revsnn_triton.surrogate import SURROGATES, surrogate_derivative
+
+ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SAVE_MODES = ("h", "h_bf16", "input")
+KINDS = ("if", "lif", "plif")
+
+
+@dataclass(frozen=True)
+class NeuronConfig:
+    """Validated scalar configuration of a multi-step neuron (tensors are passed separately)."""
+
+    kind: str  # "if" | "lif" | "plif"
+    tau: float  # LIF only (1.0 otherwise, unused)
+    decay_input: bool
+    v_threshold: float
+    hard_reset: bool
+    v_reset: float  # the hard-reset value; 0.0 for soft reset (that is what the charge uses)
+    detach_reset: bool
+    surrogate: str
+    alpha: float
+
+
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_neuron_args(x_seq, v_init, *, tau, w, decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                      alpha, save="h", where="multistep_neuron") -> NeuronConfig:
+    """Validate the arguments of a multi-step neuron call; raise ``TypeError``/``ValueError`` naming the argument.
+
+    Accepted: ``x_seq`` a float32/float16/bfloat16 tensor with at least 2 dims ``[T, *shape]``, T >= 1;
+    ``v_init`` None or a float32 tensor of shape ``shape`` on ``x_seq``'s device; ``w`` None or a 1-element
+    floating tensor on the same device (PLIF); ``tau`` None or a finite float > 1 (LIF; ignored with ``w``);
+    finite ``v_threshold``, ``v_reset`` (None = soft reset), ``alpha`` > 0; ``surrogate`` one of ``SURROGATES``;
+    ``save`` one of ``SAVE_MODES``.
+    """
+    if not isinstance(x_seq, torch.Tensor):
+        raise TypeError(f"{where}: x_seq must be a torch.Tensor, got {type(x_seq).__name__}")
+    if x_seq.dtype not in ACCEPTED_DTYPES:
+        raise TypeError(f"{where}: x_seq must have dtype float32, float16 or bfloat16, got {x_seq.dtype}")
+    if x_seq.dim() < 2:
+        raise ValueError(f"{where}: x_seq must have a time axis first, shape [T, *shape] with at least 2 dims; "
+                         f"got shape {tuple(x_seq.shape)}")
+    if x_seq.shape[0] < 1:
+        raise ValueError(f"{where}: x_seq must have T >= 1 time steps, got shape {tuple(x_seq.shape)}")
+    if v_init is not None:
+        if not isinstance(v_init, torch.Tensor):
+            raise TypeError(f"{where}: v_init must be a torch.Tensor or None, got {type(v_init).__name__}")
+        if v_init.dtype != torch.float32:
+            raise TypeError(f"{where}: v_init must be float32 (the membrane is kept in fp32), got {v_init.dtype}")
+        if v_init.shape != x_seq.shape[1:]:
+            raise ValueError(f"{where}: v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), "
+                             f"got {tuple(v_init.shape)}")
+        if v_init.device != x_seq.device:
+            raise ValueError(f"{where}: v_init is on {v_init.device} but x_seq is on {x_seq.device}")
+    if w is not None:
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{where}: w must be a torch.Tensor or None, got {type(w).__name__}")
+        if not w.is_floating_point():
+            raise TypeError(f"{where}: w must be a floating-point tensor, got {w.dtype}")
+        if w.numel() != 1:
+            raise ValueError(f"{where}: w must have exactly 1 element (PLIF's shared 1/tau = sigmoid(w)), "
+                             f"got shape {tuple(w.shape)}")
+        if w.device != x_seq.device:
+            raise ValueError(f"{where}: w is on {w.device} but x_seq is on {x_seq.device}")
+        kind = "plif"
+    elif tau is not None:
+        kind = "lif"
+    else:
+        kind = "if"
+    if kind == "lif":
+        if not _is_real_number(tau):
+            raise TypeError(f"{where}: tau must be a float, got {type(tau).__name__}")
+        if not math.isfinite(tau) or tau <= 1:
+            raise ValueError(f"{where}: tau must be finite and > 1 for LIF, got {tau}")
+    if not _is_real_number(v_threshold):
+        raise TypeError(f"{where}: v_threshold must be a float, got {type(v_threshold).__name__}")
+    if not math.isfinite(v_threshold):
+        raise ValueError(f"{where}: v_threshold must be finite, got {v_threshold}")
+    if v_reset is not None:
+        if not _is_real_number(v_reset):
+            raise TypeError(f"{where}: v_reset must be a float or None (soft reset), got {type(v_reset).__name__}")
+        if not math.isfinite(v_reset):
+            raise ValueError(f"{where}: v_reset must be finite or None (soft reset), got {v_reset}")
+    if not isinstance(surrogate, str):
+        raise TypeError(f"{where}: surrogate must be a name (str), got {type(surrogate).__name__}; "
+                        f"fused surrogates: {sorted(SURROGATES)}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"{where}: surrogate {surrogate!r} has no fused kernel; fused surrogates: "
+                         f"{sorted(SURROGATES)}")
+    if not _is_real_number(alpha):
+        raise TypeError(f"{where}: alpha must be a float, got {type(alpha).__name__}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{where}: alpha must be finite and > 0, got {alpha}")
+    if save not in SAVE_MODES:
+        raise ValueError(f"{where}: save must be one of {SAVE_MODES}, got {save!r}")
+    for name, flag in (("decay_input", decay_input), ("detach_reset", detach_reset)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{where}: {name} must be a bool, got {type(flag).__name__}")
+    return NeuronConfig(kind=kind, tau=float(tau) if kind == "lif" else 1.0, decay_input=decay_input,
+                        v_threshold=float(v_threshold), hard_reset=v_reset is not None,
+                        v_reset=0.0 if v_reset is None else float(v_reset), detach_reset=detach_reset,
+                        surrogate=surrogate, alpha=float(alpha))
+
+
+def initial_membrane(x_seq: torch.Tensor, v_reset: float | None) -> torch.Tensor:
+    """The default ``v_init``: ``v_reset`` everywhere (0 for soft reset), fp32, shape ``x_seq.shape[1:]``."""
+    return torch.full(x_seq.shape[1:], 0.0 if v_reset is None else float(v_reset), dtype=torch.float32,
+                      device=x_seq.device)
+
+
+def _charge(x: torch.Tensor, v: torch.Tensor, cfg: NeuronConfig, q: torch.Tensor | None) -> torch.Tensor:
+    if cfg.kind == "if":
+        return v + x
+    if cfg.kind == "lif":
+        if cfg.decay_input:
+            return v + (x - (v - cfg.v_reset)) / cfg.tau
+        return v - (v - cfg.v_reset) / cfg.tau + x
+    if cfg.decay_input:
+        return v + (x - (v - cfg.v_reset)) * q
+    return v - (v - cfg.v_reset) * q + x
+
+
+def _reset(h: torch.Tensor, spike: torch.Tensor, cfg: NeuronConfig) -> torch.Tensor:
+    if cfg.hard_reset:
+        return spike * cfg.v_reset + (1.0 - spike) * h
+    return h - spike * cfg.v_threshold
+
+
+def multistep_autograd(x_seq, v_init=None, *, tau=None, w=None, decay_input=True, v_threshold=1.0,
+                       v_reset=0.0, detach_reset=False, surrogate="sigmoid", alpha=4.0):
+    """Multi-step neuron as a plain Python loop over T; gradients by autograd (no hand-written backward).
+
+    Arguments as :func:`revsnn_triton.ops.neuron.multistep_neuron`. Returns ``(spikes [T, *shape] in x's
+    dtype, v_final [*shape] float32)``. Autograd keeps every step's intermediates (about 5 fp32 tensors per
+    neuron-step): this is the oracle and the ``backend="torch"`` path, not the memory-efficient one.
+    """
+    cfg = check_neuron_args(x_seq, v_init, tau=tau, w=w, decay_input=decay_input, v_threshold=v_threshold,
+                            v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha,
+                            where="multistep_autograd")
+    sg = SURROGATES[cfg.surrogate](cfg.alpha)
+    v = initial_membrane(x_seq, v_reset) if v_init is None else v_init
+    q = torch.sigmoid(w.float()).reshape(()) if cfg.kind == "plif" else None
+    spikes = []
+    for x in x_seq.float():
+        h = _charge(x, v, cfg, q)
+        spike = sg(h - cfg.v_threshold)
+        v = _reset(h, spike.detach() if cfg.detach_reset else spike, cfg)
+        spikes.append(spike.to(x_seq.dtype))
+    return torch.stack(spikes), v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Explicit forward / backward (what the ops run on CPU tensors).
+
+
+def encode_saved(h_seq: torch.Tensor, save: str, v_threshold: float) -> torch.Tensor:
+    """What the forward keeps for backward: ``"h"``: fp32 H; ``"h_bf16"``: ``(H - v_threshold)`` rounded to
+    bf16 (its sign bit is the spike, so rounding never flips a spike); ``"input"``: an empty tensor."""
+    if save == "h":
+        return h_seq
+    if save == "h_bf16":
+        return (h_seq - v_threshold).to(torch.bfloat16)
+    return h_seq.new_empty(0)
+
+
+def decode_saved(saved: torch.Tensor, save: str, v_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H fp32, S as fp32 0/1)`` from :func:`encode_saved`'s output (``save`` in ``"h"``, ``"h_bf16"``)."""
+    if save == "h":
+        return saved, (saved >= v_threshold).float()
+    sign = saved.view(torch.int16) < 0  # sign bit of bf16 (H - v_threshold); -0.0 counts as below threshold
+    return saved.float() + v_threshold, (~sign).float()
+
+
+def neuron_forward_reference(x_seq: torch.Tensor, v_init: torch.Tensor, q: torch.Tensor | None,
+                             cfg: NeuronConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward. ``x_seq [T, *shape]`` (fp32/fp16/bf16, any strides), ``v_init [*shape]`` fp32, ``q`` the 0-dim
+    fp32 ``sigmoid(w)`` for PLIF else None. Returns ``(spikes [T, *shape] x's dtype, v_final fp32, H fp32)``."""
+    spikes, charged = [], []
+    v = v_init
+    for x in x_seq.float():
+        h = _charge(x, v, cfg, q)
+        spike = (h >= cfg.v_threshold).to(torch.float32)
+        v = _reset(h, spike, cfg)
+        spikes.append(spike.to(x_seq.dtype))
+        charged.append(h)
+    return torch.stack(spikes), v, torch.stack(charged)
+
+
+def neuron_backward_reference(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, h_seq: torch.Tensor,
+                              spike_seq: torch.Tensor, x_seq: torch.Tensor | None, v_init: torch.Tensor | None,
+                              q: torch.Tensor | None, cfg: NeuronConfig
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Hand-written backward through time.
+
+    ``grad_spikes [T, *shape]``, ``grad_v_final [*shape]``, ``h_seq``/``spike_seq`` fp32 ``[T, *shape]``;
+    ``x_seq`` and ``v_init`` are only read for PLIF (the grad of ``w`` needs ``V[t-1]`` and ``X[t]``).
+    Returns ``(grad_x fp32, grad_v_init fp32, w_partial)``: ``w_partial [*shape]`` fp32 is, per neuron,
+    ``sum_t dL/dH[t] * dH[t]/dq`` (summed from t = T-1 down to 0), or None when not PLIF. The grad of ``w`` is
+    ``sum(w_partial) * q * (1 - q)`` (see :func:`plif_grad_w`).
+    """
+    T = h_seq.shape[0]
+    grad_x = torch.empty_like(h_seq)
+    carry = grad_v_final.float()
+    w_partial = torch.zeros_like(carry) if cfg.kind == "plif" else None
+    for t in range(T - 1, -1, -1):
+        h, spike = h_seq[t], spike_seq[t]
+        sg = surrogate_derivative(cfg.surrogate, h - cfg.v_threshold, cfg.alpha)
+        if cfg.hard_reset:
+            dv_dh = 1.0 - spike
+            if not cfg.detach_reset:
+                dv_dh = dv_dh + (cfg.v_reset - h) * sg
+        else:
+            dv_dh = torch.ones_like(h) if cfg.detach_reset else 1.0 - cfg.v_threshold * sg
+        grad_h = grad_spikes[t].float() * sg + carry * dv_dh
+        if cfg.kind == "if":
+            grad_x[t] = grad_h
+            carry = grad_h
+        elif cfg.kind == "lif":
+            grad_x[t] = grad_h / cfg.tau if cfg.decay_input else grad_h
+            carry = grad_h - grad_h / cfg.tau
+        else:
+            grad_x[t] = grad_h * q if cfg.decay_input else grad_h
+            carry = grad_h - grad_h * q
+            if t > 0:
+                v_prev = _reset(h_seq[t - 1], spike_seq[t - 1], cfg)
+            else:
+                v_prev = v_init
+            dh_dq = x_seq[t].float() - (v_prev - cfg.v_reset) if cfg.decay_input else -(v_prev - cfg.v_reset)
+            w_partial = w_partial + grad_h * dh_dq
+    return grad_x, carry, w_partial
+
+
+def plif_grad_w(w_partial: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The grad of PLIF's ``w`` from the per-neuron partials: one ``torch.sum`` (a fixed order), times
+    ``dq/dw = q (1 - q)``; shape and dtype of ``w``."""
+    return (w_partial.sum() * q * (1 - q)).to(w.dtype).reshape(w.shape)
