@@ -1,0 +1,120 @@
+"""Reversible spiking ResNets (RevSResNet21/37/109 on CIFAR, RevSResNet24 on DVS frames).
+
+Architecture (Zhang & Zhang, AAAI 2024): stem (conv3x3 -> BN, no neuron) -> stages of reversible blocks with
+``F = G = neuron -> conv3x3 -> BN -> neuron -> conv3x3 -> BN`` acting on one half of the channels -> between
+stages a non-reversible :class:`~revsnn_triton.models.layers.Downsample` (neuron -> AvgPool(3, s2, p1) -> 1x1
+conv -> BN) -> neuron -> global mean -> Linear. ``widths`` are per half, so a stage carries ``2 * width``
+channels. Each stage is one :class:`revsnn_triton.reversible.RevSequence`: its forward keeps no graph, and its
+backward recomputes one F or G at a time from reset neuron state on the exactly reconstructed input.
+
+Where the training memory per image goes, and what this file does about it (target: RevSResNet37 <= 6 MiB per
+image, fp32, T=4, CIFAR; the original code needs 19.5):
+
+1. One block's recomputation graph (stage 1, transient, only during backward): BN inputs (fp32), neuron
+   state (``neuron_save``: ``"input"`` keeps nothing the producer does not keep anyway), and the conv inputs, which
+   are spikes kept as 1-byte bools (``compact_spikes=True``, :func:`~revsnn_triton.models.layers.spike_conv`)
+   instead of fp32. Neuron ``save`` choices matter here only because this graph is the peak; it never
+   accumulates over depth.
+2. Stored stage outputs: one int32 stream per stage, kept by the engine.
+3. Non-reversible downsample layers and stem: the downsample neuron's saved state plus BN input; the pooled map
+   is not kept (fused into ``spike_conv``); the stem runs once per image and is repeated over T with ``expand``
+   (the original repeats with a copy).
+
+``reversible=False`` builds the same network with ordinary autograd through every block (same parameters, same
+quantized coupling), used to check gradients and as a baseline.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .layers import (CIFAR_RESNET_NEURON, DVS_NEURON, Downsample, SpikingHead, SpikingModel, SpikingResidualBranch,
+                     Stem, check_widths_blocks, init_conv_bn, neuron_factory)
+from .registry import register_model
+
+
+class RevSResNet(SpikingModel):
+    """Reversible spiking ResNet.
+
+    Args:
+        widths: channels per half in each stage (a stage carries ``2 * width``).
+        blocks: reversible blocks per stage.
+        num_classes, T: classes; time steps (CIFAR: the image is repeated T times; DVS: must equal the input's T).
+        neuron_impl: ``"triton" | "torch" | "spikingjelly"``; neuron: kind and parameters (:func:`make_neuron`).
+        event_input: False: images ``[B, in_channels, H, W]``, stem stride 1, no pooling; True: event frames
+            ``[B, T, in_channels, H, W]``, stem stride 2 followed by AvgPool(3, 2, 1).
+        reversible, frac_bits: passed to every stage's ``RevSequence``.
+        compact_spikes: keep conv input spikes as bool for backward; neuron_save: our neurons' ``save`` option.
+    Forward returns logits ``[B, num_classes]`` (mean over T).
+    """
+
+    def __init__(self, widths: Sequence[int], blocks: Sequence[int], *, num_classes: int, T: int,
+                 neuron_impl: str, neuron: dict, in_channels: int, event_input: bool, reversible: bool = True,
+                 frac_bits: int = 16, compact_spikes: bool = True, neuron_save: Optional[str] = None,
+                 name: str = "RevSResNet"):
+        from revsnn_triton.reversible import RevBlock, RevSequence  # the engine; imported when a model is built
+
+        super().__init__()
+        check_widths_blocks(name, widths, blocks)
+        # Total stride: the stem (DVS: conv stride 2 and a pool) and one halving per downsample.
+        self.setup_input(name, num_classes, T, in_channels, event_input,
+                         min_size=(4 if event_input else 1) * 2 ** (len(widths) - 1))
+        kw = dict(neuron)
+        sn = neuron_factory(neuron_impl, kw.pop("kind"), save=neuron_save, **kw)
+        self.stem = Stem(in_channels, 2 * widths[0], stride=2 if event_input else 1,
+                         pool="avg" if event_input else None)
+        self.stages = torch.nn.ModuleList()
+        self.downsamples = torch.nn.ModuleList()
+        for i, (width, n) in enumerate(zip(widths, blocks)):
+            if i:
+                self.downsamples.append(Downsample(2 * widths[i - 1], 2 * width, sn, pool=True,
+                                                   compact=compact_spikes))
+            rev_blocks = [RevBlock(SpikingResidualBranch(width, width, sn, compact=compact_spikes),
+                                   SpikingResidualBranch(width, width, sn, compact=compact_spikes), split_dim=2)
+                          for _ in range(n)]
+            self.stages.append(RevSequence(rev_blocks, frac_bits=frac_bits, reversible=reversible))
+        self.head = SpikingHead(2 * widths[-1], num_classes, sn)
+        init_conv_bn(self)
+
+    def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            if i:
+                x = self.downsamples[i - 1](x)
+            x = stage(x)
+        return self.head(x)
+
+
+CIFAR_WIDTHS = (64, 128, 256, 448)
+CONFIGS = {
+    "RevSResNet21": dict(widths=CIFAR_WIDTHS, blocks=(1, 1, 1, 1)),
+    "RevSResNet37": dict(widths=CIFAR_WIDTHS, blocks=(1, 2, 3, 2)),
+    "RevSResNet109": dict(widths=CIFAR_WIDTHS, blocks=(2, 4, 16, 4)),
+}
+
+
+def _register_cifar(name: str) -> None:
+    config = CONFIGS[name]
+
+    @register_model(name)
+    def factory(num_classes: int = 100, T: int = 4, neuron_impl: str = "triton", **overrides) -> RevSResNet:
+        kw = dict(config, neuron=CIFAR_RESNET_NEURON, in_channels=3, event_input=False)
+        kw.update(overrides)
+        return RevSResNet(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name=name, **kw)
+
+    factory.__doc__ = (f"{name} (CIFAR, images [B, 3, H, W]): widths per half {list(config['widths'])}, blocks "
+                       f"{list(config['blocks'])}, IF neurons, ATan(2), detach_reset. Overrides: see RevSResNet.")
+
+
+for _name in CONFIGS:
+    _register_cifar(_name)
+
+
+@register_model("RevSResNet24")
+def revs_resnet24(num_classes: int = 10, T: int = 10, neuron_impl: str = "triton", **overrides) -> RevSResNet:
+    """RevSResNet24 (DVS, event frames [B, T, 2, 128, 128]): widths per half [16, 32, 48], blocks [1, 2, 2],
+    LIF tau=1.5 with Sigmoid(4), detach_reset; stem conv stride 2 + AvgPool. Overrides: see RevSResNet."""
+    kw = dict(widths=(16, 32, 48), blocks=(1, 2, 2), neuron=DVS_NEURON, in_channels=2, event_input=True)
+    kw.update(overrides)
+    return RevSResNet(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name="RevSResNet24", **kw)

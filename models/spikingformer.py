@@ -1,0 +1,127 @@
+"""Non-reversible spiking transformers: Spikingformer-2-384, Spikingformer-4-384 (CIFAR), Spikingformer-2-256 (DVS).
+
+Spikingformer (Zhou et al.): a convolutional spiking tokenizer, then ``depth`` blocks of ``x + SSA(x)`` and
+``x + MLP(x)`` (spiking self-attention and spiking MLP from :mod:`revsnn_triton.models.layers`, shared with
+RevSFormer), then the mean over tokens and time and a Linear head. Tokens are ``[T, B, E, N]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .layers import (CIFAR_TRANSFORMER_NEURON, DVS_NEURON, SpikingMLP, SpikingModel,
+                     SpikingSelfAttention, SpikingTokenizer, init_conv_bn, init_transformer, neuron_factory)
+from .registry import register_model
+
+
+def _check_transformer_args(name: str, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
+    for arg, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: {arg} must be a positive integer, got {value!r}")
+    if embed_dim % num_heads or embed_dim % 8:
+        raise ValueError(f"{name}: embed_dim {embed_dim} must be divisible by num_heads {num_heads} and by 8")
+    if not mlp_ratio > 0:
+        raise ValueError(f"{name}: mlp_ratio must be > 0, got {mlp_ratio!r}")
+
+
+class SpikingTransformerBlock(nn.Module):
+    """``x = x + attn(x); x = x + mlp(x)`` on tokens ``[T, B, E, N]``."""
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.attn, self.mlp = attn, mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class SpikingTransformerBase(SpikingModel):
+    """What Spikingformer and RevSFormer share: input handling, neurons, tokenizer, initialisation.
+
+    Args: ``embed_dim`` (E, tokens per stream), ``depth``, ``num_heads``, ``mlp_ratio``, ``patch`` (2**k, the
+    tokenizer's total pooling), ``attn_threshold`` (threshold of the neuron after Q K^T V), ``num_classes``,
+    ``T``, ``neuron_impl``, ``neuron`` (kind and parameters), ``in_channels``, ``event_input`` (False: images
+    ``[B, C, H, W]`` repeated over T; True: frames ``[B, T, C, H, W]``), ``compact_spikes``, ``neuron_save``.
+    H and W must be multiples of ``patch``.
+    """
+
+    def __init__(self, *, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, patch: int,
+                 num_classes: int, T: int, neuron_impl: str, neuron: dict, in_channels: int, event_input: bool,
+                 attn_threshold: float = 0.5, compact_spikes: bool = True, neuron_save: Optional[str] = None,
+                 name: str):
+        super().__init__()
+        _check_transformer_args(name, embed_dim, depth, num_heads, mlp_ratio)
+        self.setup_input(name, num_classes, T, in_channels, event_input, min_size=patch, multiple=patch)
+        kw = dict(neuron)
+        self.neuron = neuron_factory(neuron_impl, kw.pop("kind"), save=neuron_save, **kw)
+        self.tokenizer = SpikingTokenizer(in_channels, embed_dim, patch, self.neuron, compact=compact_spikes)
+        self.embed_dim, self.depth = embed_dim, depth
+        self._attn_kwargs = dict(num_heads=num_heads, neuron=self.neuron, attn_threshold=attn_threshold,
+                                 compact=compact_spikes)
+        self._mlp_kwargs = dict(hidden=int(embed_dim * mlp_ratio), neuron=self.neuron, compact=compact_spikes)
+
+    def make_attention(self) -> SpikingSelfAttention:
+        """A fresh spiking self-attention on E channels."""
+        return SpikingSelfAttention(self.embed_dim, **self._attn_kwargs)
+
+    def make_mlp(self) -> SpikingMLP:
+        """A fresh spiking MLP on E channels."""
+        return SpikingMLP(self.embed_dim, **self._mlp_kwargs)
+
+    def init_weights(self) -> None:
+        init_conv_bn(self)
+        init_transformer(self)
+
+
+class Spikingformer(SpikingTransformerBase):
+    """Spikingformer-``depth``-``embed_dim``; arguments as :class:`SpikingTransformerBase`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = nn.Sequential(*(SpikingTransformerBlock(self.make_attention(), self.make_mlp())
+                                      for _ in range(self.depth)))
+        self.head = nn.Linear(self.embed_dim, self.num_classes)
+        self.init_weights()
+
+    def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.tokenizer(x))
+        return self.head(x.mean(dim=(0, 3)))
+
+
+CIFAR = dict(num_heads=12, mlp_ratio=4.0, patch=4, neuron=CIFAR_TRANSFORMER_NEURON, in_channels=3,
+             event_input=False)
+DVS = dict(num_heads=16, mlp_ratio=4.0, patch=16, neuron=DVS_NEURON, in_channels=2, event_input=True)
+# name suffix -> (depth, embed_dim, dataset config, default T, default classes)
+CONFIGS = {
+    "2-384": (2, 384, CIFAR, 4, 10),
+    "4-384": (4, 384, CIFAR, 4, 10),
+    "2-256": (2, 256, DVS, 10, 10),
+}
+
+
+def _make_factory(cls: type, name: str, config: dict, default_T: int, default_classes: int):
+    def factory(num_classes: int = default_classes, T: int = default_T, neuron_impl: str = "triton",
+                **overrides) -> nn.Module:
+        kw = dict(config)
+        kw.update(overrides)
+        return cls(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name=name, **kw)
+    return factory
+
+
+def register_family(prefix: str, cls: type) -> None:
+    """Register ``<prefix>-<depth>-<embed_dim>`` for every entry of :data:`CONFIGS`."""
+    for suffix, (depth, dim, dataset, default_T, default_classes) in CONFIGS.items():
+        name = f"{prefix}-{suffix}"
+        factory = _make_factory(cls, name, dict(dataset, depth=depth, embed_dim=dim), default_T, default_classes)
+
+        where = "event frames [B, T, 2, 128, 128]" if dataset["event_input"] else "images [B, 3, 32, 32]"
+        factory.__doc__ = (f"{name}: {depth} blocks, E={dim}, {dataset['num_heads']} heads, patch "
+                           f"{dataset['patch']}, LIF tau={dataset['neuron']['tau']}; input {where}. "
+                           f"Overrides: see {cls.__name__}.")
+        register_model(name)(factory)
+
+
+register_family("Spikingformer", Spikingformer)
