@@ -1,0 +1,123 @@
+"""Fixed-point coupling in plain PyTorch: the single source of truth for the arithmetic, the CPU
+path of the ``revsnn`` coupling ops and the oracle of the Triton kernels' tests.
+
+A coupling stream is an int32 tensor ``q`` that stands for the real value ``q * 2**-frac_bits``.
+
+- ``encode(x) = rint(x * 2**R)`` (round half to even) for a float ``x``; non-finite values and values
+  whose rounded result lies outside the int32 range are errors (or, with ``saturate=True``, finite
+  out-of-range values clamp to the int32 range).
+- ``decode(q) = float32(q) * 2**-R`` cast to the requested dtype (``float64``: ``float64(q) * 2**-R``,
+  exact). The conversion int32 -> float32 rounds to nearest even; scaling by a power of two is exact.
+- The branch quantizer ``quantize(f)`` is defined for *every* float input so that the coupling is a
+  bijection whatever the branch computes: ``v = rint(f * 2**R)`` computed exactly (in float32 for
+  float16/bfloat16/float32 inputs, in float64 for float64 inputs; a scale by a power of two is exact),
+  NaN -> 0, and ``v`` clamped to ``[-2**31, 2**31 - 1]`` (so ``+-inf`` and huge values saturate).
+- ``couple(x_q, f) = x_q + quantize(f)`` and ``uncouple(y_q, f) = y_q - quantize(f)`` wrap around
+  modulo ``2**32``; hence ``uncouple(couple(x_q, f), f) == x_q`` bitwise for every int32 ``x_q``
+  and every ``f``.
+"""
+from __future__ import annotations
+
+import torch
+
+INT32_MIN = -(2 ** 31)
+INT32_MAX = 2 ** 31 - 1
+# frac_bits: 0 would leave no fractional bits (not a fixed-point grid), 31 no integer bits.
+MIN_FRAC_BITS = 1
+MAX_FRAC_BITS = 30
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_frac_bits(frac_bits: object) -> int:
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int):
+        raise TypeError(f"frac_bits must be an int, got {type(frac_bits).__name__}")
+    if not MIN_FRAC_BITS <= frac_bits <= MAX_FRAC_BITS:
+        raise ValueError(
+            f"frac_bits must be in [{MIN_FRAC_BITS}, {MAX_FRAC_BITS}] (fractional bits of an int32 "
+            f"fixed-point value: at least one fractional and one integer bit), got {frac_bits}")
+    return frac_bits
+
+
+def representable_range(frac_bits: int) -> tuple[float, float]:
+    """Smallest and largest real value of the int32 grid with ``frac_bits`` fractional bits."""
+    check_frac_bits(frac_bits)
+    return INT32_MIN * 2.0 ** -frac_bits, INT32_MAX * 2.0 ** -frac_bits
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_encodable(x: torch.Tensor, frac_bits: int, saturate: bool, what: str = "x") -> None:
+    """Raise ``ValueError`` if ``x`` holds a non-finite value, or (unless ``saturate``) a value whose
+    rounded fixed-point image lies outside int32. One reduction; on a GPU it synchronizes."""
+    scaled = x.to(torch.float64) * 2.0 ** frac_bits  # exact: a power-of-two scale of a float <= 64 bit
+    if saturate:
+        bad = ~torch.isfinite(scaled)
+    else:
+        rounded = torch.round(scaled)
+        bad = ~((rounded >= INT32_MIN) & (rounded <= INT32_MAX))  # NaN/inf fail both comparisons
+    if bool(bad.any()):
+        first = tuple(bad.nonzero()[0].tolist())
+        value = x[first].item()
+        n_bad = int(bad.sum())
+        lo, hi = representable_range(frac_bits)
+        if not torch.isfinite(x[first]):
+            problem = "non-finite value"
+        else:
+            problem = (f"value outside the fixed-point range [{lo:g}, {hi:g}] of frac_bits={frac_bits} "
+                       "(pass saturate=True to clamp)")
+        raise ValueError(f"{what}: {n_bad} element(s) cannot be encoded: {problem} {value!r} at index {first}")
+
+
+def encode(x: torch.Tensor, frac_bits: int, saturate: bool = False) -> torch.Tensor:
+    """float ``x`` (any shape, float16/bfloat16/float32/float64) -> int32 ``rint(x * 2**frac_bits)``."""
+    check_encodable(x, frac_bits, saturate)
+    return quantize(x, frac_bits)
+
+
+def quantize(f: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """The branch quantizer (defined for every float, see the module docstring) -> int32."""
+    v = torch.round(f.to(_compute_dtype(f.dtype)) * 2.0 ** frac_bits)
+    v = torch.nan_to_num(v.to(torch.float64), nan=0.0).clamp(INT32_MIN, INT32_MAX)  # both bounds exact in f64
+    return v.to(torch.int32)
+
+
+def decode(q: torch.Tensor, frac_bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int32 ``q`` -> ``q * 2**-frac_bits`` in ``dtype`` (via float32, or float64 for float64)."""
+    return (q.to(_compute_dtype(dtype)) * 2.0 ** -frac_bits).to(dtype)
+
+
+def _wrap(v: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 modulo 2**32 (two's complement wrap-around)."""
+    return (((v - INT32_MIN) & 0xFFFFFFFF) + INT32_MIN).to(torch.int32)
+
+
+def couple(x_q: torch.Tensor, f: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """``x_q + quantize(f)`` modulo 2**32 (int32)."""
+    return _wrap(x_q.to(torch.int64) + quantize(f, frac_bits).to(torch.int64))
+
+
+def uncouple(y_q: torch.Tensor, f: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """``y_q - quantize(f)`` modulo 2**32 (int32): the exact inverse of :func:`couple`."""
+    return _wrap(y_q.to(torch.int64) - quantize(f, frac_bits).to(torch.int64))
+
+
+def couple_decode(x_q: torch.Tensor, f: torch.Tensor, frac_bits: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward step of a coupling: ``(y_q, decode(y_q, dtype))`` with ``y_q = couple(x_q, f)``."""
+    y_q = couple(x_q, f, frac_bits)
+    return y_q, decode(y_q, frac_bits, dtype)
+
+
+def uncouple_step(y_q: torch.Tensor, f: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor,
+                  frac_bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward step of a coupling: rebuild the input and accumulate a gradient.
+
+    Returns ``(x_q, decode(x_q, dtype), grad_a + grad_b)`` with ``x_q = uncouple(y_q, f)``; the sum is
+    computed in float32 (float64 if ``grad_a`` is float64) and returned in ``grad_a``'s dtype.
+    """
+    x_q = uncouple(y_q, f, frac_bits)
+    acc = _compute_dtype(grad_a.dtype)
+    grad = (grad_a.to(acc) + grad_b.to(acc)).to(grad_a.dtype)
+    return x_q, decode(x_q, frac_bits, dtype), grad

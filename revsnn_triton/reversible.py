@@ -1,0 +1,430 @@
+"""Exactly invertible reversible blocks and the memory-saving engine that runs them.
+
+A :class:`RevBlock` splits its input stream into two equal halves along ``split_dim`` and couples them:
+``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)``. A :class:`RevSequence` runs blocks on a **fixed-point stream**:
+int32 with ``frac_bits`` fractional bits (see :mod:`revsnn_triton.ops.coupling_reference`). The branch
+outputs are quantized before they are added, in integer arithmetic that wraps modulo 2**32, so
+``X1 = Y1 - q(F(X2))`` is exact for every input as long as F (and G) are recomputed bit-identically.
+
+Forward (``reversible=True``) runs under ``torch.no_grad`` and keeps, for backward, only the last
+block's int32 output halves, one RNG state per branch call (CPU, and CUDA when the input is on a GPU),
+the autocast state and, with ``check=True``, two int64 checksums per block. Backward walks the blocks
+in reverse: for each branch it resets the neuron state, recomputes the branch with gradients under the
+forward's autocast state and RNG state (equal dropout masks), takes the vector-Jacobian product with
+``torch.autograd.grad`` (never ``.backward()``), and rebuilds the block input exactly with one fused
+pass that also accumulates the gradient. Parameters are inputs of the autograd function, so their
+gradients reach ``.grad`` (and DDP's hooks) the ordinary way. BatchNorm running statistics are updated
+once per step: a recomputation restores them afterwards, and it normalizes with the same batch
+statistics as the forward because its input is bit-identical.
+
+``reversible=False`` runs the same blocks and the same quantized arithmetic with ordinary autograd
+(straight-through gradients through the quantizers): the baseline the reversible gradients are compared with.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from revsnn_triton.functional import reset_net
+from revsnn_triton.ops import coupling as C
+
+__all__ = ["RevBlock", "RevSequence", "ReconstructionError"]
+
+StreamHook = Callable[[str, int, Tensor, Tensor], None]
+
+
+class ReconstructionError(RuntimeError):
+    """A block input rebuilt in backward differs from the one the forward saw (nondeterministic F or G)."""
+
+
+class RevBlock(nn.Module):
+    """One reversible coupling block: ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)``.
+
+    Args:
+        f, g: modules mapping a half ``[..., C/2 (at split_dim), ...]`` to the same shape and dtype
+            (under autocast, the autocast dtype is accepted too). Their neuron state is reset before
+            every call. They must be deterministic functions of their input (and the RNG state).
+        split_dim: dimension split into halves (2 = channels of ``[T, B, C, H, W]``; -1 for tokens
+            ``[T, B, N, D]``).
+
+    A block runs inside a :class:`RevSequence`, which owns the fixed-point stream.
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module, split_dim: int = 2) -> None:
+        super().__init__()
+        for name, m in (("f", f), ("g", g)):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"RevBlock: {name} must be a torch.nn.Module, got {type(m).__name__}")
+        if isinstance(split_dim, bool) or not isinstance(split_dim, int):
+            raise TypeError(f"RevBlock: split_dim must be an int, got {type(split_dim).__name__}")
+        self.f = f
+        self.g = g
+        self.split_dim = split_dim
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("RevBlock is run by a RevSequence (it owns the fixed-point stream): "
+                           "use RevSequence([block, ...])")
+
+    def extra_repr(self) -> str:
+        return f"split_dim={self.split_dim}"
+
+
+# ------------------------------------------------------------------------------- recomputation state
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Run a recomputation without changing BatchNorm running statistics: snapshot the buffers and
+    copy them back in place afterwards (the forward already updated them once). The recomputation
+    still normalizes with the batch statistics of its (bit-identical) input, exactly like the forward."""
+    saved = []
+    for bn in _batchnorms(module):
+        buffers = [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+        saved.append((buffers, [b.clone() for b in buffers]))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffers, copies in saved:
+                for b, c in zip(buffers, copies):
+                    b.copy_(c)
+
+
+class _RngState:
+    """CPU RNG state and, for a CUDA stream, that device's RNG state (what torch.utils.checkpoint keeps)."""
+    __slots__ = ("cpu", "cuda_device", "cuda")
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda_device = device.index if device.type == "cuda" else None
+        if self.cuda_device is not None:
+            self.cuda = torch.cuda.get_rng_state(self.cuda_device)
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        devices = [] if self.cuda_device is None else [self.cuda_device]
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda_device is not None:
+                torch.cuda.set_rng_state(self.cuda, self.cuda_device)
+            yield
+
+
+class _AutocastState:
+    """The autocast settings of the stream's device (and of the CPU) at forward time."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.kinds = {}
+        for kind in {device_type, "cpu"}:
+            self.kinds[kind] = dict(enabled=torch.is_autocast_enabled(kind), dtype=torch.get_autocast_dtype(kind),
+                                    cache_enabled=torch.is_autocast_cache_enabled())
+
+    def enabled_dtype(self) -> torch.dtype | None:
+        s = self.kinds[self.device_type]
+        return s["dtype"] if s["enabled"] else None
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for kind, kwargs in self.kinds.items():
+                stack.enter_context(torch.autocast(kind, **kwargs))
+            yield
+
+
+# ------------------------------------------------------------------------------------------ sequence
+
+class RevSequence(nn.Module):
+    """A sequence of :class:`RevBlock` on an int32 fixed-point stream.
+
+    Args:
+        blocks: iterable of :class:`RevBlock`, all with the same ``split_dim``.
+        frac_bits: fractional bits R of the stream, in [1, 30]; values are multiples of ``2**-R`` in
+            ``representable_range(R)`` (R=16: [-32768, 32768)).
+        reversible: True: memory-saving forward (keeps only the output stream) and recomputing backward;
+            False: ordinary autograd through the same quantized math (for debugging and comparison).
+        check: exactness guard (reversible only): an int64 checksum of both halves of every block input is
+            kept in forward and compared with the rebuilt input in backward; a mismatch raises
+            :class:`ReconstructionError` naming the block and the branch.
+
+    ``forward(x)``: ``x`` float16/bfloat16/float32/float64 ``[..., C, ...]`` with C even at ``split_dim``
+    -> same shape and dtype. The input is quantized once on entry (``encode``: round half to even;
+    non-finite or out-of-range values raise ``ValueError``) and the output dequantized on exit; F and G see
+    ``decode(half)`` in ``x``'s dtype. The gradient through the quantizers is straight-through.
+    """
+
+    def __init__(self, blocks: Iterable[RevBlock], frac_bits: int = 16, reversible: bool = True,
+                 check: bool = True) -> None:
+        super().__init__()
+        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            raise TypeError("RevSequence: blocks must be an iterable of RevBlock, got a single module")
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("RevSequence: blocks must not be empty")
+        for i, b in enumerate(blocks):
+            if not isinstance(b, RevBlock):
+                raise TypeError(f"RevSequence: blocks[{i}] must be a RevBlock, got {type(b).__name__}")
+        dims = {b.split_dim for b in blocks}
+        if len(dims) != 1:
+            raise ValueError(f"RevSequence: all blocks must use the same split_dim, got {sorted(dims)}")
+        for name, v in (("reversible", reversible), ("check", check)):
+            if not isinstance(v, bool):
+                raise TypeError(f"RevSequence: {name} must be a bool, got {type(v).__name__}")
+        self.blocks = nn.ModuleList(blocks)
+        self.split_dim = blocks[0].split_dim
+        self.frac_bits = C.check_frac_bits(frac_bits)
+        self.reversible = reversible
+        self.check = check
+        self._stream_hooks: OrderedDict[int, StreamHook] = OrderedDict()
+
+    def extra_repr(self) -> str:
+        return f"frac_bits={self.frac_bits}, reversible={self.reversible}, check={self.check}"
+
+    # ----------------------------------------------------------------------------- public helpers
+
+    def register_stream_hook(self, hook: StreamHook) -> RemovableHandle:
+        """Debug hook ``hook(phase, index, x1_q, x2_q)`` called with the int32 input halves of block
+        ``index``: ``phase="forward"`` when the forward reaches the block, ``"backward"`` when backward
+        has rebuilt them (and ``"inverse"`` in :meth:`inverse_fixed`). The tensors must not be modified."""
+        if not callable(hook):
+            raise TypeError(f"register_stream_hook: hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._stream_hooks)
+        self._stream_hooks[handle.id] = hook
+        return handle
+
+    def _call_hooks(self, phase: str, index: int, x1: Tensor, x2: Tensor) -> None:
+        for hook in self._stream_hooks.values():
+            hook(phase, index, x1, x2)
+
+    def encode(self, x: Tensor, saturate: bool = False) -> Tensor:
+        """float -> int32 stream (see :func:`revsnn_triton.ops.coupling.encode`)."""
+        return C.encode(x, self.frac_bits, saturate)
+
+    def decode(self, q: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """int32 stream -> float in ``dtype``."""
+        return C.decode(q, self.frac_bits, dtype)
+
+    def _dim(self, t: Tensor, what: str) -> int:
+        if t.dim() == 0 or not -t.dim() <= self.split_dim < t.dim():
+            raise ValueError(f"RevSequence: {what} has {t.dim()} dims, split_dim={self.split_dim} is out of range")
+        d = self.split_dim % t.dim()
+        if t.shape[d] % 2:
+            raise ValueError(f"RevSequence: {what} has odd size {t.shape[d]} along split_dim={self.split_dim} "
+                             f"(shape {tuple(t.shape)}); the stream is split into two equal halves")
+        return d
+
+    def _split(self, t: Tensor, d: int) -> tuple[Tensor, Tensor]:
+        h = t.shape[d] // 2
+        return t.narrow(d, 0, h).contiguous(), t.narrow(d, h, h).contiguous()
+
+    def _branch(self, index: int, which: str, module: nn.Module, x: Tensor) -> Tensor:
+        """Reset ``module``'s neuron state and run it on ``x``; check that it keeps shape and dtype."""
+        reset_net(module)
+        out = module(x)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"RevSequence block {index}: {which} ({type(module).__name__}) returned "
+                            f"{type(out).__name__}, expected a Tensor")
+        allowed = {x.dtype}
+        if torch.is_autocast_enabled(x.device.type):
+            allowed.add(torch.get_autocast_dtype(x.device.type))
+        if out.shape != x.shape or out.dtype not in allowed:
+            raise ValueError(
+                f"RevSequence block {index}: {which} ({type(module).__name__}) maps {tuple(x.shape)} {x.dtype} "
+                f"to {tuple(out.shape)} {out.dtype}; F and G must keep the shape and dtype of a half "
+                f"(under autocast the autocast dtype is accepted)")
+        return out
+
+    # -------------------------------------------------------------------------------- fixed point
+
+    def _run_blocks(self, x1: Tensor, x1f: Tensor, x2: Tensor, x2f: Tensor,
+                    rng: list | None = None, checksums: list | None = None):
+        """The forward arithmetic shared by every path: ``(y1, y1f, y2, y2f)`` int32 halves and their
+        float decodes. With grad enabled it is differentiable (straight-through couplings)."""
+        R = self.frac_bits
+        for i, block in enumerate(self.blocks):
+            self._call_hooks("forward", i, x1, x2)
+            if checksums is not None:
+                checksums.append(_checksum(x1, x2))
+            if rng is not None:
+                rng.append(_RngState(x1.device))
+            f = self._branch(i, "F", block.f, x2f)
+            y1, y1f = C.couple_ste(x1, x1f, f, R)
+            if rng is not None:
+                rng.append(_RngState(x1.device))
+            g = self._branch(i, "G", block.g, y1f)
+            y2, y2f = C.couple_ste(x2, x2f, g, R)
+            x1, x1f, x2, x2f = y1, y1f, y2, y2f
+        return x1, x1f, x2, x2f
+
+    def forward_fixed(self, q: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """int32 stream -> int32 stream through all blocks (no gradients). F and G see halves decoded to
+        ``dtype``. A bijection of the int32 stream: :meth:`inverse_fixed` undoes it bit for bit."""
+        if not isinstance(q, Tensor) or q.dtype != torch.int32:
+            raise TypeError(f"forward_fixed: q must be an int32 tensor, got {getattr(q, 'dtype', type(q))}")
+        d = self._dim(q, "q")
+        x1, x2 = self._split(q, d)
+        with torch.no_grad():
+            y1, _, y2, _ = self._run_blocks(x1, self.decode(x1, dtype), x2, self.decode(x2, dtype))
+        return torch.cat([y1, y2], d)
+
+    def inverse_fixed(self, q: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Exact inverse of :meth:`forward_fixed` (same ``dtype``). BatchNorm running statistics are left
+        unchanged; with dropout in training mode the RNG state must equal the forward's."""
+        if not isinstance(q, Tensor) or q.dtype != torch.int32:
+            raise TypeError(f"inverse_fixed: q must be an int32 tensor, got {getattr(q, 'dtype', type(q))}")
+        d = self._dim(q, "q")
+        y1, y2 = self._split(q, d)
+        R = self.frac_bits
+        with torch.no_grad():
+            for i in reversed(range(len(self.blocks))):
+                block = self.blocks[i]
+                with _frozen_running_stats(block.g):
+                    g = self._branch(i, "G", block.g, self.decode(y1, dtype))
+                x2 = C.uncouple(y2, g, R)
+                with _frozen_running_stats(block.f):
+                    f = self._branch(i, "F", block.f, self.decode(x2, dtype))
+                x1 = C.uncouple(y1, f, R)
+                self._call_hooks("inverse", i, x1, x2)
+                y1, y2 = x1, x2
+        return torch.cat([y1, y2], d)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """Float inverse: ``decode(inverse_fixed(encode(y)))`` in ``y``'s dtype. ``inverse(seq(x))`` equals
+        ``decode(encode(x))`` exactly when every output value is exactly representable in ``y``'s dtype
+        (float32: ``|y| < 2**(24 - frac_bits)``, i.e. 256 for frac_bits=16; float64: always)."""
+        self._check_input(y, "y")
+        return self.decode(self.inverse_fixed(self.encode(y), y.dtype), y.dtype)
+
+    # ---------------------------------------------------------------------------------- forward
+
+    def _check_input(self, x: object, what: str) -> int:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"RevSequence: {what} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"RevSequence: {what} must be a floating tensor, got {x.dtype}")
+        return self._dim(x, what)
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = self._check_input(x, "x")
+        params = [p for p in self.parameters() if p.requires_grad]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
+        if self.reversible and needs_grad:
+            return _reversible_apply(self, d, x, params)
+        q, xf = C.encode_ste(x, self.frac_bits, False)
+        x1, x2 = self._split(q, d)
+        x1f, x2f = self._split(xf, d)
+        _, y1f, _, y2f = self._run_blocks(x1, x1f, x2, x2f)
+        return torch.cat([y1f, y2f], d)
+
+
+def _checksum(x1: Tensor, x2: Tensor) -> Tensor:
+    return torch.stack([x1.sum(dtype=torch.int64), x2.sum(dtype=torch.int64)])
+
+
+@torch.compiler.disable
+def _reversible_apply(seq: RevSequence, d: int, x: Tensor, params: list[nn.Parameter]) -> Tensor:
+    # The engine's backward drives Python-level recomputation (neuron resets, RNG/autocast restore,
+    # autograd.grad), which Dynamo cannot trace: it runs eagerly, one graph break around the sequence.
+    # F and G may themselves be compiled modules.
+    return _ReversibleFunction.apply(x, seq, d, *params)
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    """Forward without a graph; backward by exact reconstruction. Saves the int32 output halves."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, seq: RevSequence, d: int, *params: nn.Parameter) -> Tensor:
+        ctx.seq, ctx.d, ctx.x_dtype = seq, d, x.dtype
+        ctx.autocast = _AutocastState(x.device.type)
+        ctx.rng = []
+        ctx.checksums = [] if seq.check else None
+        with torch.no_grad():
+            q, xf = C.encode_ste(x, seq.frac_bits, False)
+            x1, x2 = seq._split(q, d)
+            x1f, x2f = seq._split(xf, d)
+            del q, xf
+            y1, y1f, y2, y2f = seq._run_blocks(x1, x1f, x2, x2f, ctx.rng, ctx.checksums)
+            out = torch.cat([y1f, y2f], d)
+        ctx.save_for_backward(y1, y2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        seq: RevSequence = ctx.seq
+        d, dtype, R = ctx.d, ctx.x_dtype, seq.frac_bits
+        y1, y2 = ctx.saved_tensors
+        params = [p for p in seq.parameters() if p.requires_grad]
+        slot = {id(p): k for k, p in enumerate(params)}
+        param_grads: list[Tensor | None] = [None] * len(params)
+        dy1, dy2 = seq._split(grad_out.to(dtype), d)
+        y1f = C.decode(y1, R, dtype)
+        rebuilt_sums = []
+        for i in reversed(range(len(seq.blocks))):
+            block = seq.blocks[i]
+            g, (gy1,) = _recompute_vjp(seq, i, "G", block.g, y1f, dy2, ctx.rng[2 * i + 1], ctx.autocast,
+                                       slot, param_grads)
+            x2, x2f, dy1 = C.uncouple_step(y2, g, dy1, gy1, R, dtype)
+            del g, gy1
+            f, (gx2,) = _recompute_vjp(seq, i, "F", block.f, x2f, dy1, ctx.rng[2 * i], ctx.autocast,
+                                       slot, param_grads)
+            x1, x1f, dy2 = C.uncouple_step(y1, f, dy2, gx2, R, dtype)
+            del f, gx2
+            seq._call_hooks("backward", i, x1, x2)
+            if ctx.checksums is not None:
+                rebuilt_sums.append(_checksum(x1, x2))
+            y1, y2, y1f = x1, x2, x1f
+        if ctx.checksums is not None:
+            _compare_checksums(seq, ctx.checksums, rebuilt_sums[::-1])
+        grad_x = torch.cat([dy1, dy2], d) if ctx.needs_input_grad[0] else None
+        return (grad_x, None, None, *param_grads)
+
+
+def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, x: Tensor, grad: Tensor,
+                   rng: _RngState, autocast: _AutocastState, slot: dict[int, int],
+                   param_grads: list[Tensor | None]) -> tuple[Tensor, tuple[Tensor]]:
+    """Recompute ``module(x)`` as in the forward and return ``(output, (vjp w.r.t. x,))``; parameter
+    vjps are added to ``param_grads``. The output is detached."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    x = x.detach().requires_grad_(True)
+    # Running statistics are restored only after the vjp: BatchNorm's backward checks the versions
+    # of the buffers it saved.
+    with _frozen_running_stats(module):
+        with torch.enable_grad(), rng.restored(), autocast.restored():
+            out = seq._branch(index, which, module, x)
+        if not out.requires_grad:
+            return out.detach(), (torch.zeros_like(x),)
+        grads = torch.autograd.grad(out, [x, *params], grad.to(out.dtype), allow_unused=True)
+    for p, gp in zip(params, grads[1:]):
+        if gp is not None:
+            k = slot[id(p)]
+            param_grads[k] = gp if param_grads[k] is None else param_grads[k] + gp
+    gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    return out.detach(), (gx.to(x.dtype),)
+
+
+def _compare_checksums(seq: RevSequence, forward: list[Tensor], rebuilt: list[Tensor]) -> None:
+    """One synchronization for the whole sequence. The faulty block is the last one (in forward order)
+    whose rebuilt input differs: every earlier block is rebuilt from its wrong output."""
+    bad = (torch.stack(forward) != torch.stack(rebuilt)).cpu()
+    if not bool(bad.any()):
+        return
+    i = int(bad.any(dim=1).nonzero().max())
+    block = seq.blocks[i]
+    # Backward rebuilds X2 first (from the verified outputs and G), then X1 from F(X2): a wrong X2 is
+    # G's fault (and usually spoils X1 too); a wrong X1 alone is F's.
+    which, branch = ("G", block.g) if bad[i, 1] else ("F", block.f)
+    raise ReconstructionError(
+        (f"RevSequence block {i}: the input rebuilt in backward differs from the forward's "
+         f"(X1 {'differs' if bad[i, 0] else 'equal'}, X2 {'differs' if bad[i, 1] else 'equal'}): "
+         f"branch {which} ({type(branch).__name__}) did not recompute bit-identically (nondeterministic "
+         f"kernel, state not reset, or randomness outside torch's RNG). Module: {branch!r}")[:2000])
