@@ -365,10 +365,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# The launch configuration of a kernel is tuned on the benchmark's neuron (LIF, hard reset, detach_reset,
+# ATan, H saved in fp32); the winner serves every neuron kind and save mode of that kernel (the cache key
+# has no kind or save mode: the memory traffic per neuron-step, which decides the best block, is similar).
+_TUNE_NEURON = dict(kind="lif", tau=TAU, decay_input=True, v_threshold=V_TH, hard_reset=True, v_reset=V_RESET)
+
+
+def _tune_forward(T: int, n: int, dtype: torch.dtype, device: torch.device):
+    from revsnn_triton.kernels import neurons as k
+    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
+    v_init = torch.zeros(n, device=device)
+    out = (torch.empty_like(x), torch.empty_like(v_init), torch.empty(T, n, device=device))
+
+    def run(block_size: int, num_warps: int):
+        return k.neuron_forward(x, v_init, None, **_TUNE_NEURON, save="h", block_size=block_size,
+                                num_warps=num_warps, out=out)
+    return run
+
+
+def _tune_backward(T: int, n: int, dtype: torch.dtype, device: torch.device):
+    from revsnn_triton.kernels import neurons as k
+    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
+    _, _, saved = k.neuron_forward(x, torch.zeros(n, device=device), None, **_TUNE_NEURON, save="h")
+    grad_s = torch.randn(T, n, device=device).to(dtype)
+    grad_v = torch.zeros(n, device=device)
+    out = (torch.empty_like(grad_s), torch.empty_like(grad_v), None)
+
+    def run(block_size: int, num_warps: int):
+        return k.neuron_backward(grad_s, grad_v, saved, None, None, None, **_TUNE_NEURON, detach_reset=True,
+                                 surrogate="atan", alpha=ALPHA, save="h", block_size=block_size,
+                                 num_warps=num_warps, out=out)
+    return run
+
+
 def tuning_benchmarks() -> dict[str, Callable]:
-    """Kernels :func:`revsnn_triton.tuning.tune` can measure: name -> factory(T, n, dtype, device) that
-    prepares inputs and returns ``run(block_size, num_warps)`` launching that kernel once."""
-    raise NotImplementedError("filled once kernels/neurons.py exists")
+    """Kernels :func:`revsnn_triton.tuning.tune` can measure, by the name the launchers pass to
+    ``launch_config``: name -> factory(T, n, dtype, device) that prepares inputs and returns
+    ``run(block_size, num_warps)`` launching that kernel once."""
+    return {"neuron_forward": _tune_forward, "neuron_backward": _tune_backward}
 
 
 if __name__ == "__main__":

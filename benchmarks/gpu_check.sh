@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# GPU check of revsnn_triton in one call: the test suite on the GPU (compiled kernels, no interpreter), then
+# the benchmarks. Made for the lent GPU machine (torch/triton/pytest/hypothesis preinstalled, no network);
+# the whole run stays under 8 minutes (each stage has its own `timeout`).
+#
+#   benchmarks/gpu_check.sh fetch     # on a machine WITH network, in the repository root: downloads the
+#                                     # pure-Python wheels the GPU image lacks into .whl/ (git-ignored)
+#   benchmarks/gpu_check.sh           # on the GPU machine, in the repository root (device tool: carry .whl)
+#
+# Results: benchmarks/results/<UTC date>-<card>/ (logs, junit XML, every benchmark's csv/json/md/png) and,
+# when $OUT is set, $OUT/results.tar.gz (that folder) plus the markdown tables and logs as single files.
+# Stage limits in seconds can be overridden: T_INSTALL, T_TESTS, T_NEURONS, T_MEMORY, T_TRAIN, T_TUNE
+# (the tuning stage runs only with RUN_TUNE=1). PYTEST_ARGS adds pytest arguments, TESTS replaces the test paths (default tests); PYTHON picks python;
+# SKIP_INSTALL=1 skips the installation stage (a dry run on a machine where the package is installed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
+# Pure-Python packages the GPU image does not have (its package list: .library/device/KINDS.md).
+FETCH=(spikingjelly==2.0.0 loguru==0.7.3 tonic==1.7.0 importRosbag==1.0.4)
+
+if [[ "${1:-}" == "fetch" ]]; then
+    grep -qx "/$WHEELS/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$WHEELS/" >> .git/info/exclude; }
+    exec "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$WHEELS" "${FETCH[@]}"
+fi
+
+# Budget (s): 30 + 180 + 150 + 50 + 50 = 460 at most, plus a few seconds of set-up and packing.
+T_INSTALL=${T_INSTALL:-30}; T_TESTS=${T_TESTS:-180}; T_NEURONS=${T_NEURONS:-150}
+T_MEMORY=${T_MEMORY:-50}; T_TRAIN=${T_TRAIN:-50}; T_TUNE=${T_TUNE:-120}
+START=$(date +%s)
+CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
+RES="benchmarks/results/$(date -u +%Y-%m-%d)-$(echo "$CARD" | tr -c 'A-Za-z0-9._\n-' '-' | sed 's/--*/-/g; s/-$//')"
+mkdir -p "$RES"
+LOG="$RES/gpu_check.log"
+declare -a SUMMARY=()
+
+say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# stage NAME LIMIT CMD...: run CMD with a time limit, log its output, record its outcome.
+stage() {
+    local name=$1 limit=$2; shift 2
+    local t0=$(date +%s) rc
+    say "== $name (limit ${limit}s): $*"
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$LOG" "$RES/$name.log"
+    rc=${PIPESTATUS[0]}
+    local what="ok"
+    [[ $rc -eq 124 || $rc -eq 137 ]] && what="TIMED OUT after ${limit}s"
+    [[ $rc -ne 0 && $what == ok ]] && what="FAILED (exit $rc)"
+    SUMMARY+=("$name: $what in $(( $(date +%s) - t0 ))s")
+    say "== $name: $what"
+    return $rc
+}
+
+say "card: $CARD; python: $("$PY" -c 'import sys; print(sys.version.split()[0])'); results: $RES"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >> "$LOG" 2>&1 || true
+
+# 1. Carried wheels (offline), then this package without dependencies (REVSNN_SYSTEM_PYTHON=1's way).
+install() {
+    if compgen -G "$WHEELS/*.whl" > /dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/revsnn_site \
+            "$WHEELS"/*.whl || return 1
+    else
+        echo "no wheels in $WHEELS/: spikingjelly comparisons and its tests will be skipped or fail"
+    fi
+    if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e .; then
+        # Old setuptools in the image: stage a copy with kernels/ and models/ inside the package.
+        echo "editable install failed; using a staged copy of the package on PYTHONPATH"
+        rm -rf /tmp/revsnn_stage && mkdir -p /tmp/revsnn_stage
+        cp -r revsnn_triton /tmp/revsnn_stage/ && cp -r kernels /tmp/revsnn_stage/revsnn_triton/kernels \
+            && cp -r models /tmp/revsnn_stage/revsnn_triton/models || return 1
+        echo /tmp/revsnn_stage > /tmp/revsnn_stage.path
+    fi
+}
+export -f install; export PY WHEELS
+if [[ "${SKIP_INSTALL:-0}" == 1 ]]; then say "== install: skipped (SKIP_INSTALL=1)"; else stage install "$T_INSTALL" bash -c install; fi
+export PYTHONPATH="/tmp/revsnn_site${PYTHONPATH:+:$PYTHONPATH}"
+[[ -f /tmp/revsnn_stage.path ]] && export PYTHONPATH="$(cat /tmp/revsnn_stage.path):$PYTHONPATH"
+"$PY" -c "import revsnn_triton, spikingjelly, torch, triton; print('revsnn_triton', revsnn_triton.__file__, \
+'| spikingjelly', spikingjelly.__file__, '| torch', torch.__version__, '| triton', triton.__version__)" 2>&1 | tee -a "$LOG"
+
+# 2. The test suite on the GPU (compiled kernels). xdist spreads Triton's compilations over the CPUs.
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+stage tests "$T_TESTS" "$PY" -m pytest -q "${XDIST[@]}" -p no:cacheprovider --durations=15 \
+    --junitxml="$RES/tests.xml" ${PYTEST_ARGS:-} ${TESTS:-tests}
+
+# 3. Optional: tune the neuron kernels for the benchmark shapes (cache kept with the results).
+if [[ "${RUN_TUNE:-0}" == 1 ]]; then
+    export REVSNN_TUNE_CACHE="$RES/tune.json"
+    stage tune "$T_TUNE" "$PY" -m revsnn_triton.tuning
+fi
+
+# 4. Benchmarks. Each writes <stem>.csv/.json/.md (+ .png) into $RES.
+stage bench_neurons "$T_NEURONS" "$PY" -m revsnn_triton.bench.neurons --out "$RES" --worker-timeout 60
+
+# Memory per image and training step (issue 4; modules of the model-zoo helper). A missing module is
+# reported, not fatal.
+for mod in memory train_step; do
+    limit=$T_MEMORY; [[ $mod == train_step ]] && limit=$T_TRAIN
+    if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('revsnn_triton.bench.$mod') is None)"; then
+        stage "bench_$mod" "$limit" "$PY" -m "revsnn_triton.bench.$mod" --out "$RES"
+    else
+        SUMMARY+=("bench_$mod: MISSING (revsnn_triton.bench.$mod not found)")
+        say "== bench_$mod: module revsnn_triton.bench.$mod not found, skipped"
+    fi
+done
+
+# 5. Summary, and the files that travel back.
+{
+    echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $CARD"
+    echo
+    for line in "${SUMMARY[@]}"; do echo "- $line"; done
+    echo "- total: $(( $(date +%s) - START ))s"
+    echo
+    echo '## tests (tail)'
+    echo '```'
+    tail -n 25 "$RES/tests.log" 2>/dev/null
+    echo '```'
+} > "$RES/summary.md"
+cat "$RES/summary.md"
+if [[ -n "${OUT:-}" ]]; then
+    tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")"
+    cp "$RES/summary.md" "$RES/gpu_check.log" "$OUT/" 2>/dev/null
+    for f in "$RES"/neurons.md "$RES"/memory*.md "$RES"/train_step*.md; do [[ -f $f ]] && cp "$f" "$OUT/"; done
+    ls -la "$OUT"
+fi
+say "done"
