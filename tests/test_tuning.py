@@ -1,4 +1,5 @@
 """Launch configurations: heuristic, tuned cache, refusal to tune without a GPU."""
+import contextlib
 import json
 import os
 import warnings
@@ -8,6 +9,7 @@ import torch
 
 from revsnn_triton import tuning
 from revsnn_triton.runtime import interpreter_enabled
+from revsnn_triton.testing import assert_equal
 from revsnn_triton.tuning import LaunchConfig, launch_config
 
 FAKE_GPU = "Fake GPU 80GB"
@@ -165,3 +167,87 @@ def test_cli_parses_shapes():
     assert tuning._parse_shape("4x8388608") == (4, 8388608)
     with pytest.raises(Exception, match="TxN"):
         tuning._parse_shape("4-8")
+
+
+# ------------------------------------------------------------------ configurations never change results
+# The launchers' own test (tests/test_neuron_kernels.py::test_launch_configs_bit_identical) passes block
+# sizes to the launchers directly. These go the way a user's call goes: `multistep_neuron` -> custom ops ->
+# launchers -> `tuning.launch_config`, with the configuration coming from `launch_config` (CPU and GPU) and
+# from a real tuning cache file (GPU), and compare forward and backward results, PLIF's grad of w included.
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _op_results(device, dtype, save):
+    from revsnn_triton.ops.neuron import multistep_neuron
+    gen = torch.Generator().manual_seed(1)
+    T, shape = 4, (3, 107)  # 321 neurons: several programs at every block below, masked tail
+    x = ((torch.rand((T, *shape), generator=gen) * 4 - 1.5)).to(dtype)
+    x[0, 0, :7] = 1.0  # exactly at the threshold
+    x = x.to(device).requires_grad_(True)
+    v0 = (torch.rand(shape, generator=gen) - 0.5).to(device).requires_grad_(True)
+    w = torch.tensor([-0.3], device=device, requires_grad=True)
+    grad_s = torch.randn((T, *shape), generator=gen).to(dtype).to(device)
+    grad_v = torch.randn(shape, generator=gen).to(device)
+    spikes, v = multistep_neuron(x, v0, w=w, v_reset=None, detach_reset=False, surrogate="sigmoid", alpha=4.0,
+                                 save=save)
+    gx, gv0, gw = torch.autograd.grad((spikes, v), (x, v0, w), (grad_s, grad_v))
+    return {"spikes": spikes, "v_final": v, "grad_x": gx, "grad_v_init": gv0, "grad_w": gw}
+
+
+@contextlib.contextmanager
+def _on(device):
+    if device == "cpu":
+        from revsnn_triton.runtime import cpu_kernels
+        with cpu_kernels("triton"):
+            yield
+    else:
+        yield
+
+
+@pytest.mark.skipif(not HAS_CUDA and not interpreter_enabled(), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("save, dtype", [("h", torch.float32), ("input", torch.bfloat16), ("h_bf16", torch.float16)])
+def test_configs_from_launch_config_give_identical_results(save, dtype, kernel_device, monkeypatch):
+    configs = [LaunchConfig(16, 1), LaunchConfig(64, 2), LaunchConfig(256, 8)]
+    asked = []
+    results = []
+    for cfg in configs:
+        def fake(kernel, n, T, dtype_, device, *, cache_file=None, _cfg=cfg):
+            asked.append((kernel, n, T, dtype_, _cfg))
+            return _cfg
+        monkeypatch.setattr(tuning, "launch_config", fake)
+        with _on(kernel_device):
+            results.append(_op_results(kernel_device, dtype, save))
+    # every launch took its configuration from launch_config, forward and backward
+    assert {a[0] for a in asked} == {"neuron_forward", "neuron_backward"}
+    assert all(a[1:4] == (321, 4, dtype) for a in asked)
+    assert {a[4] for a in asked} == set(configs)
+    for cfg, res in zip(configs[1:], results[1:]):
+        for name in res:
+            assert_equal(res[name], results[0][name], f"{name} with {cfg} vs {configs[0]}")
+
+
+@pytest.mark.skipif(not HAS_CUDA or interpreter_enabled(), reason="the tuning cache applies to CUDA launches")
+def test_configs_from_tuning_cache_give_identical_results(tmp_path, monkeypatch):
+    path = tmp_path / "tune.json"
+    gpu = torch.cuda.get_device_name()
+    dtype = torch.float32
+    results, seen = [], []
+    for fwd, bwd in ((None, None), (LaunchConfig(2048, 8), LaunchConfig(256, 1)), (LaunchConfig(512, 2), None)):
+        entries = {}
+        for kernel, cfg in (("neuron_forward", fwd), ("neuron_backward", bwd)):
+            if cfg is not None:
+                entries[tuning.cache_key(kernel, 321, 4, dtype, gpu)] = {
+                    "block_size": cfg.block_size, "num_warps": cfg.num_warps, "ms": 0.0, "n": 321, "T": 4}
+        path.write_text(json.dumps({"format": tuning.CACHE_FORMAT, "entries": entries}))
+        monkeypatch.setenv(tuning.CACHE_ENV, str(path))
+        tuning.clear_memory_cache()
+        expect = fwd or tuning.heuristic(321, 4, on_gpu=True)
+        assert launch_config("neuron_forward", 321, 4, dtype, "cuda") == expect
+        seen.append(expect)
+        results.append(_op_results("cuda", dtype, "h"))
+    tuning.clear_memory_cache()
+    assert len(set(seen)) == 3
+    for res in results[1:]:
+        for name in res:
+            assert_equal(res[name], results[0][name], f"{name} with a tuned configuration vs the heuristic")
