@@ -1,0 +1,362 @@
+"""The fused Triton neuron kernels against the plain-PyTorch reference.
+
+On a machine without a GPU the kernels run through Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1`` from
+conftest, ``cpu_kernels("triton")``); on a GPU the same tests run the compiled kernels on CUDA tensors, with the
+reference on CPU copies of the same inputs.
+
+Exact (bit for bit, any input dtype, since all arithmetic is fp32 on the converted input): spikes, final membrane,
+saved fp32 ``H`` and saved bf16 ``H - v_threshold``. Gradients: the tolerance table of ``revsnn_triton.testing``
+for the gradient's dtype (the kernels' ``exp``/``sigmoid`` round differently from PyTorch's, by an ulp or so).
+Outputs of the launchers are pre-filled with NaN, so an element a kernel fails to write fails the comparison.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from revsnn_triton import runtime
+from revsnn_triton.kernels import neurons as K
+from revsnn_triton.ops.neuron import multistep_neuron, neuron_backward, neuron_forward
+from revsnn_triton.ops.neuron_reference import (NeuronConfig, check_neuron_args, decode_saved, encode_saved,
+                                                initial_membrane, neuron_backward_reference,
+                                                neuron_forward_reference)
+from revsnn_triton.surrogate import SURROGATES
+from revsnn_triton.testing import assert_close, assert_equal
+
+# Hypothesis tests cannot take the function-scoped `kernel_device` fixture; same rule as conftest's.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's interpreter evaluates exp() of huge arguments with numpy, which warns about the (intended) inf.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+LAYOUTS = ("contiguous", "transposed", "channels_last", "time_inner", "sliced", "expand")
+
+
+def kernels_on(device: str):
+    """Context in which ops on ``device`` run the Triton kernels."""
+    if device == "cpu":
+        if not runtime.interpreter_enabled():
+            pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 before triton is imported (see conftest)")
+        return runtime.cpu_kernels("triton")
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str = "lif"
+    tau: float = 2.0
+    decay_input: bool = True
+    v_threshold: float = 1.0
+    v_reset: float | None = 0.0
+    detach_reset: bool = False
+    surrogate: str = "sigmoid"
+    alpha: float = 4.0
+    T: int = 3
+    shape: tuple[int, ...] = (3, 5)
+    dtype: torch.dtype = torch.float32
+    layout: str = "contiguous"
+    random_v_init: bool = True
+    scale: float = 1.0
+    special_frac: float = 0.2
+    w: float = 0.3
+    seed: int = 0
+
+    def kwargs(self) -> dict:
+        kw = dict(decay_input=self.decay_input, v_threshold=self.v_threshold, v_reset=self.v_reset,
+                  detach_reset=self.detach_reset, surrogate=self.surrogate, alpha=self.alpha)
+        if self.kind == "lif":
+            kw["tau"] = self.tau
+        return kw
+
+
+def special_values(case: Case) -> torch.Tensor:
+    """At the threshold (also after LIF's division), signed zeros, subnormals and huge values of the dtype."""
+    finfo = torch.finfo(case.dtype)
+    tiny = finfo.smallest_normal / 4
+    huge = 3e4 if case.dtype == torch.float16 else 1e30
+    th = case.v_threshold
+    return torch.tensor([th, th * case.tau, 2 * th, -th, 0.0, -0.0, tiny, -tiny, huge, -huge], dtype=torch.float32)
+
+
+def _layout(base: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor equal to ``base [T, *shape]`` but with the named memory layout."""
+    if layout == "transposed" and base.dim() >= 3:
+        return base.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "channels_last" and base.dim() >= 3:
+        return base.movedim(2, -1).contiguous().movedim(-1, 2)
+    if layout == "time_inner":
+        return base.movedim(0, -1).contiguous().movedim(-1, 0)
+    if layout == "sliced":
+        big = torch.zeros((base.shape[0], *base.shape[1:-1], 2 * base.shape[-1] + 1), dtype=base.dtype)
+        view = big[..., 1::2]
+        view.copy_(base)
+        return view
+    if layout == "expand":
+        return base[:1].expand(base.shape)
+    return base.contiguous()
+
+
+def make_inputs(case: Case, device: str = "cpu"):
+    """``x_seq`` (in ``case.layout``), ``v_init`` (or None), ``w`` (or None), grads of spikes and of v_final."""
+    g = torch.Generator().manual_seed(case.seed)
+    full = (case.T, *case.shape)
+    x = torch.randn(full, generator=g) * case.scale + 0.5 * case.v_threshold
+    specials = special_values(case)
+    pick = torch.rand(full, generator=g) < case.special_frac
+    x = torch.where(pick, specials[torch.randint(len(specials), full, generator=g)], x).to(case.dtype)
+    x = _layout(x, case.layout).to(device)
+    v_init = (torch.randn(case.shape, generator=g) * 0.5).to(device) if case.random_v_init else None
+    w = torch.tensor([case.w], device=device) if case.kind == "plif" else None
+    grad_s = torch.randn(full, generator=g).to(case.dtype).to(device)
+    grad_v = torch.randn(case.shape, generator=g).to(device)
+    return x, v_init, w, grad_s, grad_v
+
+
+@st.composite
+def cases(draw, dtypes=(torch.float32, torch.float32, torch.bfloat16, torch.float16)) -> Case:
+    name = draw(st.sampled_from(sorted(SURROGATES)))
+    return Case(
+        kind=draw(st.sampled_from(["if", "lif", "plif"])),
+        tau=draw(st.sampled_from([1.5, 2.0, 3.0]) | st.floats(1.01, 20.0)),
+        decay_input=draw(st.booleans()),
+        v_threshold=draw(st.sampled_from([1.0, 0.5, 0.0, -0.5]) | st.floats(-2.0, 3.0)),
+        v_reset=draw(st.sampled_from([0.0, None, -0.5, 0.3, -1.0])),
+        detach_reset=draw(st.booleans()),
+        surrogate=name,
+        alpha=draw(st.sampled_from([SURROGATES[name].default_alpha]) | st.floats(0.25, 8.0)),
+        T=draw(st.integers(1, 6)),
+        shape=draw(st.sampled_from([(1,), (7,), (131,), (3, 5), (2, 3, 4), (1, 5, 1), (2, 1, 3, 3)])),
+        dtype=draw(st.sampled_from(dtypes)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        random_v_init=draw(st.booleans()),
+        scale=draw(st.sampled_from([0.3, 1.0, 3.0, 30.0])),
+        special_frac=draw(st.sampled_from([0.0, 0.2, 0.6])),
+        w=draw(st.floats(-3.0, 3.0)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def config(case: Case, x) -> NeuronConfig:
+    return check_neuron_args(x, None, tau=case.tau if case.kind == "lif" else None,
+                             w=torch.zeros(1) if case.kind == "plif" else None, decay_input=case.decay_input,
+                             v_threshold=case.v_threshold, v_reset=case.v_reset, detach_reset=case.detach_reset,
+                             surrogate=case.surrogate, alpha=case.alpha)
+
+
+def launcher_kwargs(cfg: NeuronConfig) -> dict:
+    return dict(kind=cfg.kind, tau=cfg.tau, decay_input=cfg.decay_input, v_threshold=cfg.v_threshold,
+                hard_reset=cfg.hard_reset, v_reset=cfg.v_reset)
+
+
+def _nan_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return out.fill_(float("nan"))
+
+
+def poisoned(x, dtypes, with_time):
+    return tuple(_nan_like(K.empty_neuron_layout(x, d, w)) for d, w in zip(dtypes, with_time))
+
+
+def run_launchers(case: Case, device: str, save: str, block_size: int | None = None):
+    """Forward and backward launchers on ``device`` with NaN-poisoned outputs; results on CPU."""
+    x, v_init, w, grad_s, grad_v = make_inputs(case, device)
+    cfg = config(case, x)
+    v0 = initial_membrane(x, case.v_reset) if v_init is None else v_init
+    q = None if w is None else torch.sigmoid(w.float())
+    saved_dtype = torch.bfloat16 if save == "h_bf16" else torch.float32
+    out = poisoned(x, (x.dtype, torch.float32, saved_dtype), (True, False, True))
+    if save == "input":
+        out = out[:2] + (x.new_empty(0, dtype=torch.float32),)
+    fwd = K.neuron_forward(x, v0, q, **launcher_kwargs(cfg), save=save, block_size=block_size,
+                           num_warps=1 if block_size else None, out=out)
+    assert all(a is b for a, b in zip(fwd, out)), "the launcher must write into the given outputs"
+    bwd_out = poisoned(x, (x.dtype, torch.float32, torch.float32), (True, False, False))
+    bwd = K.neuron_backward(grad_s, grad_v, fwd[2], x, v0, q, **launcher_kwargs(cfg),
+                            detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha, save=save,
+                            block_size=block_size, num_warps=1 if block_size else None,
+                            out=bwd_out if cfg.kind == "plif" else bwd_out[:2] + (None,))
+    cpu = lambda ts: tuple(None if t is None else t.cpu() for t in ts)  # noqa: E731
+    return cpu(fwd), cpu(bwd)
+
+
+def reference(case: Case, save: str = "h"):
+    x, v_init, w, grad_s, grad_v = make_inputs(case, "cpu")
+    cfg = config(case, x)
+    v0 = initial_membrane(x, case.v_reset) if v_init is None else v_init
+    q = None if w is None else torch.sigmoid(w.float()).reshape(())
+    spikes, v_final, h = neuron_forward_reference(x, v0, q, cfg)
+    h_used, s_used = decode_saved(encode_saved(h, save, cfg.v_threshold), save, cfg.v_threshold) \
+        if save == "h_bf16" else (h, (h >= cfg.v_threshold).float())
+    bwd = neuron_backward_reference(grad_s, grad_v, h_used, s_used, x, v0, q, cfg)
+    return (spikes, v_final, h), bwd
+
+
+def check_gradients(case: Case, bwd, ref_bwd) -> None:
+    grad_x, grad_v, w_partial = bwd
+    ref_x, ref_v, ref_w = ref_bwd
+    assert_close(grad_x, ref_x.to(case.dtype), "grad_x", dtype=case.dtype)
+    assert_close(grad_v, ref_v, "grad_v_init", dtype=torch.float32)
+    if case.kind == "plif":
+        assert_close(w_partial, ref_w, "PLIF w partials", dtype=torch.float32)
+
+
+def check_case(case: Case, device: str) -> None:
+    with kernels_on(device):
+        (spikes, v_final, h), bwd = run_launchers(case, device, save="h")
+    (ref_spikes, ref_v, ref_h), ref_bwd = reference(case)
+    assert_equal(spikes, ref_spikes, "spikes")
+    assert_equal(v_final, ref_v, "v_final")
+    assert_equal(h, ref_h, "saved H")
+    check_gradients(case, bwd, ref_bwd)
+
+
+@given(case=cases())
+@example(case=Case(kind="if", T=1, shape=(1,), v_reset=None, surrogate="atan", alpha=2.0))
+@example(case=Case(kind="plif", T=6, shape=(131,), layout="expand", v_reset=None, dtype=torch.bfloat16))
+@example(case=Case(kind="lif", tau=1.5, T=4, shape=(2, 3, 4), layout="channels_last", v_threshold=0.0,
+                   v_reset=-1.0, special_frac=0.6, dtype=torch.float16, surrogate="erf", alpha=2.0))
+def test_kernels_equal_reference(case: Case) -> None:
+    check_case(case, KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("name", sorted(SURROGATES))
+@pytest.mark.parametrize("kind", ["if", "lif", "plif"])
+def test_every_kind_and_surrogate(kind: str, name: str, kernel_device: str) -> None:
+    check_case(Case(kind=kind, surrogate=name, alpha=SURROGATES[name].default_alpha, T=3, shape=(37,),
+                    v_reset=None if kind == "lif" else 0.0, detach_reset=kind == "if", scale=2.0), kernel_device)
+
+
+def test_saved_bf16_matches_reference_encoding(kernel_device: str) -> None:
+    """``h_bf16`` stores round-to-nearest-even ``bf16(H - v_threshold)`` (as ``Tensor.to(bfloat16)``) and
+    the backward uses exactly the decoded values (so its gradients equal the reference's on the same data)."""
+    case = Case(kind="plif", T=5, shape=(67,), v_reset=None, scale=3.0, special_frac=0.3, layout="time_inner")
+    with kernels_on(kernel_device):
+        (spikes, _, saved), bwd = run_launchers(case, kernel_device, save="h_bf16")
+    (ref_spikes, _, ref_h), ref_bwd = reference(case, save="h_bf16")
+    assert_equal(spikes, ref_spikes, "spikes")
+    assert_equal(saved, encode_saved(ref_h, "h_bf16", case.v_threshold), "saved bf16 H - v_threshold")
+    check_gradients(case, bwd, ref_bwd)
+
+
+def test_saved_bf16_rounds_ties_to_even(kernel_device: str) -> None:
+    """Halfway cases (low 16 bits exactly 0x8000) round to the even bf16 neighbour, as ``Tensor.to`` does."""
+    ulp = 2.0 ** -7  # bf16 spacing in [1, 2)
+    ties = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), -(1 + 3 * ulp / 2), 2 ** -130 * 1.5,
+                         1 + ulp / 2 + 2 ** -20, 3.0, -0.0])
+    x = ties.reshape(1, -1).to(kernel_device)
+    with kernels_on(kernel_device):
+        _, _, saved = K.neuron_forward(x, torch.zeros_like(x[0]), None, kind="if", tau=1.0, decay_input=True,
+                                       v_threshold=0.0, hard_reset=True, v_reset=0.0, save="h_bf16")
+    expected = ((torch.zeros_like(ties) + ties) - 0.0).to(torch.bfloat16)  # H = 0 + x (so -0.0 becomes +0.0)
+    assert_equal(saved.cpu(), expected.reshape(1, -1), "bf16 rounding of H - v_threshold")
+
+
+def test_bf16_sign_never_flips_spike() -> None:
+    """Values just below the threshold whose difference rounds to -0.0 in bf16 still decode as "no spike"."""
+    th = 1.0
+    h = torch.tensor([th, th - 1e-30, th - 1e-7, th + 1e-7, th - 2.0, th + 2.0, -0.0, 0.0])
+    _, spikes = decode_saved(encode_saved(h, "h_bf16", th), "h_bf16", th)
+    assert_equal(spikes, (h >= th).float(), "spikes decoded from bf16")
+
+
+@pytest.mark.parametrize("save", ["h", "input", "h_bf16"])
+def test_launch_configs_bit_identical(save: str, kernel_device: str) -> None:
+    case = Case(kind="plif", T=4, shape=(5, 41), layout="transposed", v_reset=None, scale=2.0)
+    results = []
+    with kernels_on(kernel_device):
+        for block in (32, 64, 128):
+            results.append(run_launchers(case, kernel_device, save=save, block_size=block))
+    (fwd0, bwd0) = results[0]
+    for block, (fwd, bwd) in zip((64, 128), results[1:]):
+        for a, b, what in zip(fwd + bwd, fwd0 + bwd0, ("spikes", "v_final", "saved", "grad_x", "grad_v_init",
+                                                       "w partials")):
+            assert_equal(a, b, f"{what} with block {block} vs 32")
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: dims of size > 1, by decreasing stride, have strides of a packed array."""
+    step = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_outputs_keep_dense_layout(layout: str, kernel_device: str) -> None:
+    """Outputs are dense, time outermost, inner dims in x's stride order: channels_last stays channels_last."""
+    case = Case(T=2, shape=(2, 3, 4, 5), layout=layout)
+    x, _, _, _, _ = make_inputs(case, kernel_device)
+    with kernels_on(kernel_device):
+        spikes, v = multistep_neuron(x, tau=2.0)
+    assert _is_dense(spikes) and _is_dense(v)
+    assert spikes.stride(0) == v.numel()
+    if layout in ("contiguous", "expand", "sliced", "time_inner"):
+        assert spikes.is_contiguous() and v.is_contiguous()
+    if layout == "channels_last":
+        assert spikes[0].is_contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        assert spikes.stride()[1:] == x.stride()[1:]
+
+
+def test_expand_reads_in_place(kernel_device: str) -> None:
+    """A time stride of 0 is passed to the kernel as is: no copy of the expanded input."""
+    x = torch.randn(1, 50, device=kernel_device).expand(4, 50)
+    _, geometry = K._x_geometry(x)
+    assert geometry[0] == 0 and geometry[-1] == 1
+    with kernels_on(kernel_device):
+        spikes, _ = multistep_neuron(x, tau=2.0)
+    ref, _ = multistep_neuron(x.cpu().contiguous(), tau=2.0)
+    assert_equal(spikes.cpu(), ref, "spikes of an expanded input")
+
+
+def test_many_dims_fall_back_to_copy() -> None:
+    """Strides that need more than MAX_DIMS dims after coalescing are copied into the neuron layout first."""
+    base = torch.randn(2, 3, 5, 7, 11, 13)[:, ::2, :, ::2, :, ::2]  # 5 dims that cannot merge
+    assert K.coalesced_dims(base) is None
+    x, geometry = K._x_geometry(base)
+    assert x.is_contiguous() and geometry[-1] == 1
+
+
+@pytest.mark.parametrize("save", ["h", "h_bf16", "input"])
+def test_op_gradients_equal_reference(save: str, kernel_device: str) -> None:
+    """Autograd through ``multistep_neuron`` with the kernels vs with the reference (CPU), for x, v_init and w."""
+    case = Case(kind="plif", T=4, shape=(3, 29), v_reset=-0.5, surrogate="soft_sign", alpha=2.0,
+                layout="channels_last" if kernel_device == "cpu" else "transposed", scale=2.0)
+    def run(device: str, kernels: bool):
+        x, v_init, w, grad_s, grad_v = make_inputs(case, device)
+        x.requires_grad_(), v_init.requires_grad_(), w.requires_grad_()
+        with kernels_on(device) if kernels else contextlib.nullcontext():
+            spikes, v = multistep_neuron(x, v_init, w=w, **case.kwargs(), save=save)
+            grads = torch.autograd.grad((spikes * grad_s).sum() + (v * grad_v).sum(), (x, v_init, w))
+        return [t.detach().cpu() for t in (spikes, v, *grads)]
+
+    results = [run(kernel_device, kernels=True), run("cpu", kernels=False)]
+    (s, v, gx, gv, gw), (rs, rv, rgx, rgv, rgw) = results
+    assert_equal(s, rs, "spikes")
+    assert_equal(v, rv, "v_final")
+    assert_close(gx, rgx, "grad x")
+    assert_close(gv, rgv, "grad v_init")
+    assert_close(gw, rgw, "grad w")
+
+
+def test_opcheck_kernel_path(kernel_device: str) -> None:
+    case = Case(kind="plif", T=3, shape=(5, 7), layout="transposed")
+    x, v_init, w, grad_s, grad_v = make_inputs(case, kernel_device)
+    cfg = config(case, x)
+    scalars = (cfg.kind, cfg.tau, cfg.decay_input, cfg.v_threshold, cfg.hard_reset, cfg.v_reset, cfg.detach_reset,
+               cfg.surrogate, cfg.alpha)
+    with kernels_on(kernel_device):
+        for save in ("h", "input"):
+            torch.library.opcheck(neuron_forward, (x.requires_grad_(), v_init, w.requires_grad_(), *scalars, save),
+                                  test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+            saved = neuron_forward(x.detach(), v_init, w.detach(), *scalars, save)[2]
+            torch.library.opcheck(neuron_backward, (grad_s, grad_v, saved, x.detach(), v_init, w.detach(),
+                                                    *scalars, save),
+                                  test_utils=("test_schema", "test_faketensor"))
