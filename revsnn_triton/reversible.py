@@ -110,6 +110,22 @@ class _RngState:
         if self.cuda_device is not None:
             self.cuda = torch.cuda.get_rng_state(self.cuda_device)
 
+    def unchanged(self) -> bool:
+        """Whether the generators are still in this state (the branch drew no random numbers)."""
+        if not torch.equal(self.cpu, torch.get_rng_state()):
+            return False
+        return self.cuda_device is None or torch.equal(self.cuda, torch.cuda.get_rng_state(self.cuda_device))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def restore(state: "_RngState | None") -> Iterator[None]:
+        """Recompute under ``state`` (None: the branch used no randomness; nothing to restore)."""
+        if state is None:
+            yield
+            return
+        with state.restored():
+            yield
+
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
         devices = [] if self.cuda_device is None else [self.cuda_device]
@@ -227,10 +243,15 @@ class RevSequence(nn.Module):
         h = t.shape[d] // 2
         return t.narrow(d, 0, h).contiguous(), t.narrow(d, h, h).contiguous()
 
-    def _branch(self, index: int, which: str, module: nn.Module, x: Tensor) -> Tensor:
-        """Reset ``module``'s neuron state and run it on ``x``; check that it keeps shape and dtype."""
+    def _branch(self, index: int, which: str, module: nn.Module, x: Tensor, rng: list | None = None) -> Tensor:
+        """Reset ``module``'s neuron state and run it on ``x``; check that it keeps shape and dtype.
+        With ``rng`` (a list), append the RNG state the call started from, or None if it drew no random
+        numbers (so branches without dropout store nothing)."""
         reset_net(module)
+        state = _RngState(x.device) if rng is not None else None
         out = module(x)
+        if rng is not None:
+            rng.append(None if state.unchanged() else state)
         if not isinstance(out, Tensor):
             raise TypeError(f"RevSequence block {index}: {which} ({type(module).__name__}) returned "
                             f"{type(out).__name__}, expected a Tensor")
@@ -255,13 +276,9 @@ class RevSequence(nn.Module):
             self._call_hooks("forward", i, x1, x2)
             if checksums is not None:
                 checksums.append(_checksum(x1, x2))
-            if rng is not None:
-                rng.append(_RngState(x1.device))
-            f = self._branch(i, "F", block.f, x2f)
+            f = self._branch(i, "F", block.f, x2f, rng)
             y1, y1f = C.couple_ste(x1, x1f, f, R)
-            if rng is not None:
-                rng.append(_RngState(x1.device))
-            g = self._branch(i, "G", block.g, y1f)
+            g = self._branch(i, "G", block.g, y1f, rng)
             y2, y2f = C.couple_ste(x2, x2f, g, R)
             x1, x1f, x2, x2f = y1, y1f, y2, y2f
         return x1, x1f, x2, x2f
@@ -390,7 +407,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
 
 def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, x: Tensor, grad: Tensor,
-                   rng: _RngState, autocast: _AutocastState, slot: dict[int, int],
+                   rng: _RngState | None, autocast: _AutocastState, slot: dict[int, int],
                    param_grads: list[Tensor | None]) -> tuple[Tensor, tuple[Tensor]]:
     """Recompute ``module(x)`` as in the forward and return ``(output, (vjp w.r.t. x,))``; parameter
     vjps are added to ``param_grads``. The output is detached."""
@@ -399,7 +416,7 @@ def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, 
     # Running statistics are restored only after the vjp: BatchNorm's backward checks the versions
     # of the buffers it saved.
     with _frozen_running_stats(module):
-        with torch.enable_grad(), rng.restored(), autocast.restored():
+        with torch.enable_grad(), _RngState.restore(rng), autocast.restored():
             out = seq._branch(index, which, module, x)
         if not out.requires_grad:
             return out.detach(), (torch.zeros_like(x),)

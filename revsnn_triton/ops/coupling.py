@@ -11,12 +11,14 @@ Ops (all with a fake implementation, so they trace under ``torch.compile``):
 - ``revsnn::fixed_decode(q, frac_bits, dtype) -> x``: int32 -> float.
 - ``revsnn::fixed_couple(x_q, f, frac_bits) -> y_q`` and ``revsnn::fixed_uncouple(y_q, f, frac_bits) -> x_q``.
 - ``revsnn::fixed_couple_decode(x_q, f, frac_bits, dtype) -> (y_q, decode(y_q))``: the fused forward step.
-- ``revsnn::fixed_encode_ste(x, frac_bits, saturate) -> (q, decode(q))``: differentiable, straight-through
+- ``revsnn::fixed_encode_ste(x, frac_bits, saturate) -> (decode(q), q)``: differentiable, straight-through
   (``grad_x = grad_out``). Saves nothing for backward.
-- ``revsnn::fixed_couple_ste(x_q, x, f, frac_bits) -> (y_q, y)``: ``y_q = couple(x_q, f)``,
+- ``revsnn::fixed_couple_ste(x_q, x, f, frac_bits) -> (y, y_q)``: ``y_q = couple(x_q, f)``,
   ``y = decode(y_q)`` in ``x``'s dtype, where ``x`` is the float carrier of ``x_q`` (``decode(x_q)``; its
   values are not read). Differentiable, straight-through: ``grad_x = grad_y``, ``grad_f = grad_y`` (cast to
   ``f``'s dtype). Saves nothing for backward.
+  (The two differentiable ops list their float output first, which ``torch.library.opcheck``'s
+  forward-backward harness needs; the Python wrappers return the stream first, like the others.)
 - ``revsnn::fixed_uncouple_step(y_q, f, grad_a, grad_b, frac_bits, dtype) -> (x_q, x, grad)``: the fused
   backward step of a coupling (rebuild ``x_q = uncouple(y_q, f)``, ``x = decode(x_q)``, and
   ``grad = grad_a + grad_b`` in one pass).
@@ -112,20 +114,20 @@ def _encode_ste_op(x: Tensor, frac_bits: int, saturate: bool) -> tuple[Tensor, T
     ref.check_encodable(x, frac_bits, saturate)
     if not use_triton(x.device):
         q = ref.quantize(x, frac_bits)
-        return q, ref.decode(q, frac_bits, x.dtype)
+        return ref.decode(q, frac_bits, x.dtype), q
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.int32, device=x.device)
     out = torch.empty_like(x)
     _launch(n_ref=x, f=x, out_q=q, out_f=out, frac_bits=frac_bits)
-    return q, out
+    return out, q
 
 
 @_encode_ste_op.register_fake
 def _(x, frac_bits, saturate):
-    return torch.empty(x.shape, dtype=torch.int32, device=x.device), torch.empty_like(x)
+    return torch.empty_like(x), torch.empty(x.shape, dtype=torch.int32, device=x.device)
 
 
-def _encode_ste_backward(ctx, grad_q, grad_x):
+def _encode_ste_backward(ctx, grad_x, grad_q):
     return grad_x, None, None
 
 
@@ -150,19 +152,20 @@ def _(x_q, f, frac_bits, dtype):
 
 @torch.library.custom_op("revsnn::fixed_couple_ste", mutates_args=())
 def _couple_ste_op(x_q: Tensor, x: Tensor, f: Tensor, frac_bits: int) -> tuple[Tensor, Tensor]:
-    return _couple_decode_op(x_q, f, frac_bits, x.dtype)
+    y_q, y = _couple_decode_op(x_q, f, frac_bits, x.dtype)
+    return y, y_q
 
 
 @_couple_ste_op.register_fake
 def _(x_q, x, f, frac_bits):
-    return torch.empty_like(x_q), torch.empty(x_q.shape, dtype=x.dtype, device=x.device)
+    return torch.empty(x_q.shape, dtype=x.dtype, device=x.device), torch.empty_like(x_q)
 
 
 def _couple_ste_setup(ctx, inputs, output):
     ctx.f_dtype = inputs[2].dtype
 
 
-def _couple_ste_backward(ctx, grad_y_q, grad_y):
+def _couple_ste_backward(ctx, grad_y, grad_y_q):
     return None, grad_y, grad_y.to(ctx.f_dtype), None
 
 
@@ -258,7 +261,8 @@ def encode_ste(x: Tensor, frac_bits: int, saturate: bool = False) -> tuple[Tenso
     """``(q, decode(q, x.dtype))`` with ``q = encode(x)``; the float output is differentiable w.r.t. ``x``
     with the straight-through gradient (identity)."""
     _check_tensor("x", x, dtypes=ref.FLOAT_DTYPES)
-    return _encode_ste_op(x, check_frac_bits(frac_bits), _check_saturate(saturate))
+    x_r, q = _encode_ste_op(x, check_frac_bits(frac_bits), _check_saturate(saturate))
+    return q, x_r
 
 
 def couple_ste(x_q: Tensor, x: Tensor, f: Tensor, frac_bits: int) -> tuple[Tensor, Tensor]:
@@ -268,7 +272,8 @@ def couple_ste(x_q: Tensor, x: Tensor, f: Tensor, frac_bits: int) -> tuple[Tenso
     _check_tensor("x_q", x_q, dtypes=(torch.int32,))
     _check_tensor("x", x, dtypes=ref.FLOAT_DTYPES, shape=x_q.shape, device=x_q.device)
     _check_tensor("f", f, dtypes=ref.FLOAT_DTYPES, shape=x_q.shape, device=x_q.device)
-    return _couple_ste_op(x_q, x, f, check_frac_bits(frac_bits))
+    y, y_q = _couple_ste_op(x_q, x, f, check_frac_bits(frac_bits))
+    return y_q, y
 
 
 def uncouple_step(y_q: Tensor, f: Tensor, grad_a: Tensor, grad_b: Tensor, frac_bits: int,

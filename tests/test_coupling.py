@@ -1,0 +1,275 @@
+"""Fixed-point coupling: the plain-PyTorch oracle against independent numpy arithmetic, and the Triton
+kernel (interpreter on CPU, compiled on a GPU) against the oracle, bit for bit."""
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from revsnn_triton.ops import coupling as C
+from revsnn_triton.ops import coupling_reference as ref
+from revsnn_triton.runtime import cpu_kernels
+from revsnn_triton.testing import assert_equal
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# The kernel_device fixture as a constant, for Hypothesis tests (function-scoped fixtures are refused there).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def triton_path(device: str):
+    """Run the ops' Triton kernels: compiled on a GPU, through the interpreter on CPU."""
+    with warnings.catch_warnings():
+        # The interpreter evaluates with numpy, which warns on float overflow (f * 2**R -> inf), a case
+        # the quantizer defines (saturation).
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        if device == "cpu":
+            with cpu_kernels("triton"):
+                yield
+        else:
+            yield
+
+
+def expected_quantize(f: np.ndarray, frac_bits: int) -> np.ndarray:
+    """Independent model of the branch quantizer: exact float64 rint (numpy rounds half to even),
+    NaN -> 0, saturation to int32. float64 holds f * 2**R exactly for every float32 f."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = np.rint(f.astype(np.float64) * 2.0 ** frac_bits)
+    v = np.where(np.isnan(v), 0.0, v)
+    return np.clip(v, INT32_MIN, INT32_MAX).astype(np.int64)
+
+
+def wrap(v: np.ndarray) -> np.ndarray:
+    return ((v.astype(np.int64) - INT32_MIN) % 2 ** 32 + INT32_MIN).astype(np.int32)
+
+
+int32_arrays = st.integers(1, 300).flatmap(lambda n: hnp.arrays(np.int32, n))
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def stream_and_branch(draw):
+    n = draw(st.integers(1, 300))
+    x = draw(hnp.arrays(np.int32, n))
+    f = draw(hnp.arrays(np.float32, n, elements=finite_f32))
+    return x, f
+
+
+# ------------------------------------------------------------------------------- oracle vs numpy
+
+@given(stream_and_branch(), st.integers(ref.MIN_FRAC_BITS, ref.MAX_FRAC_BITS))
+@example((np.array([INT32_MAX, INT32_MIN, 0, 7], np.int32),
+          np.array([2.0 ** -16, -(2.0 ** -16), 0.5 * 2 ** -16, 1.5 * 2 ** -16], np.float32)), 16)
+def test_oracle_couple_matches_numpy_and_inverts(data, frac_bits):
+    x, f = data
+    xt, ft = torch.from_numpy(x), torch.from_numpy(f)
+    y = ref.couple(xt, ft, frac_bits)
+    assert_equal(y, torch.from_numpy(wrap(x.astype(np.int64) + expected_quantize(f, frac_bits))), "couple")
+    assert_equal(ref.uncouple(y, ft, frac_bits), xt, "uncouple(couple(x, f), f)")
+
+
+def test_round_half_to_even_and_saturation():
+    R = 4
+    k = np.arange(-40, 40)
+    halves = (k + 0.5) / 2 ** R  # exactly half-way between the grid points k and k + 1
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38, -3e38, 1e-45, -1e-45,
+                        2.0 ** 27 - 2.0 ** -4, -(2.0 ** 27)], np.float64)
+    f = np.concatenate([halves, special])
+    want = np.concatenate([
+        np.where(k % 2 == 0, k, k + 1),  # ties go to the even neighbour
+        [0, 0, INT32_MAX, INT32_MIN, 0, INT32_MAX, INT32_MIN, 0, 0, INT32_MAX, INT32_MIN]]).astype(np.int32)
+    for dtype in (torch.float32, torch.float64):
+        got = ref.quantize(torch.from_numpy(f).to(dtype), R)
+        assert_equal(got, torch.from_numpy(want), f"quantize {dtype}")
+    # wrap-around: one grid step past the top lands at the bottom, and back.
+    top = torch.tensor([INT32_MAX], dtype=torch.int32)
+    one = torch.tensor([2.0 ** -R])
+    assert ref.couple(top, one, R).item() == INT32_MIN
+    assert ref.uncouple(ref.couple(top, one, R), one, R).item() == INT32_MAX
+
+
+# ----------------------------------------------------------------------------- Triton vs oracle
+
+@given(stream_and_branch(), st.integers(ref.MIN_FRAC_BITS, ref.MAX_FRAC_BITS), st.sampled_from(FLOAT_DTYPES))
+@example((np.array([1, -1, INT32_MAX, INT32_MIN, 0, 5], np.int32),
+          np.array([np.float32(1e-45), -0.0, 3e38, -3e38, 0.5 / 65536, 2.5 / 65536], np.float32)),
+         16, torch.float32)
+def test_triton_couple_equals_oracle_and_inverts(data, frac_bits, dtype):
+    x, f = data
+    xt = torch.from_numpy(x).to(DEVICE)
+    ft = torch.from_numpy(f).to(dtype).to(DEVICE)
+    want_y = ref.couple(xt.cpu(), ft.cpu(), frac_bits)
+    with triton_path(DEVICE):
+        y = C.couple(xt, ft, frac_bits)
+        back = C.uncouple(y, ft, frac_bits)
+        y2, yf = C.couple_decode(xt, ft, frac_bits, dtype)
+    assert_equal(y.cpu(), want_y, "couple (triton vs oracle)")
+    assert_equal(back.cpu(), xt.cpu(), "uncouple(couple(x, f), f) (triton)")
+    assert_equal(y2.cpu(), want_y, "couple_decode stream")
+    assert_equal(yf.cpu(), ref.decode(want_y, frac_bits, dtype), "couple_decode float")
+
+
+def test_triton_quantizer_non_finite_and_extremes(kernel_device):
+    f = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 3e38, -3e38, 1e-45,
+                      2.0 ** 31, -(2.0 ** 31), 2.0 ** 31 - 128, 0.5, 1.5, 2.5, -2.5], dtype=torch.float64)
+    x = torch.zeros(f.shape, dtype=torch.int32)
+    for dtype in FLOAT_DTYPES:
+        fd = f.to(dtype)
+        want = torch.from_numpy(wrap(expected_quantize(fd.double().numpy(), 1)))
+        with triton_path(kernel_device):
+            got = C.couple(x.to(kernel_device), fd.to(kernel_device), 1)
+        assert_equal(got.cpu(), want, f"quantize extremes {dtype}")
+    # float64 path: 2**31 - 1 is representable and must not saturate early.
+    f64 = torch.tensor([(2.0 ** 31 - 1) / 2, -(2.0 ** 31) / 2], dtype=torch.float64)
+    with triton_path(kernel_device):
+        got = C.couple(torch.zeros(2, dtype=torch.int32, device=kernel_device), f64.to(kernel_device), 1)
+    assert got.cpu().tolist() == [INT32_MAX, INT32_MIN]
+
+
+@given(st.integers(1, 300).flatmap(lambda n: hnp.arrays(np.int32, n)),
+       st.integers(ref.MIN_FRAC_BITS, ref.MAX_FRAC_BITS), st.sampled_from(FLOAT_DTYPES))
+def test_triton_decode_equals_oracle(q, frac_bits, dtype):
+    qt = torch.from_numpy(q)
+    # independent: float64 q * 2**-R is exact; the oracle rounds it to float32 once, then to dtype.
+    exact = torch.from_numpy(q.astype(np.float64) * 2.0 ** -frac_bits)
+    want = exact if dtype == torch.float64 else exact.float().to(dtype)
+    assert_equal(ref.decode(qt, frac_bits, dtype), want, "decode oracle")
+    with triton_path(DEVICE):
+        got = C.decode(qt.to(DEVICE), frac_bits, dtype)
+    assert_equal(got.cpu(), want, "decode triton")
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 200), elements=st.floats(-30000, 30000, width=32)),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+def test_encode_round_trip(x, dtype):
+    xt = torch.from_numpy(x).to(dtype)
+    want = torch.from_numpy(expected_quantize(xt.double().numpy(), 16).astype(np.int32))
+    assert_equal(ref.encode(xt, 16), want, "encode oracle")
+    with triton_path(DEVICE):
+        q = C.encode(xt.to(DEVICE), 16)
+        q2, xr = C.encode_ste(xt.to(DEVICE), 16)
+    assert_equal(q.cpu(), want, "encode triton")
+    assert_equal(q2.cpu(), want, "encode_ste stream")
+    assert_equal(xr.cpu(), ref.decode(want, 16, dtype), "encode_ste float")
+    # encode is idempotent on its own grid
+    assert_equal(ref.encode(ref.decode(want, 16, torch.float64), 16), want, "encode(decode(q))")
+
+
+def test_encode_errors_and_saturation(kernel_device):
+    lo, hi = C.representable_range(16)
+    assert (lo, hi) == (-32768.0, 32768.0 - 2.0 ** -16)
+    for path in (contextlib.nullcontext(), triton_path(kernel_device)):
+        with path:
+            for bad, what in ((float("nan"), "non-finite"), (float("inf"), "non-finite"),
+                              (40000.0, "outside the fixed-point range"), (-32768.5, "outside")):
+                x = torch.tensor([1.0, bad, 2.0], device=kernel_device)
+                with pytest.raises(ValueError, match=what):
+                    C.encode(x, 16)
+            with pytest.raises(ValueError, match="non-finite"):
+                C.encode(torch.tensor([float("nan")], device=kernel_device), 16, saturate=True)
+            sat = C.encode(torch.tensor([40000.0, -1e30, 1.0], device=kernel_device), 16, saturate=True)
+            assert sat.cpu().tolist() == [INT32_MAX, INT32_MIN, 65536]
+    # the top of the range: hi encodes, one half-step above it rounds past INT32_MAX
+    assert C.encode(torch.tensor([hi], dtype=torch.float64), 16).item() == INT32_MAX
+    with pytest.raises(ValueError, match="outside"):
+        C.encode(torch.tensor([hi + 2.0 ** -17], dtype=torch.float64), 16)
+
+
+def test_uncouple_step_equals_oracle_and_poisoned_outputs_are_written(kernel_device):
+    from revsnn_triton.kernels.coupling import coupling as launch
+
+    torch.manual_seed(3)
+    n = 1000  # several interpreter blocks plus a masked tail
+    y = torch.randint(INT32_MIN, INT32_MAX, (n,), dtype=torch.int32)
+    f = torch.randn(n) * 10.0 ** torch.randint(-8, 8, (n,))
+    for gdtype in (torch.float32, torch.bfloat16, torch.float64):
+        ga, gb = torch.randn(n).to(gdtype), torch.randn(n).to(gdtype)
+        want = ref.uncouple_step(y, f, ga, gb, 12, torch.float32)
+        with triton_path(kernel_device):
+            got = C.uncouple_step(y.to(kernel_device), f.to(kernel_device), ga.to(kernel_device),
+                                  gb.to(kernel_device), 12, torch.float32)
+            out_q = torch.full((n,), 12345, dtype=torch.int32, device=kernel_device)
+            out_f = torch.full((n,), float("nan"), device=kernel_device)
+            grad = torch.full((n,), float("nan"), dtype=gdtype, device=kernel_device)
+            launch(q=y.to(kernel_device), f=f.to(kernel_device), out_q=out_q, out_f=out_f,
+                   grad_a=ga.to(kernel_device), grad_b=gb.to(kernel_device), grad=grad, frac_bits=12,
+                   subtract=True, block_size=128, num_warps=1)
+        for name, a, b in zip(("x_q", "x", "grad"), got, want):
+            assert_equal(a.cpu(), b, f"uncouple_step {name} ({gdtype})")
+        for name, a, b in zip(("x_q", "x", "grad"), (out_q, out_f, grad), want):
+            assert_equal(a.cpu(), b, f"launcher {name} ({gdtype})")
+    # independent check of the accumulation in float32
+    ga, gb = torch.randn(n), torch.randn(n)
+    assert_equal(ref.uncouple_step(y, f, ga, gb, 12, torch.float32)[2], ga + gb, "grad_a + grad_b")
+
+
+def test_straight_through_gradients():
+    torch.manual_seed(0)
+    x = (torch.randn(5, 6) * 3).requires_grad_()
+    q, xr = C.encode_ste(x, 8)
+    w = torch.randn(5, 6)
+    (xr * w).sum().backward()
+    assert_equal(x.grad, w, "encode_ste grad")
+    xq = C.encode(torch.randn(5, 6), 8)
+    carrier = C.decode(xq, 8).requires_grad_()
+    f = torch.randn(5, 6, dtype=torch.bfloat16, requires_grad=True)
+    y_q, y = C.couple_ste(xq, carrier, f, 8)
+    assert_equal(y_q, ref.couple(xq, f, 8), "couple_ste stream")
+    assert y.dtype == torch.float32
+    (y * w).sum().backward()
+    assert_equal(carrier.grad, w, "couple_ste grad x")
+    assert_equal(f.grad, w.to(torch.bfloat16), "couple_ste grad f")
+
+
+def test_opcheck_all_ops(kernel_device):
+    torch.manual_seed(0)
+    xq = C.encode(torch.randn(3, 4), 10)
+    xf = C.decode(xq, 10)
+    f = torch.randn(3, 4)
+    ops = [
+        (torch.ops.revsnn.fixed_encode.default, (torch.randn(3, 4), 10, False)),
+        (torch.ops.revsnn.fixed_decode.default, (xq, 10, torch.float32)),
+        (torch.ops.revsnn.fixed_couple.default, (xq, f, 10)),
+        (torch.ops.revsnn.fixed_uncouple.default, (xq, f, 10)),
+        (torch.ops.revsnn.fixed_couple_decode.default, (xq, f, 10, torch.float64)),
+        (torch.ops.revsnn.fixed_encode_ste.default, (torch.randn(3, 4, requires_grad=True), 10, False)),
+        (torch.ops.revsnn.fixed_couple_ste.default,
+         (xq, xf.clone().requires_grad_(), f.clone().requires_grad_(), 10)),
+        (torch.ops.revsnn.fixed_uncouple_step.default, (xq, f, torch.randn(3, 4), torch.randn(3, 4), 10,
+                                                         torch.float32)),
+    ]
+    # The schema, fake and autograd registrations do not depend on which implementation runs, so the
+    # interpreted kernel (slow under opcheck's many calls) is left to the bitwise tests above; on a GPU
+    # the same ops run their compiled Triton kernels.
+    for op, args in ops:
+        args = tuple(a.to(kernel_device).detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                     else a for a in args)
+        torch.library.opcheck(op, args)
+
+
+def test_api_validation():
+    q = torch.zeros(4, dtype=torch.int32)
+    f = torch.zeros(4)
+    with pytest.raises(TypeError, match="frac_bits must be an int"):
+        C.couple(q, f, 16.0)
+    for bad in (0, 31, -3):
+        with pytest.raises(ValueError, match=r"frac_bits must be in \[1, 30\]"):
+            C.encode(f, bad)
+    with pytest.raises(TypeError, match="x_q must have dtype"):
+        C.couple(f, f, 16)
+    with pytest.raises(TypeError, match="f must have dtype"):
+        C.couple(q, q, 16)
+    with pytest.raises(ValueError, match="f must have shape"):
+        C.uncouple(q, torch.zeros(5), 16)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        C.encode([1.0], 16)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        C.decode(q, 16, torch.int64)
+    with pytest.raises(TypeError, match="saturate must be a bool"):
+        C.encode(f, 16, saturate=1)
+    with pytest.raises(ValueError, match="grad_b must have shape"):
+        C.uncouple_step(q, f, f, torch.zeros(3), 16)
