@@ -1,0 +1,123 @@
+"""Training checkpoints: atomic writes, ``weights_only`` loads, and the RNG state needed for exact resumes.
+
+A checkpoint is a dict holding only tensors and primitive containers (dict/list/tuple of str, int, float,
+bool, None), so that it loads with ``torch.load(weights_only=True)``: model/optimizer/scheduler state dicts,
+the epoch, the metric history, the config and the RNG states (torch CPU and CUDA, NumPy, Python ``random``).
+``FORMAT_KEY`` marks files written by this module; anything else is reported as a foreign checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_KEY = "revsnn_checkpoint"
+FORMAT_VERSION = 1
+
+_PRIMITIVES = (str, int, float, bool, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or not a revsnn training checkpoint."""
+
+
+def _check_serialisable(obj: Any, where: str) -> None:
+    if isinstance(obj, (torch.Tensor, *_PRIMITIVES, torch.Size)):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, _PRIMITIVES):
+                raise TypeError(f"save_checkpoint: key {k!r} at {where} must be a str/int/float/bool/None")
+            _check_serialisable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_serialisable(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"save_checkpoint: {where} is a {type(obj).__name__}; a checkpoint may hold only tensors "
+                    "and dict/list/tuple of str, int, float, bool, None (so it loads with weights_only=True)")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``).
+
+    ``state`` must be a dict of tensors and primitive containers (checked before anything is written); the
+    format marker is added. A crash while writing leaves the previous file at ``path`` intact.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
+    _check_serialisable(state, "state")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {FORMAT_KEY: FORMAT_VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` (with the path and what is wrong) when the file is missing, unreadable,
+    corrupt, or not a revsnn checkpoint (e.g. a bare ``state_dict`` or another program's file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            AttributeError, KeyError, IndexError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a PyTorch file that loads with "
+                              f"weights_only=True ({first_line})") from None
+    if not isinstance(data, dict) or data.get(FORMAT_KEY) is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a revsnn training checkpoint (no "
+                              f"{FORMAT_KEY!r} marker; it holds a {type(data).__name__})")
+    if data[FORMAT_KEY] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {data[FORMAT_KEY]!r}; this version of "
+                              f"revsnn_triton reads version {FORMAT_VERSION}")
+    return data
+
+
+def rng_state() -> dict:
+    """All RNG states a training run draws from, as tensors and primitives (checkpoint-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states returned by :func:`rng_state`."""
+    if not isinstance(state, dict) or not {"torch", "numpy", "python"} <= set(state):
+        raise CheckpointError("checkpoint's RNG state is incomplete (needs 'torch', 'numpy', 'python')")
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))

@@ -1,0 +1,234 @@
+"""Training configuration: one flat dataclass, loaded from YAML/TOML recipes and overridden by flags.
+
+A recipe file is a flat mapping of :class:`TrainConfig` field names to values (``model_kwargs`` is the only
+nested mapping: extra keyword arguments for the model factory). Unknown keys are an error that lists the valid
+ones. Shipped recipes live in ``revsnn_triton/configs/*.yaml``; ``--config NAME`` accepts either a path or the
+stem of a shipped recipe (e.g. ``cifar10_revsresnet21``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("cosine", "multistep", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment", "event-geometric")
+NEURON_IMPLS = ("triton", "spikingjelly", "torch")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid (reported to the user without a traceback)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. The defaults are the offline digits demo recipe.
+
+    ``batch_size`` is per process (with ``torchrun`` the global batch is ``batch_size * world_size``).
+    ``model=None`` picks the dataset's default model. ``lr`` is the peak learning rate; ``warmup_epochs`` ramp
+    linearly from ``warmup_lr`` to it; cosine decays to ``min_lr`` over the remaining epochs minus
+    ``cooldown_epochs`` (held at ``min_lr``). ``cpu_threads``: torch's intra-op threads when training on the CPU
+    (1 by default: the small digits model gains nothing from more, and one thread per process avoids the severe
+    slowdowns of oversubscribed cores on busy machines and under ``torchrun``); null keeps torch's default.
+    """
+
+    # what to train
+    model: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    T: int = 4
+    neuron_impl: str = "triton"
+    # optimisation
+    epochs: int = 12
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    optimizer: str = "adamw"
+    lr: float = 4e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-2
+    scheduler: str = "cosine"
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-4
+    min_lr: float = 1e-5
+    cooldown_epochs: int = 0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    # augmentation
+    crop_padding: int = 0
+    hflip: bool = False
+    augment: str = "none"
+    augment_magnitude: int = 9
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_off_epoch: int | None = None
+    # execution
+    amp: str = "none"
+    compile: bool = False
+    device: str | None = None
+    workers: int = 0
+    cpu_threads: int | None = 1
+    sync_bn: bool = False
+    max_steps_per_epoch: int | None = None
+    # bookkeeping
+    out: str = "runs/train"
+    resume: str | None = None
+    seed: int = 0
+    memory_report: bool = True
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Check types and ranges; returns self. Raises :class:`ConfigError` naming the field."""
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"config: {name} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+        need(self.model is None or (isinstance(self.model, str) and self.model), "model", "a model name or null")
+        need(isinstance(self.model_kwargs, dict), "model_kwargs", "a mapping")
+        need(isinstance(self.dataset, str) and self.dataset, "dataset", "a dataset name")
+        need(isinstance(self.data_dir, str), "data_dir", "a path")
+        for name in ("download", "compile", "sync_bn", "memory_report", "progress"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
+        need(is_int(self.T) and self.T >= 1, "T", "an integer >= 1")
+        need(self.neuron_impl in NEURON_IMPLS, "neuron_impl", f"one of {NEURON_IMPLS}")
+        need(is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1")
+        need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(self.eval_batch_size is None or (is_int(self.eval_batch_size) and self.eval_batch_size >= 1),
+             "eval_batch_size", "an integer >= 1 or null")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        need(is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        for name in ("momentum", "weight_decay", "gamma", "warmup_lr", "min_lr", "label_smoothing",
+                     "random_erasing", "mixup", "cutmix", "mixup_prob"):
+            need(is_num(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
+        for name in ("label_smoothing", "random_erasing", "mixup_prob"):
+            need(getattr(self, name) <= 1, name, "at most 1")
+        need(self.scheduler in SCHEDULERS, "scheduler", f"one of {SCHEDULERS}")
+        need(isinstance(self.milestones, list) and all(is_int(m) and m >= 0 for m in self.milestones),
+             "milestones", "a list of epoch numbers")
+        need(is_int(self.warmup_epochs) and self.warmup_epochs >= 0, "warmup_epochs", "an integer >= 0")
+        need(is_int(self.cooldown_epochs) and self.cooldown_epochs >= 0, "cooldown_epochs", "an integer >= 0")
+        need(self.grad_clip is None or (is_num(self.grad_clip) and self.grad_clip > 0), "grad_clip",
+             "a number > 0 or null")
+        need(is_int(self.crop_padding) and self.crop_padding >= 0, "crop_padding", "an integer >= 0")
+        need(isinstance(self.hflip, bool), "hflip", "true or false")
+        need(self.augment in AUGMENTATIONS, "augment", f"one of {AUGMENTATIONS}")
+        need(is_int(self.augment_magnitude) and 0 <= self.augment_magnitude <= 30, "augment_magnitude",
+             "an integer in [0, 30]")
+        need(self.mixup_off_epoch is None or (is_int(self.mixup_off_epoch) and self.mixup_off_epoch >= 0),
+             "mixup_off_epoch", "an integer >= 0 or null")
+        need(self.amp in AMP_MODES, "amp", f"one of {AMP_MODES}")
+        need(self.device is None or isinstance(self.device, str), "device", "a device string such as 'cpu'")
+        need(is_int(self.workers) and self.workers >= 0, "workers", "an integer >= 0")
+        need(self.cpu_threads is None or (is_int(self.cpu_threads) and self.cpu_threads >= 1), "cpu_threads",
+             "an integer >= 1 or null")
+        need(self.max_steps_per_epoch is None or (is_int(self.max_steps_per_epoch) and self.max_steps_per_epoch >= 1),
+             "max_steps_per_epoch", "an integer >= 1 or null")
+        need(isinstance(self.out, str) and self.out, "out", "a directory path")
+        need(self.resume is None or isinstance(self.resume, str), "resume", "a checkpoint path or null")
+        need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain, JSON/YAML-serialisable copy (stored in checkpoints and the run directory)."""
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    """Valid configuration keys, in declaration order."""
+    return [f.name for f in fields(TrainConfig)]
+
+
+def shipped_configs() -> list[str]:
+    """Stems of the recipe files shipped in ``revsnn_triton/configs``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a recipe file, or a shipped recipe's stem -> the file's path."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ConfigError(f"config: expected a file path or a shipped recipe name, got {name_or_path!r}")
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file {name_or_path!r} not found; give a path to a .yaml/.yml/.toml file or one "
+                      f"of the shipped recipes: {', '.join(shipped_configs())}")
+
+
+def read_config_file(name_or_path: str) -> dict:
+    """Read a recipe (YAML or TOML) into a dict of validated keys (unknown keys -> :class:`ConfigError`)."""
+    path = resolve_config_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} could not be read: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, "
+                          f"got {type(data).__name__}")
+    check_keys(data, source=f"config file {str(path)!r}")
+    return data
+
+
+def check_keys(data: dict, source: str = "config") -> None:
+    """Raise :class:`ConfigError` listing the valid keys if ``data`` has any unknown one."""
+    unknown = sorted(set(data) - set(field_names()))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys are: "
+                          f"{', '.join(field_names())}")
+
+
+def make_config(file: str | None = None, **overrides: Any) -> TrainConfig:
+    """Build a validated config: defaults, then the recipe ``file`` (if any), then ``overrides``.
+
+    Integers given for float fields are accepted (YAML writes ``1e-3`` as a string in some dialects: such
+    strings are converted for float fields too).
+    """
+    values: dict[str, Any] = {}
+    if file is not None:
+        values.update(read_config_file(file))
+    check_keys(overrides, source="config overrides")
+    values.update(overrides)
+    return TrainConfig(**_coerce(values)).validate()
+
+
+def _coerce(values: dict) -> dict:
+    float_fields = {f.name for f in fields(TrainConfig) if f.type in ("float", "float | None")}
+    out = dict(values)
+    for name in float_fields & set(out):
+        v = out[name]
+        if isinstance(v, str):
+            try:
+                out[name] = float(v)
+            except ValueError:
+                raise ConfigError(f"config: {name} must be a number, got {v!r}") from None
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out[name] = float(v)
+    return out
