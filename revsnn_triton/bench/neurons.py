@@ -264,7 +264,7 @@ def plot(rows: Sequence[dict], path: str | os.PathLike, title: str) -> Path | No
             for c in cases:
                 r = next((r for r in rows if r["case"] == c and r["provider"] == prov and r["pass"] == pass_), {})
                 m = r.get("median_ms")
-                med.append(m if m else 0.0)
+                med.append(m if m else float("nan"))  # failed or unsupported: no bar
                 lo.append(m - r["q20_ms"] if m else 0.0)
                 hi.append(r["q80_ms"] - m if m else 0.0)
             xs = [k + (i - (len(providers) - 1) / 2) * width for k in range(len(cases))]
