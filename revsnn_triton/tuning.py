@@ -190,22 +190,27 @@ def launch_config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch
     ``dtype`` on ``device``: the tuned cache entry of this GPU, Triton version and (n, T) bucket when
     one exists, else :func:`heuristic`. Under the interpreter (CPU tensors) always the fixed small
     interpreter block. ``cache_file`` overrides the cache location (see :func:`resolve_cache_path`).
-    Never fails because of the cache file (missing: heuristic; corrupt: a warning
-    once, then heuristic)."""
+    Never fails because of the cache file (missing: heuristic; corrupt: a warning once, then heuristic)."""
+    return lookup_config(kernel, n, T, dtype, device, cache_file=cache_file)[0]
+
+
+def lookup_config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device | str, *,
+                  cache_file: str | os.PathLike | None = None) -> tuple[LaunchConfig, str]:
+    """:func:`launch_config` and where it came from: ``"tuned"``, ``"heuristic"`` or ``"interpreter"``."""
     _check_kernel(kernel)
     _check_positive_int("n", n)
     _check_positive_int("T", T)
     _check_dtype(dtype)
     device = torch.device(device)
     if device.type != "cuda":
-        return heuristic(n, T, on_gpu=False)
+        return heuristic(n, T, on_gpu=False), "interpreter"
     path = resolve_cache_path(cache_file)
     if path is not None:
         index = device.index if device.index is not None else torch.cuda.current_device()
         entry = _entries(path).get(cache_key(kernel, n, T, dtype, _gpu_name(index)))
         if entry is not None:
-            return LaunchConfig(entry["block_size"], entry["num_warps"])
-    return heuristic(n, T, on_gpu=True)
+            return LaunchConfig(entry["block_size"], entry["num_warps"]), "tuned"
+    return heuristic(n, T, on_gpu=True), "heuristic"
 
 
 def _write_entries(path: Path, new: dict[str, dict]) -> None:
@@ -354,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         new = tune(shapes, dtypes, kernels=args.kernels, cache_path=args.cache, verbose=True)
     except (RuntimeError, ValueError) as exc:
-        print(f"revsnn tune: {exc}", file=sys.stderr)
+        print(f"revsnn {exc}", file=sys.stderr)  # the messages start with "tune: "
         return 2
     print(f"wrote {len(new)} entries to {resolve_cache_path(args.cache)}")
     return 0

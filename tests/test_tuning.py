@@ -87,6 +87,10 @@ def test_cache_round_trip(tmp_path, fake_gpu, monkeypatch):
     for n, T in ((8_000_000, 4), (5_000_000, 3), (8_388_608, 4)):  # same bucket (2^23, 4)
         assert launch_config("neuron_fwd", n, T, torch.bfloat16, dev, cache_file=path) == LaunchConfig(2048, 8)
     heur = tuning.heuristic(8_000_000, 4, on_gpu=True)
+    assert tuning.lookup_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == (
+        LaunchConfig(2048, 8), "tuned")
+    assert tuning.lookup_config("neuron_fwd", 8_000_000, 4, torch.float32, dev, cache_file=path) == (
+        heur, "heuristic")
     assert launch_config("neuron_bwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
     assert launch_config("neuron_fwd", 8_000_000, 4, torch.float32, dev, cache_file=path) == heur
     assert launch_config("neuron_fwd", 8_000_000, 16, torch.bfloat16, dev, cache_file=path) == heur

@@ -168,6 +168,7 @@ def _measure(provider: str, cases: Sequence[Case], device: torch.device, warmup:
     try:
         if provider.startswith("revsnn["):
             forward = _ours(provider[len("revsnn["):-1])
+            detail = None  # per case: the launch configurations used
         elif provider == "torch.compile-loop":
             forward = _compiled_loop()
         elif provider.startswith("spikingjelly-"):
@@ -178,6 +179,8 @@ def _measure(provider: str, cases: Sequence[Case], device: torch.device, warmup:
     except Exception as exc:  # record the failure for every case rather than lose the other providers
         return [_row(c, provider, p, status=f"error: {type(exc).__name__}: {exc}") for c in cases for p in PASSES]
     for case in cases:
+        if provider.startswith("revsnn["):
+            detail = _launch_detail(case, device)
         x, grad = _inputs(case, device)
         try:
             timings = _timed_passes(forward, x, grad, warmup, rep)
@@ -189,6 +192,16 @@ def _measure(provider: str, cases: Sequence[Case], device: torch.device, warmup:
         del x, grad
         torch.cuda.empty_cache()
     return rows
+
+
+def _launch_detail(case: Case, device: torch.device) -> str:
+    """The launch configurations our kernels use for ``case`` and where they come from."""
+    from revsnn_triton.tuning import lookup_config
+    parts = []
+    for kernel in ("neuron_forward", "neuron_backward"):
+        cfg, source = lookup_config(kernel, case.n, case.T, case.dtype, device)
+        parts.append(f"{kernel.removeprefix('neuron_')} {cfg.block_size}/{cfg.num_warps} warps ({source})")
+    return "; ".join(parts)
 
 
 def _row(case: Case, provider: str, pass_: str, status: str, timing=None, detail: str = "") -> dict:
