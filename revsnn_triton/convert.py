@@ -112,7 +112,10 @@ def convert_spikingjelly(model: nn.Module, inplace: bool = False, backend: str =
         return root
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
+        # Not named_children(): it yields a module shared by several slots only once.
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             path = f"{prefix}.{name}" if prefix else name
             new = replacement(child, path)
             if new is not None:

@@ -38,6 +38,7 @@ STEP_MODES = ("s", "m")
 BACKENDS = ("triton", "torch")
 SAVE_MODES = ("h", "h_bf16", "input")
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DEFAULT_SURROGATE = _surrogate.Sigmoid()  # spikingjelly's default, alpha 4 (the objects are stateless)
 
 # spikingjelly's surrogate classes carry the same class names as ours.
 _SPIKINGJELLY_SURROGATE_MODULE = "spikingjelly.activation_based.surrogate"
@@ -108,7 +109,7 @@ class BaseNode(nn.Module):
     """
 
     def __init__(self, v_threshold: float = 1.0, v_reset: float | None = 0.0,
-                 surrogate_function: Any = None, detach_reset: bool = False, step_mode: str = "s",
+                 surrogate_function: Any = _DEFAULT_SURROGATE, detach_reset: bool = False, step_mode: str = "s",
                  backend: str = "triton", save: str = "h") -> None:
         super().__init__()
         if surrogate_function is None:
@@ -257,23 +258,25 @@ class IFNode(BaseNode):
     """Integrate-and-fire neuron: ``H[t] = V[t-1] + X[t]``, then fire and reset (module docstring).
 
     Args (spikingjelly's names and defaults, plus ``backend`` and ``save``):
-        v_threshold: firing threshold. v_reset: hard-reset value, or None for soft reset (subtract the
-        threshold). surrogate_function: a :mod:`revsnn_triton.surrogate` instance (default ``Sigmoid()``, alpha 4)
-        or a spikingjelly instance of the same seven types. detach_reset: no gradient through the spike inside
-        the reset. step_mode: ``"s"`` (input ``[*shape]``, one step per call) or ``"m"`` (``[T, *shape]``).
-        backend: ``"triton"`` = the fused op (Triton on CUDA, plain PyTorch on CPU), ``"torch"`` = plain autograd
-        through a Python loop (the oracle). save (backend "triton"): what the op keeps for backward per
-        neuron-step, ``"h"`` = H in fp32 (exact gradients), ``"h_bf16"`` = H - v_threshold in bf16 (half the
-        bytes, approximate surrogate gradients), ``"input"`` = nothing beyond the input (forward recomputed in
-        backward).
+        v_threshold: firing threshold.
+        v_reset: hard-reset value, or None for soft reset (subtract the threshold).
+        surrogate_function: a :mod:`revsnn_triton.surrogate` instance (default, or None: ``Sigmoid()``,
+            alpha 4) or a spikingjelly instance of the same seven types.
+        detach_reset: no gradient through the spike inside the reset.
+        step_mode: ``"s"`` (input ``[*shape]``, one step per call) or ``"m"`` (``[T, *shape]``).
+        backend: ``"triton"`` = the fused op (Triton on CUDA, plain PyTorch on CPU), ``"torch"`` = plain
+            autograd through a Python loop (the oracle; keeps every step's intermediates).
+        save: (backend "triton") what the op keeps for backward per neuron-step: ``"h"`` = H in fp32
+            (4 bytes, exact gradients), ``"h_bf16"`` = H - v_threshold in bf16 (2 bytes, approximate
+            surrogate gradients), ``"input"`` = nothing beyond the input (the forward is recomputed in backward).
 
     Input: float32/float16/bfloat16. Output: spikes (0/1) in the input's dtype and shape. State ``v``: float32.
     Gradients flow to the input (and through the carried ``v`` to earlier calls).
     """
 
-    def __init__(self, v_threshold: float = 1.0, v_reset: float | None = 0.0, surrogate_function: Any = None,
-                 detach_reset: bool = False, step_mode: str = "s", backend: str = "triton",
-                 save: str = "h") -> None:
+    def __init__(self, v_threshold: float = 1.0, v_reset: float | None = 0.0,
+                 surrogate_function: Any = _DEFAULT_SURROGATE, detach_reset: bool = False, step_mode: str = "s",
+                 backend: str = "triton", save: str = "h") -> None:
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, save)
         self._check_hyperparameters()
 
@@ -286,8 +289,9 @@ class LIFNode(BaseNode):
     """
 
     def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
-                 v_reset: float | None = 0.0, surrogate_function: Any = None, detach_reset: bool = False,
-                 step_mode: str = "s", backend: str = "triton", save: str = "h") -> None:
+                 v_reset: float | None = 0.0, surrogate_function: Any = _DEFAULT_SURROGATE,
+                 detach_reset: bool = False, step_mode: str = "s", backend: str = "triton",
+                 save: str = "h") -> None:
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, save)
         self.tau = tau
         self.decay_input = decay_input
@@ -315,8 +319,9 @@ class ParametricLIFNode(BaseNode):
     """
 
     def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
-                 v_reset: float | None = 0.0, surrogate_function: Any = None, detach_reset: bool = False,
-                 step_mode: str = "s", backend: str = "triton", save: str = "h") -> None:
+                 v_reset: float | None = 0.0, surrogate_function: Any = _DEFAULT_SURROGATE,
+                 detach_reset: bool = False, step_mode: str = "s", backend: str = "triton",
+                 save: str = "h") -> None:
         _check_real("init_tau", init_tau)
         if init_tau <= 1.0:
             raise ValueError(f"ParametricLIFNode: init_tau must be > 1, got {init_tau!r}")
