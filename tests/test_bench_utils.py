@@ -161,3 +161,30 @@ def test_measure_records_provider_errors(monkeypatch):
     tiny = bn.Case("tiny", 2, 5, torch.float32)
     rows = bn._measure("no-such-provider", [tiny], torch.device("cpu"), 1, 1)
     assert len(rows) == 2 and all(r["status"].startswith("error: ValueError") for r in rows)
+
+
+def test_neuron_benchmark_main_writes_results(monkeypatch, tmp_path, capsys):
+    """The whole `main` on CPU tensors with the GPU-only parts faked (device, timing, copy bandwidth): the
+    result files get one row per provider, case and pass; a failing spikingjelly subprocess (it does not
+    know the tiny case) becomes error rows instead of stopping the run."""
+    tiny = bn.Case("tiny", 3, 301, torch.float32)
+    monkeypatch.setattr(bn, "CASES", {"tiny": tiny})
+    monkeypatch.setattr(bn, "require_cuda", lambda what: torch.device("cpu"))
+    monkeypatch.setattr(bn, "copy_bandwidth", lambda device: (2.0e12, bench.Timing(1.0, 0.9, 1.1)))
+    monkeypatch.setattr(bn, "time_ms", _fake_time([]))
+    providers = ["revsnn[h]", "spikingjelly-torch"]
+    assert bn.main(["--out", str(tmp_path), "--case", "tiny", "--worker-timeout", "120",
+                    *[a for p in providers for a in ("--provider", p)]]) == 0
+    data = json.loads((tmp_path / "neurons.json").read_text())
+    assert data["columns"] == bn.COLUMNS
+    rows = data["rows"]
+    assert rows[0]["case"] == "device-copy" and rows[0]["GBps"] == pytest.approx(2000.0)
+    ours = [r for r in rows if r["provider"] == "revsnn[h]"]
+    assert [r["pass"] for r in ours] == list(bn.PASSES) and all(r["status"] == "ok" for r in ours)
+    assert ours[0]["frac_copy_bw"] == pytest.approx(bn.traffic_bytes(tiny, "forward", "h") / 1e-3 / 2.0e12)
+    assert "forward" in ours[0]["detail"] and "backward" in ours[0]["detail"]
+    sj = [r for r in rows if r["provider"] == "spikingjelly-torch"]
+    assert len(sj) == 2 and all(r["status"].startswith("error: worker exit") for r in sj)
+    for suffix in ("csv", "md", "png"):
+        assert (tmp_path / f"neurons.{suffix}").stat().st_size > 0
+    assert "revsnn[h]" in capsys.readouterr().out
