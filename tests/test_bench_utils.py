@@ -84,16 +84,19 @@ def test_traffic_bytes():
     case = bn.CASES["T4-8.39M-fp32"]
     n, steps = case.n, 4 * case.n
     assert n == 8_388_608
-    # forward, save H in fp32: read X, write S, write H (4 B each per neuron-step) + final V
-    assert bn.traffic_bytes(case, "forward", "h") == 12 * steps + 4 * n
-    assert bn.traffic_bytes(case, "forward", "input") == 8 * steps + 4 * n
-    # forward+backward with recompute = the minimum: X, S, V | dS, X, dX (5 passes, DESIGN.md §6)
-    assert bn.traffic_bytes(case, "forward+backward", "input") == 20 * steps + 4 * n
+    # the minimum: X, S, V | dS, X, dX (5 passes, DESIGN.md §6)
+    assert bn.traffic_bytes(case, "forward", None) == 8 * steps + 4 * n
     assert bn.traffic_bytes(case, "forward+backward", None) == 20 * steps + 4 * n
-    assert bn.traffic_bytes(case, "forward+backward", "h") == 24 * steps + 4 * n
+    # our kernels, H in fp32: read X, V0; write S, H, V | read dS, H, dV; write dX, dV0
+    assert bn.traffic_bytes(case, "forward", "h") == 12 * steps + 8 * n
+    assert bn.traffic_bytes(case, "forward+backward", "h") == 24 * steps + 16 * n
+    # nothing saved: the backward first re-runs the forward kernel into a transient fp32 H
+    assert bn.traffic_bytes(case, "forward", "input") == 8 * steps + 8 * n
+    assert bn.traffic_bytes(case, "forward+backward", "input") == (8 + 8 + 12) * steps + 24 * n
     bf16 = bn.CASES["T4-8.39M-bf16"]
-    assert bn.traffic_bytes(bf16, "forward", "h_bf16") == 6 * steps + 4 * n
-    assert bn.traffic_bytes(bf16, "forward+backward", "h_bf16") == 12 * steps + 4 * n
+    assert bn.traffic_bytes(bf16, "forward", "h_bf16") == 6 * steps + 8 * n
+    assert bn.traffic_bytes(bf16, "forward+backward", "h_bf16") == 12 * steps + 16 * n
+    assert bn.traffic_bytes(bf16, "forward+backward", None) == 10 * steps + 4 * n
     with pytest.raises(ValueError, match="pass_"):
         bn.traffic_bytes(case, "backward", "h")
     with pytest.raises(ValueError, match="save"):

@@ -94,22 +94,31 @@ COLUMNS = ["case", "T", "neurons", "dtype", "provider", "pass", "status", "media
 def traffic_bytes(case: Case, pass_: str, save: str | None) -> int:
     """Bytes read plus written in device memory by one call.
 
-    ``save`` is our op's save mode, or None for the minimum any implementation must move (the basis for
-    the other providers, whose kernels we do not count). Forward reads X and writes S and the final V
-    (+ H when saved: 4 bytes/neuron-step for ``h``, 2 for ``h_bf16``); backward reads dS and the saved H,
-    or X again to recompute (``input``, and the minimum), and writes dX."""
+    ``save=None``: the minimum any implementation must move, the basis for the other providers (whose
+    kernels we do not count): forward reads X, writes S and the final V; backward reads dS and X (to
+    recompute), writes dX -- DESIGN.md §6's 5 passes.
+
+    ``save`` a mode of our op: what its kernels (``revsnn_triton.kernels.neurons``) move. Forward kernel:
+    reads X and V_init, writes S, V_final and H (4 bytes/neuron-step for ``h``, 2 for ``h_bf16``, none for
+    ``input``). Backward kernel: reads dS, dV_final and the saved H, writes dX and dV_init; with ``input``
+    the forward kernel first re-runs into a transient fp32 H (reads X and V_init, writes H and a scratch V),
+    which the backward kernel then reads."""
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     if save not in (None, *SAVE_MODES):
         raise ValueError(f"save must be None or one of {SAVE_MODES}, got {save!r}")
-    steps = case.T * case.n
+    steps, n = case.T * case.n, case.n
     xb = torch.tensor([], dtype=case.dtype).element_size()
-    h = {"h": 4, "h_bf16": 2, "input": 0, None: 0}[save]
-    fwd = steps * (xb + xb + h) + 4 * case.n
+    if save is None:
+        fwd = steps * 2 * xb + 4 * n
+        return fwd if pass_ == "forward" else fwd + steps * 3 * xb
+    h = {"h": 4, "h_bf16": 2, "input": 0}[save]
+    fwd = steps * (xb + xb + h) + 8 * n
     if pass_ == "forward":
         return fwd
-    bwd = steps * (xb + (h if h else xb) + xb)
-    return fwd + bwd
+    recompute = steps * (xb + 4) + 8 * n if save == "input" else 0
+    bwd = steps * (xb + (h or 4) + xb) + 8 * n
+    return fwd + recompute + bwd
 
 
 def _inputs(case: Case, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,9 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     title = "Multi-step LIF neuron (tau=2, hard reset, detach_reset, ATan): forward and forward+backward"
     notes = (f"Device copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write). `bytes`: bytes read + written "
-             "per call; `kernel traffic` counts what our op moves in that save mode, `minimum traffic` what any "
-             "implementation must move (X, S, final V; backward dS, X, dX), since the other providers' kernels "
-             "are not counted. `reference_ms`: DESIGN.md §6 (H100 80GB HBM3, 2026-11-27); for `revsnn[h]` it is "
+             "per call; `kernel traffic` counts what our op's kernels move in that save mode (see "
+             "`revsnn_triton.bench.neurons.traffic_bytes`), `minimum traffic` what any implementation must move "
+             "(X, S, final V; backward dS, X, dX), since the other providers' kernels are not counted. `reference_ms`: DESIGN.md §6 (H100 80GB HBM3, 2026-11-27); for `revsnn[h]` it is "
              "the plain hand-written Triton kernel saving H. Targets (issue 2) apply to our op.")
     paths = write_results(rows, args.out, args.stem, title, columns=COLUMNS, env=env, notes=notes)
     _print_table(rows, bandwidth)
