@@ -8,10 +8,11 @@
 #   benchmarks/gpu_check.sh           # on the GPU machine, in the repository root (device tool: carry .whl)
 #
 # Results: benchmarks/results/<UTC date>-<card>/ (logs, junit XML, every benchmark's csv/json/md/png) and,
-# when $OUT is set, $OUT/results.tar.gz (that folder) plus the markdown tables and logs as single files.
+# when $OUT is set, $OUT/results.tar.gz (that folder), $OUT/summary.md (stage outcomes, test tail, every
+# markdown table) and $OUT/gpu_check.log. With RUN_TUNE=1 the benchmarks run on the tuned configurations.
 # Stage limits in seconds can be overridden: T_INSTALL, T_TESTS, T_NEURONS, T_MEMORY, T_TRAIN, T_TUNE
 # (the tuning stage runs only with RUN_TUNE=1). PYTEST_ARGS adds pytest arguments, TESTS replaces the test paths (default tests); PYTHON picks python;
-# SKIP_INSTALL=1 skips the installation stage (a dry run on a machine where the package is installed).
+# XDIST_WORKERS (default 8, 0 = no pytest-xdist); SKIP_INSTALL=1 skips the installation stage (a dry run on a machine where the package is installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,8 +27,8 @@ if [[ "${1:-}" == "fetch" ]]; then
         -d "$WHEELS" "${FETCH[@]}"
 fi
 
-# Budget (s): 30 + 180 + 150 + 50 + 50 = 460 at most, plus a few seconds of set-up and packing.
-T_INSTALL=${T_INSTALL:-30}; T_TESTS=${T_TESTS:-180}; T_NEURONS=${T_NEURONS:-150}
+# Budget (s): 30 + 170 + 140 + 50 + 50 = 440 at most, plus about 20 s of imports, set-up and packing.
+T_INSTALL=${T_INSTALL:-30}; T_TESTS=${T_TESTS:-170}; T_NEURONS=${T_NEURONS:-140}
 T_MEMORY=${T_MEMORY:-50}; T_TRAIN=${T_TRAIN:-50}; T_TUNE=${T_TUNE:-120}
 START=$(date +%s)
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
@@ -83,7 +84,7 @@ export PYTHONPATH="/tmp/revsnn_site${PYTHONPATH:+:$PYTHONPATH}"
 # 2. The test suite on the GPU (compiled kernels). xdist spreads Triton's compilations over the CPUs.
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+[[ ${XDIST_WORKERS:-8} != 0 ]] && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${XDIST_WORKERS:-8}")
 stage tests "$T_TESTS" "$PY" -m pytest -q "${XDIST[@]}" -p no:cacheprovider --durations=15 \
     --junitxml="$RES/tests.xml" ${PYTEST_ARGS:-} ${TESTS:-tests}
 
@@ -100,15 +101,18 @@ stage bench_neurons "$T_NEURONS" "$PY" -m revsnn_triton.bench.neurons --out "$RE
 # reported, not fatal.
 for mod in memory train_step; do
     limit=$T_MEMORY; [[ $mod == train_step ]] && limit=$T_TRAIN
-    if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('revsnn_triton.bench.$mod') is None)"; then
-        stage "bench_$mod" "$limit" "$PY" -m "revsnn_triton.bench.$mod" --out "$RES"
-    else
-        SUMMARY+=("bench_$mod: MISSING (revsnn_triton.bench.$mod not found)")
-        say "== bench_$mod: module revsnn_triton.bench.$mod not found, skipped"
+    usage=$("$PY" -m "revsnn_triton.bench.$mod" --help 2>&1)
+    if [[ $? -ne 0 ]]; then
+        SUMMARY+=("bench_$mod: MISSING or broken (python -m revsnn_triton.bench.$mod --help failed)")
+        say "== bench_$mod: python -m revsnn_triton.bench.$mod --help failed, skipped: $(echo "$usage" | tail -n 1)"
+        continue
     fi
+    extra=()  # stop starting new measurements 15 s before the stage's limit, where supported
+    grep -q -- --budget-s <<< "$usage" && extra=(--budget-s $(( limit > 30 ? limit - 15 : limit / 2 )))
+    stage "bench_$mod" "$limit" "$PY" -m "revsnn_triton.bench.$mod" --out "$RES" "${extra[@]}"
 done
 
-# 5. Summary, and the files that travel back.
+# 5. Summary (with every benchmark's markdown table), and the files that travel back (at most 8).
 {
     echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $CARD"
     echo
@@ -119,12 +123,15 @@ done
     echo '```'
     tail -n 25 "$RES/tests.log" 2>/dev/null
     echo '```'
+    for f in "$RES"/*.md; do
+        [[ $(basename "$f") == summary.md ]] && continue
+        echo; echo "## $(basename "$f")"; echo; sed 's/^# /### /' "$f"
+    done
 } > "$RES/summary.md"
 cat "$RES/summary.md"
 if [[ -n "${OUT:-}" ]]; then
     tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")"
-    cp "$RES/summary.md" "$RES/gpu_check.log" "$OUT/" 2>/dev/null
-    for f in "$RES"/neurons.md "$RES"/memory*.md "$RES"/train_step*.md; do [[ -f $f ]] && cp "$f" "$OUT/"; done
+    cp "$RES/summary.md" "$RES/gpu_check.log" "$OUT/"
     ls -la "$OUT"
 fi
 say "done"
