@@ -1,0 +1,221 @@
+"""The ``revsnn::neuron_*`` custom ops and ``multistep_neuron`` on their CPU (reference) path.
+
+- the op's forward against spikingjelly 2.0's functional multi-step neurons (spikes and final v bit-equal in fp32),
+- the hand-written reference backward against ``multistep_autograd`` (gradients by autograd: an independent oracle),
+- save modes, input validation, ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``.
+
+Case generation (layouts, special values) is shared with ``test_neuron_kernels.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from revsnn_triton.ops.neuron import multistep_neuron, neuron_backward, neuron_forward
+from revsnn_triton.ops.neuron_reference import multistep_autograd
+from revsnn_triton.surrogate import SURROGATES
+from revsnn_triton.testing import assert_close, assert_equal
+from test_neuron_kernels import Case, cases, config, kernels_on, make_inputs  # same folder (pytest rootdir)
+
+sj_functional = pytest.importorskip("spikingjelly.activation_based.functional")
+from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+def run(fn, case: Case, save: str | None = None):
+    """``fn`` (``multistep_neuron`` or ``multistep_autograd``) on the case's CPU inputs; returns spikes, v_final and
+    the gradients of ``sum(spikes * grad_s) + sum(v_final * grad_v)`` w.r.t. x, v_init and w (None if absent)."""
+    x, v_init, w, grad_s, grad_v = make_inputs(case)
+    leaves = [t.requires_grad_() for t in (x, v_init, w) if t is not None]
+    kw = case.kwargs() | ({"save": save} if save else {})
+    spikes, v = fn(x, v_init, w=w, **kw)
+    grads = iter(torch.autograd.grad((spikes.float() * grad_s.float()).sum() + (v * grad_v).sum(), leaves))
+    out = [spikes.detach(), v.detach()]
+    for t in (x, v_init, w):
+        out.append(next(grads) if t is not None else None)
+    return out
+
+
+def _sj(case: Case, x, v, w):
+    common = dict(v_threshold=case.v_threshold, v_reset=case.v_reset, detach_reset=case.detach_reset,
+                  surrogate_function=getattr(sj_surrogate, type(SURROGATES[case.surrogate]()).__name__)(
+                      alpha=case.alpha))
+    if case.kind == "if":
+        return sj_functional.if_multi_step(x, v, **common)[:2]
+    if case.kind == "lif":
+        return sj_functional.lif_multi_step(x, v, case.tau, case.decay_input, **common)[:2]
+    return sj_functional.plif_multi_step(x, v, w, case.decay_input, **common)[:2]
+
+
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
+@pytest.mark.parametrize("v_reset", [0.0, None, -0.5])
+@pytest.mark.parametrize("kind", ["if", "lif", "plif"])
+def test_forward_and_gradients_equal_spikingjelly(kind: str, v_reset, surrogate: str) -> None:
+    case = Case(kind=kind, v_reset=v_reset, surrogate=surrogate, alpha=SURROGATES[surrogate].default_alpha,
+                tau=1.7, v_threshold=0.6, T=5, shape=(4, 9), scale=2.0, detach_reset=kind == "lif",
+                decay_input=v_reset != -0.5, w=-0.4)
+    ours = run(multistep_neuron, case)
+    x, v_init, w, grad_s, grad_v = make_inputs(case)
+    leaves = [t.requires_grad_() for t in (x, v_init, w) if t is not None]
+    spikes, v = _sj(case, x, v_init, w)
+    grads = torch.autograd.grad((spikes * grad_s).sum() + (v * grad_v).sum(), leaves)
+    assert_equal(ours[0], spikes.detach(), "spikes vs spikingjelly")
+    assert_equal(ours[1], v.detach(), "v_final vs spikingjelly")
+    for got, ref, what in zip(ours[2:], grads, ("x", "v_init", "w")):
+        assert_close(got, ref, f"grad {what} vs spikingjelly")
+
+
+@given(case=cases())
+@example(case=Case(kind="plif", T=1, shape=(1,), v_reset=None, detach_reset=True, layout="expand"))
+@example(case=Case(kind="lif", T=6, shape=(131,), v_threshold=-0.5, v_reset=0.3, dtype=torch.bfloat16,
+                   special_frac=0.6, layout="time_inner", surrogate="piecewise_quadratic", alpha=1.0))
+def test_explicit_backward_equals_autograd_oracle(case: Case) -> None:
+    ours = run(multistep_neuron, case)
+    oracle = run(multistep_autograd, case)
+    assert_equal(ours[0], oracle[0], "spikes")
+    assert_equal(ours[1], oracle[1], "v_final")
+    for got, ref, what in zip(ours[2:], oracle[2:], ("x", "v_init", "w")):
+        if ref is None:
+            continue
+        if what == "w":
+            # One sum over every neuron-step whose terms can be as large as the huge special inputs: compare
+            # relative to the sum of the terms' magnitudes (fp32 rounding per term), not to the result.
+            bound = 1e-5 * (1.0 + run_w_scale(case))
+            assert_close(got, ref, "grad w", rtol=1.3e-6, atol=bound)
+        else:
+            assert_close(got, ref, f"grad {what}", dtype=ref.dtype)
+
+
+def run_w_scale(case: Case) -> float:
+    """Sum over neuron-steps of |dL/dH * dH/dq| * q(1-q), the scale of PLIF's grad of w."""
+    x, v_init, w, grad_s, grad_v = make_inputs(case)
+    q = torch.sigmoid(w.float())
+    return float(q * (1 - q)) * float((x.float().abs() + 10).sum()) * float(grad_s.float().abs().max() + 1)
+
+
+@pytest.mark.parametrize("device_path", ["reference", "kernels"])
+@pytest.mark.parametrize("kind", ["lif", "plif"])
+def test_save_modes(kind: str, device_path: str) -> None:
+    """"input" recomputes the same H, so its gradients equal "h"'s bit for bit. "h_bf16" keeps H - v_threshold
+    in bf16 (8-bit mantissa: relative error <= 2^-9 per saved value): the surrogate and reset terms see H that
+    much off, which moves each gradient by about (alpha |H - th| + 1) * 2^-9 per step relative, compounding over
+    the T=4 steps; we allow 3e-2 relative and 3e-2 x max|grad| absolute (about 4 steps x 4 x 2^-9)."""
+    case = Case(kind=kind, T=4, shape=(6, 11), v_reset=None if kind == "plif" else 0.0, scale=2.0,
+                surrogate="sigmoid", alpha=4.0)
+    with kernels_on("cpu") if device_path == "kernels" else contextlib.nullcontext():
+        h, inp, bf16 = (run(multistep_neuron, case, save) for save in ("h", "input", "h_bf16"))
+    for a, b, what in zip(h, inp, ("spikes", "v_final", "grad x", "grad v_init", "grad w")):
+        if a is not None:
+            assert_equal(b, a, f"{what}: save='input' vs 'h'")
+    assert_equal(bf16[0], h[0], "spikes with save='h_bf16'")
+    assert_equal(bf16[1], h[1], "v_final with save='h_bf16'")
+    for a, b, what in zip(h[2:], bf16[2:], ("grad x", "grad v_init", "grad w")):
+        if a is not None:
+            assert_close(b, a, f"{what}: save='h_bf16' vs 'h'", rtol=3e-2, atol=3e-2 * float(a.abs().max()))
+
+
+def test_defaults_and_kinds() -> None:
+    """v_init=None starts at v_reset (0 for soft reset); w selects PLIF over tau; IF otherwise."""
+    x = torch.tensor([[0.6], [0.6], [0.6]])
+    f = lambda value: torch.tensor([value], dtype=torch.float32)  # noqa: E731  (fp32 arithmetic as the neuron)
+    s, v = multistep_neuron(x, v_reset=-1.0)  # IF from -1: -0.4, 0.2, 0.8
+    assert_equal(s, torch.zeros(3, 1), "IF spikes")
+    assert_equal(v, f(-1.0) + 0.6 + 0.6 + 0.6, "IF v_final")
+    s, v = multistep_neuron(x, tau=2.0, v_reset=None)  # LIF from 0, no spike
+    expected = f(0.0)
+    for _ in range(3):
+        expected = expected + (f(0.6) - (expected - 0.0)) / 2.0
+    assert_equal(v, expected, "LIF v_final")
+    w = torch.tensor([0.0])  # sigmoid(0) = 1/2, i.e. tau = 2, and w overrides tau
+    s2, v2 = multistep_neuron(x, tau=5.0, w=w, v_reset=None)
+    assert_equal(v2, v, "PLIF with w=0 equals LIF with tau=2")
+
+
+BAD_CALLS = [
+    (dict(x_seq=torch.zeros(3, 4), tau=1.0), ValueError, "tau"),
+    (dict(x_seq=torch.zeros(3, 4), tau=0.5), ValueError, "tau"),
+    (dict(x_seq=torch.zeros(3, 4), tau=float("inf")), ValueError, "tau"),
+    (dict(x_seq=torch.zeros(3, 4), tau="2"), TypeError, "tau"),
+    (dict(x_seq=torch.zeros(4)), ValueError, "time axis"),
+    (dict(x_seq=torch.zeros(0, 4)), ValueError, "T >= 1"),
+    (dict(x_seq=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "dtype"),
+    (dict(x_seq=torch.zeros(3, 4, dtype=torch.complex64)), TypeError, "dtype"),
+    (dict(x_seq=torch.zeros(3, 4, dtype=torch.float64)), TypeError, "dtype"),
+    (dict(x_seq=[[1.0]]), TypeError, "x_seq"),
+    (dict(x_seq=torch.zeros(3, 4), v_init=torch.zeros(5)), ValueError, "v_init"),
+    (dict(x_seq=torch.zeros(3, 4), v_init=torch.zeros(3, 4)), ValueError, "v_init"),
+    (dict(x_seq=torch.zeros(3, 4), v_init=torch.zeros(4, dtype=torch.float16)), TypeError, "v_init"),
+    (dict(x_seq=torch.zeros(3, 4), v_init=torch.zeros(4, device="meta")), ValueError, "v_init"),
+    (dict(x_seq=torch.zeros(3, 4), w=torch.zeros(1, device="meta")), ValueError, "w"),
+    (dict(x_seq=torch.zeros(3, 4), w=torch.zeros(2)), ValueError, "w"),
+    (dict(x_seq=torch.zeros(3, 4), w=torch.zeros(1, dtype=torch.int64)), TypeError, "w"),
+    (dict(x_seq=torch.zeros(3, 4), surrogate="relu"), ValueError, "fused surrogates"),
+    (dict(x_seq=torch.zeros(3, 4), surrogate=SURROGATES["atan"]()), TypeError, "surrogate"),
+    (dict(x_seq=torch.zeros(3, 4), v_threshold=float("nan")), ValueError, "v_threshold"),
+    (dict(x_seq=torch.zeros(3, 4), v_threshold=float("inf")), ValueError, "v_threshold"),
+    (dict(x_seq=torch.zeros(3, 4), v_reset=float("-inf")), ValueError, "v_reset"),
+    (dict(x_seq=torch.zeros(3, 4), alpha=0.0), ValueError, "alpha"),
+    (dict(x_seq=torch.zeros(3, 4), save="all"), ValueError, "save"),
+    (dict(x_seq=torch.zeros(3, 4), detach_reset=1), TypeError, "detach_reset"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_CALLS, ids=range(len(BAD_CALLS)))
+def test_bad_input_raises(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        multistep_neuron(**kwargs)
+    if "save" not in kwargs:  # the autograd oracle validates the same way (it has no `save`)
+        with pytest.raises(error, match=match):
+            multistep_autograd(**kwargs)
+
+
+def _op_args(case: Case, save: str, grad: bool):
+    x, v_init, w, grad_s, grad_v = make_inputs(case)
+    cfg = config(case, x)
+    if grad:
+        x.requires_grad_(), v_init.requires_grad_()
+        if w is not None:
+            w.requires_grad_()
+    scalars = (cfg.kind, cfg.tau, cfg.decay_input, cfg.v_threshold, cfg.hard_reset, cfg.v_reset, cfg.detach_reset,
+               cfg.surrogate, cfg.alpha, save)
+    return (x, v_init, w, *scalars), (grad_s, grad_v)
+
+
+@pytest.mark.parametrize("save", ["h", "h_bf16", "input"])
+@pytest.mark.parametrize("kind", ["if", "plif"])
+def test_opcheck_reference_path(kind: str, save: str) -> None:
+    case = Case(kind=kind, T=3, shape=(2, 3, 4), layout="channels_last", v_reset=None if kind == "if" else 0.0)
+    fwd_args, (grad_s, grad_v) = _op_args(case, save, grad=True)
+    torch.library.opcheck(neuron_forward, fwd_args)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args)
+    saved = neuron_forward(*detached)[2]
+    x, v_init, w, *scalars = detached
+    torch.library.opcheck(neuron_backward, (grad_s, grad_v, saved, x, v_init, w, *scalars))
+
+
+def _step(x, v0, w):
+    s, v = multistep_neuron(x, v0, w=w, v_threshold=0.5, v_reset=None, surrogate="atan", alpha=2.0)
+    return (s * torch.arange(s.shape[-1], dtype=s.dtype)).sum() + v.square().sum()
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_torch_compile_fullgraph_equals_eager(path: str) -> None:
+    """One compiled function (forward + backward) on CPU; the kernels variant runs them under the interpreter."""
+    case = Case(kind="plif", T=3, shape=(4, 6), layout="transposed", special_frac=0.0, scale=2.0)
+    x, v_init, w, _, _ = make_inputs(case)
+    ctx = kernels_on("cpu") if path == "kernels" else contextlib.nullcontext()
+    torch._dynamo.reset()
+    compiled = torch.compile(_step, fullgraph=True, backend="inductor" if path == "reference" else "aot_eager")
+    with ctx:
+        results = []
+        for fn in (_step, compiled):
+            leaves = [t.clone().requires_grad_() for t in (x, v_init, w)]
+            loss = fn(*leaves)
+            results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+    for a, b, what in zip(results[1], results[0], ("loss", "grad x", "grad v_init", "grad w")):
+        assert_close(a, b, f"compiled vs eager: {what}")
