@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -40,7 +41,7 @@ INTERPRETER_BLOCK = 128
 
 # Candidates tried by `tune` unless given: block sizes x warps, all powers of two.
 DEFAULT_CANDIDATES: tuple[tuple[int, int], ...] = tuple(
-    (b, w) for b in (512, 1024, 2048, 4096) for w in (2, 4, 8))
+    (b, w) for b in (256, 512, 1024, 2048, 4096) for w in (2, 4, 8))
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()} | {
@@ -268,7 +269,8 @@ def _require_gpu_for_tuning() -> torch.device:
 def tune(shapes: Iterable[tuple[int, int]], dtypes: Iterable[torch.dtype], kernels: Sequence[str] | None = None,
          cache_path: str | os.PathLike | None = None,
          candidates: Sequence[tuple[int, int]] | None = None, verbose: bool = False) -> dict[str, dict]:
-    """Measure ``candidates`` (``(block_size, num_warps)`` pairs, default :data:`DEFAULT_CANDIDATES`)
+    """Measure ``candidates`` (``(block_size, num_warps)`` pairs, default :data:`DEFAULT_CANDIDATES`;
+    the :func:`heuristic` choice is always measured too)
     for every kernel in ``kernels`` (default: all of :func:`tunable_kernels`), every ``(T, n)`` in
     ``shapes`` (T time steps of n neurons) and every dtype in ``dtypes`` on the current CUDA device,
     and persist each winner (lowest median of ``triton.testing.do_bench``) to the cache. Returns the
@@ -305,28 +307,29 @@ def tune(shapes: Iterable[tuple[int, int]], dtypes: Iterable[torch.dtype], kerne
         for dtype in dtypes:
             for T, n in shapes:
                 run = benches[name](T, n, dtype, device)
+                default = heuristic(n, T, on_gpu=True)
                 timings = []
-                for cfg in cands:
+                for cfg in dict.fromkeys([*cands, default]):  # the heuristic is always a candidate
                     try:
                         ms = _measure_ms(lambda: run(cfg.block_size, cfg.num_warps))
                     except Exception as exc:  # a config can exceed the GPU's resources: skip it
                         if verbose:
                             print(f"  {name} {cfg}: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
                         continue
-                    timings.append((ms, cfg))
+                    if math.isfinite(ms):
+                        timings.append((ms, cfg))
                 if not timings:
                     raise RuntimeError(f"tune: every candidate failed for {name} T={T} n={n} {dtype}")
                 ms, best = min(timings, key=lambda t: t[0])
-                default = heuristic(n, T, on_gpu=True)
                 default_ms = next((m for m, c in timings if c == default), float("nan"))
                 key = cache_key(name, n, T, dtype, gpu)
                 new[key] = {"block_size": best.block_size, "num_warps": best.num_warps, "ms": ms,
                             "heuristic_ms": default_ms, "n": n, "T": T}
+                _write_entries(path, {key: new[key]})  # each winner at once: an interrupted run keeps them
                 if verbose:
                     print(f"{name:24s} {_DTYPE_NAMES[dtype]} T={T:<3d} n={n:<9d} best {best.block_size:5d}/"
                           f"{best.num_warps:<2d} {ms:.4f} ms (heuristic {default.block_size}/{default.num_warps}: "
                           f"{default_ms:.4f} ms)")
-    _write_entries(path, new)
     return new
 
 

@@ -76,7 +76,7 @@ def test_cache_round_trip(tmp_path, fake_gpu, monkeypatch):
     assert len(new) == 1
     (key, entry), = new.items()
     assert FAKE_GPU in key and "neuron_fwd" in key and "bf16" in key
-    assert (entry["block_size"], entry["num_warps"], entry["ms"]) == (2048, 8, 0.5)
+    assert (entry["block_size"], entry["num_warps"], entry["ms"], entry["heuristic_ms"]) == (2048, 8, 0.5, 1.0)
     on_disk = json.loads(path.read_text())
     assert on_disk["format"] == tuning.CACHE_FORMAT and on_disk["entries"] == new
     assert [p.name for p in path.parent.iterdir()] == ["tune.json"]  # no temp file left behind
