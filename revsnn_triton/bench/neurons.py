@@ -186,21 +186,26 @@ def _measure(provider: str, cases: Sequence[Case], device: torch.device, warmup:
         else:
             raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
     except Exception as exc:  # record the failure for every case rather than lose the other providers
-        return [_row(c, provider, p, status=f"error: {type(exc).__name__}: {exc}") for c in cases for p in PASSES]
+        return [_row(c, provider, p, status=_error(exc)) for c in cases for p in PASSES]
     for case in cases:
         if provider.startswith("revsnn["):
             detail = _launch_detail(case, device)
         x, grad = _inputs(case, device)
         try:
             timings = _timed_passes(forward, x, grad, warmup, rep)
-        except Exception as exc:
-            msg = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            rows += [_row(case, provider, p, status=msg, detail=detail) for p in PASSES]
+        except Exception as exc:  # e.g. spikingjelly refusing bf16 on its Triton path: an error row
+            rows += [_row(case, provider, p, status=_error(exc), detail=detail) for p in PASSES]
         else:
             rows += [_row(case, provider, p, status="ok", timing=timings[p], detail=detail) for p in PASSES]
         del x, grad
         torch.cuda.empty_cache()
     return rows
+
+
+def _error(exc: BaseException) -> str:
+    """A one-line status for a failed measurement."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return f"error: {type(exc).__name__}: {first[:300]}"
 
 
 def _launch_detail(case: Case, device: torch.device) -> str:
