@@ -222,21 +222,24 @@ def _neuron_forward_kernel(
     q = 0.0
     if KIND == 2:
         q = tl.load(q_ptr)
+    out = n  # int64 running offsets: t * N and t * stride_t can exceed 2^31
+    x_cur = x_off
     # `while` rather than `for t in range(T)`: Triton 3.6's interpreter cannot take a runtime loop bound
     # under numpy >= 2.3 (int() of a 1-element array); compiled, both are the same loop.
     t = 0
     while t < T:
-        x = tl.load(x_ptr + t * stride_t + x_off, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
         h = _charge(x, v, tau, q, v_reset, KIND, DECAY_INPUT)
         spike = (h >= v_threshold).to(tl.float32)
         v = _reset(h, spike, v_threshold, v_reset, HARD_RESET)
-        out = t * N + n
         if STORE_SPIKES:
             tl.store(spikes_ptr + out, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
         if SAVE == 1:
             tl.store(h_ptr + out, h, mask=mask)
         elif SAVE == 2:
             tl.store(h_ptr + out, _round_bf16_bits(h - v_threshold).to(tl.bfloat16, bitcast=True), mask=mask)
+        out += N
+        x_cur += stride_t
         t += 1
     tl.store(v_final_ptr + n, v, mask=mask)
 
@@ -258,7 +261,7 @@ def _load_saved(h_ptr, off, mask, v_threshold, H_BF16: tl.constexpr):
 @triton.jit
 def _neuron_backward_kernel(
     grad_s_ptr, grad_v_ptr, h_ptr, x_ptr, v_init_ptr, q_ptr, grad_x_ptr, grad_v_init_ptr, w_partial_ptr,
-    N, T, stride_t, size1, size2, stride0, stride1, stride2,
+    N, T, last_out, x_last, stride_t, size1, size2, stride0, stride1, stride2,
     tau, v_threshold, v_reset, sg_a, sg_b,
     KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
     SURROGATE: tl.constexpr, H_BF16: tl.constexpr, NDIMS: tl.constexpr, BLOCK: tl.constexpr,
@@ -275,7 +278,9 @@ def _neuron_backward_kernel(
         q = tl.load(q_ptr)
         v_init = tl.load(v_init_ptr + n, mask=mask, other=0.0)
         x_off = _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS)
-    h, spike = _load_saved(h_ptr, (T - 1) * N + n, mask, v_threshold, H_BF16)
+    out = n + last_out  # last_out = (T - 1) * N and x_last = (T - 1) * stride_t, from the launcher (int64-safe)
+    x_cur = x_off + x_last
+    h, spike = _load_saved(h_ptr, out, mask, v_threshold, H_BF16)
     t = T - 1
     while t >= 0:
         sg = _surrogate_grad(h - v_threshold, sg_a, sg_b, SURROGATE)
@@ -288,7 +293,6 @@ def _neuron_backward_kernel(
                 dv_dh = 1.0 + 0.0 * sg
             else:
                 dv_dh = 1.0 - v_threshold * sg
-        out = t * N + n
         grad_h = tl.load(grad_s_ptr + out, mask=mask, other=0.0).to(tl.float32) * sg + carry * dv_dh
         if KIND == 0:
             grad_x = grad_h
@@ -312,11 +316,13 @@ def _neuron_backward_kernel(
         if KIND == 2:
             v_prev = tl.where(t > 0, _reset(h, spike, v_threshold, v_reset, HARD_RESET), v_init)
             if DECAY_INPUT:
-                x = tl.load(x_ptr + t * stride_t + x_off, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
                 dh_dq = x - (v_prev - v_reset)
             else:
                 dh_dq = -(v_prev - v_reset)
             w_acc = w_acc + grad_h * dh_dq
+        out -= N
+        x_cur -= stride_t
         t -= 1
     tl.store(grad_v_init_ptr + n, carry, mask=mask)
     if KIND == 2:
@@ -473,6 +479,8 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, saved
     grad_spikes = to_neuron_layout(grad_spikes, template, with_time=True)
     grad_v_final = to_neuron_layout(grad_v_final.float(), template, with_time=False)
     n, T, block_size, num_warps, grid = _launch_args("neuron_backward", h, grad_spikes.dtype, block_size, num_warps)
+    if n == 0:
+        return grad_x, grad_v_init, w_partial
     if kind == "plif":
         v_init = to_neuron_layout(v_init, template, with_time=False)
         x, geometry = _x_geometry(x)
@@ -483,7 +491,8 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, saved
         grad_spikes, grad_v_final, h, x if kind == "plif" else h, v_init if kind == "plif" else grad_v_final,
         q if q is not None else grad_v_final, grad_x, grad_v_init,
         w_partial if w_partial is not None else grad_v_init,
-        n, T, *geometry[:6], float(tau), float(v_threshold), float(v_reset), float(sg_a), float(sg_b),
+        n, T, (T - 1) * n, (T - 1) * geometry[0], *geometry[:6], float(tau), float(v_threshold), float(v_reset),
+        float(sg_a), float(sg_b),
         KIND=KIND_IDS[kind], DECAY_INPUT=bool(decay_input), HARD_RESET=bool(hard_reset),
         DETACH_RESET=bool(detach_reset), SURROGATE=SURROGATE_IDS[surrogate], H_BF16=save == "h_bf16",
         NDIMS=geometry[6], BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)

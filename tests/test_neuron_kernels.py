@@ -316,6 +316,18 @@ def test_expand_reads_in_place(kernel_device: str) -> None:
     assert_equal(spikes.cpu(), ref, "spikes of an expanded input")
 
 
+@pytest.mark.parametrize("kind", ["if", "plif"])
+def test_zero_neurons(kind: str, kernel_device: str) -> None:
+    x = torch.zeros(3, 0, 4, device=kernel_device, requires_grad=True)
+    w = torch.zeros(1, device=kernel_device, requires_grad=True) if kind == "plif" else None
+    with kernels_on(kernel_device):
+        spikes, v = multistep_neuron(x, w=w)
+        spikes.sum().backward()
+    assert spikes.shape == (3, 0, 4) and v.shape == (0, 4) and x.grad.shape == x.shape
+    if w is not None:
+        assert_equal(w.grad, torch.zeros(1, device=kernel_device), "grad w of no neurons")
+
+
 def test_many_dims_fall_back_to_copy() -> None:
     """Strides that need more than MAX_DIMS dims after coalescing are copied into the neuron layout first."""
     base = torch.randn(2, 3, 5, 7, 11, 13)[:, ::2, :, ::2, :, ::2]  # 5 dims that cannot merge
