@@ -171,7 +171,11 @@ def check_against_reference(case: Case, backend: str, device: str = "cpu") -> No
     assert_close(v, ref_v, "final v", dtype=torch.float32)
     for i, (g, r) in enumerate(zip(grads[:len(xs)], ref_grads[:len(xs)])):
         assert_close(g, r, f"grad of the input of call {i}", dtype=case.dtype)
-    if case.kind == "plif":
+    # With |x| ~ 1e30 the membrane stays ~1e29 for a few steps, and w's gradient becomes a sum of +-1e29 terms
+    # that cancel: its fp32 value then depends on the summation order (spikingjelly's module and autograd sum
+    # over neurons per step, the op per neuron over time), so it is only compared for moderate inputs.
+    # The spikes, v and input gradients above are compared in every case.
+    if case.kind == "plif" and max(x.float().abs().max().item() for x in xs) < 1e6:
         # One sum over every neuron-step: its rounding grows with the number of terms (fp32 eps per term).
         n_terms = sum(x.numel() for x in xs)
         rtol, atol = 1.3e-6 * max(1.0, math.sqrt(n_terms)), 1e-5 * max(1.0, math.sqrt(n_terms))
@@ -209,6 +213,8 @@ _MORE = settings(max_examples=3 * settings().max_examples)
 @example(case=Case(kind="if", steps=(1, 1), v_reset=None, surrogate="atan", detach_reset=True))
 @example(case=Case(kind="plif", steps=(1, 3), dtype=torch.bfloat16, step_mode="s", special_frac=0.5))
 @example(case=Case(kind="lif", tau=1.5, decay_input=False, v_reset=0.3, dtype=torch.float16, scale=30.0))
+# Found by Hypothesis: +-1e30 inputs make w's gradient order-dependent (see check_against_reference).
+@example(case=Case(kind="plif", tau=4.0, surrogate="atan", steps=(4, 4), scale=0.3, seed=2_147_483_647))
 def test_parity_op_backend(case: Case) -> None:
     """``backend="triton"``: the custom op (its plain-PyTorch CPU path here)."""
     check_against_reference(case, "triton")
