@@ -127,9 +127,11 @@ _loaded: dict[Path, dict[str, dict]] = {}
 
 
 def clear_memory_cache() -> None:
-    """Forget cache files read so far (the next launch re-reads the file)."""
+    """Forget cache files read and answers given so far: the next launch reads ``$REVSNN_TUNE_CACHE`` and
+    the cache file again."""
     _loaded.clear()
     _gpu_names.clear()
+    _answers.clear()
 
 
 def _read_entries(path: Path) -> dict[str, dict]:
@@ -162,6 +164,7 @@ def _read_entries(path: Path) -> dict[str, dict]:
 
 def _entries(path: Path) -> dict[str, dict]:
     if path not in _loaded:
+        _answers.clear()
         _loaded[path] = _read_entries(path)
     return _loaded[path]
 
@@ -202,7 +205,22 @@ def lookup_config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch
     _check_positive_int("n", n)
     _check_positive_int("T", T)
     _check_dtype(dtype)
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    # Called for every launch: answers are memoized (cleared whenever a cache file is read or written, and
+    # by clear_memory_cache(): a change of $REVSNN_TUNE_CACHE after the first launch needs that call).
+    memo_key = (kernel, n, T, dtype, device, cache_file)
+    found = _answers.get(memo_key)
+    if found is None:
+        found = _answers[memo_key] = _lookup(kernel, n, T, dtype, device, cache_file)
+    return found
+
+
+_answers: dict[tuple, tuple[LaunchConfig, str]] = {}
+
+
+def _lookup(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device,
+            cache_file: str | os.PathLike | None) -> tuple[LaunchConfig, str]:
     if device.type != "cuda":
         return heuristic(n, T, on_gpu=False), "interpreter"
     path = resolve_cache_path(cache_file)
@@ -231,6 +249,7 @@ def _write_entries(path: Path, new: dict[str, dict]) -> None:
             os.unlink(tmp)
         raise
     _loaded[path] = entries
+    _answers.clear()
 
 
 # -------------------------------------------------------------------------------------------- tuning

@@ -97,8 +97,12 @@ def test_cache_round_trip(tmp_path, fake_gpu, monkeypatch):
     assert launch_config("neuron_fwd", 9_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
     # the environment variable selects the same file
     monkeypatch.setenv(tuning.CACHE_ENV, str(path))
+    tuning.clear_memory_cache()
+    monkeypatch.setattr(tuning, "_gpu_name", lambda index: FAKE_GPU)
     assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == LaunchConfig(2048, 8)
     monkeypatch.setenv(tuning.CACHE_ENV, "off")
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == LaunchConfig(2048, 8)  # memoized
+    tuning.clear_memory_cache()
     assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == heur
     # another GPU does not use this GPU's winners
     tuning.clear_memory_cache()
