@@ -1,7 +1,6 @@
 """Launch configurations: heuristic, tuned cache, refusal to tune without a GPU."""
 import contextlib
 import json
-import os
 import warnings
 
 import pytest
