@@ -244,3 +244,21 @@ def test_attributes_changed_after_construction_are_validated() -> None:
     node.tau, node.backend = 2.0, "jax"
     with pytest.raises(ValueError, match="backend must be one of"):
         node(torch.rand(2, 3))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_input_repeated_over_time_by_expand(backend: str) -> None:
+    """A stride-0 time axis (``expand``) and a non-contiguous view give the same as a materialized copy."""
+    x = torch.randn(2, 6, 3) * 2
+    g = torch.randn(4, 3, 6)
+    results = []
+    for make in (lambda t: t[0].t().expand(4, 3, 6),  # time stride 0, transposed inner dims
+                 lambda t: t[0].t().contiguous().repeat(4, 1, 1)):
+        xr = x.clone().requires_grad_()
+        node = ParametricLIFNode(step_mode="m", backend=backend)
+        out = node(make(xr))
+        (out * g).sum().backward()
+        results.append((out.detach(), xr.grad, node.w.grad))
+    assert_equal(results[0][0], results[1][0], "spikes")
+    assert_close(results[0][1], results[1][1], "input grad")
+    assert_close(results[0][2], results[1][2], "grad of w", rtol=1e-5, atol=1e-5)  # summation order
