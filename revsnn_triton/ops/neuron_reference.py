@@ -17,7 +17,6 @@ Three entry points:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,11 @@ class NeuronConfig:
     detach_reset: bool
     surrogate: str
     alpha: float
+
+
+def _is_finite(value: float) -> bool:
+    # Not math.isfinite: under torch.compile(dynamic=True) Dynamo cannot trace it on a float argument.
+    return value - value == 0
 
 
 def _is_real_number(value: object) -> bool:
@@ -95,16 +99,16 @@ def check_neuron_args(x_seq, v_init, *, tau, w, decay_input, v_threshold, v_rese
     if kind == "lif":
         if not _is_real_number(tau):
             raise TypeError(f"{where}: tau must be a float, got {type(tau).__name__}")
-        if not math.isfinite(tau) or tau <= 1:
+        if not _is_finite(tau) or tau <= 1:
             raise ValueError(f"{where}: tau must be finite and > 1 for LIF, got {tau}")
     if not _is_real_number(v_threshold):
         raise TypeError(f"{where}: v_threshold must be a float, got {type(v_threshold).__name__}")
-    if not math.isfinite(v_threshold):
+    if not _is_finite(v_threshold):
         raise ValueError(f"{where}: v_threshold must be finite, got {v_threshold}")
     if v_reset is not None:
         if not _is_real_number(v_reset):
             raise TypeError(f"{where}: v_reset must be a float or None (soft reset), got {type(v_reset).__name__}")
-        if not math.isfinite(v_reset):
+        if not _is_finite(v_reset):
             raise ValueError(f"{where}: v_reset must be finite or None (soft reset), got {v_reset}")
     if not isinstance(surrogate, str):
         raise TypeError(f"{where}: surrogate must be a name (str), got {type(surrogate).__name__}; "
@@ -114,7 +118,7 @@ def check_neuron_args(x_seq, v_init, *, tau, w, decay_input, v_threshold, v_rese
                          f"{sorted(SURROGATES)}")
     if not _is_real_number(alpha):
         raise TypeError(f"{where}: alpha must be a float, got {type(alpha).__name__}")
-    if not math.isfinite(alpha) or alpha <= 0:
+    if not _is_finite(alpha) or alpha <= 0:
         raise ValueError(f"{where}: alpha must be finite and > 0, got {alpha}")
     if save not in SAVE_MODES:
         raise ValueError(f"{where}: save must be one of {SAVE_MODES}, got {save!r}")
