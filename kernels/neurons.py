@@ -73,9 +73,15 @@ def empty_neuron_layout(x: torch.Tensor, dtype: torch.dtype, with_time: bool = T
     return torch.empty_strided(shape, neuron_layout_strides(x, with_time), dtype=dtype, device=x.device)
 
 
+def has_neuron_layout(t: torch.Tensor, template: torch.Tensor, with_time: bool) -> bool:
+    """Whether ``t`` is laid out as :func:`empty_neuron_layout` would make it (strides of size-1 dims ignored)."""
+    expected = neuron_layout_strides(template, with_time)
+    return all(size == 1 or stride == e for size, stride, e in zip(t.shape, t.stride(), expected))
+
+
 def to_neuron_layout(t: torch.Tensor, template: torch.Tensor, with_time: bool) -> torch.Tensor:
     """``t`` itself if it already has the neuron layout of ``template``, else a copy in it."""
-    if list(t.stride()) == neuron_layout_strides(template, with_time):
+    if has_neuron_layout(t, template, with_time):
         return t
     out = empty_neuron_layout(template, t.dtype, with_time)
     out.copy_(t)
@@ -391,7 +397,7 @@ def _launch_args(kernel: str, x: torch.Tensor, dtype: torch.dtype, block_size: i
 def _check_out(name: str, t: torch.Tensor, template: torch.Tensor, dtype: torch.dtype, with_time: bool) -> None:
     shape = tuple(template.shape) if with_time else tuple(template.shape[1:])
     if (tuple(t.shape) != shape or t.dtype != dtype or t.device != template.device
-            or list(t.stride()) != neuron_layout_strides(template, with_time)):
+            or not has_neuron_layout(t, template, with_time)):
         raise ValueError(f"{name}: expected shape {shape}, dtype {dtype}, device {template.device} in the neuron "
                          f"layout (strides {neuron_layout_strides(template, with_time)}); got shape "
                          f"{tuple(t.shape)}, dtype {t.dtype}, strides {tuple(t.stride())}")
