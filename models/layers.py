@@ -18,7 +18,6 @@ Memory design (what each piece keeps for backward; see ``revsnn_triton.bench.mem
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -87,13 +86,37 @@ def make_neuron(neuron_impl: str, kind: str, *, tau: float = 2.0, init_tau: floa
     return getattr(our_neuron, class_name)(surrogate_function=surrogate_fn, backend=neuron_impl, **common)
 
 
+class SequenceNeuron(nn.Module):
+    """A multi-step neuron that keeps no state between calls: ``[T, *shape] -> spikes [T, *shape]``.
+
+    After each call the wrapped neuron is reset, so its final membrane ``v`` (``[*shape]`` fp32) is released
+    at once instead of living until the next reset. Inside a reversible sequence that matters: every F and G
+    of every block would otherwise hold one such tensor from its forward until its recomputation, which makes
+    memory grow with depth. Gradients are unaffected (autograd keeps what backward needs).
+    """
+
+    def __init__(self, neuron: nn.Module):
+        super().__init__()
+        self.neuron = neuron
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.neuron(x)
+        finally:
+            self.neuron.reset()
+
+
 def neuron_factory(neuron_impl: str, kind: str, **kwargs) -> NeuronFactory:
-    """``make_neuron`` with its arguments bound; calling it (optionally with overrides) builds a fresh neuron.
+    """A callable building a fresh :class:`SequenceNeuron` around ``make_neuron(neuron_impl, kind, **kwargs)``;
+    keyword arguments given to the call override ``kwargs`` (e.g. ``v_threshold`` of the attention neuron).
 
     Validates eagerly by building one neuron, so a bad configuration fails when the model is built.
     """
     make_neuron(neuron_impl, kind, **kwargs)
-    return functools.partial(make_neuron, neuron_impl, kind, **kwargs)
+
+    def build(**overrides) -> SequenceNeuron:
+        return SequenceNeuron(make_neuron(neuron_impl, kind, **{**kwargs, **overrides}))
+    return build
 
 
 # --------------------------------------------------------------------------------------------- spike convolution
