@@ -166,6 +166,9 @@ def _couple_ste_setup(ctx, inputs, output):
 
 
 def _couple_ste_backward(ctx, grad_y, grad_y_q):
+    # Contiguous, as the reversible engine hands its halves' gradients to the branches: some backward
+    # kernels (CPU BatchNorm) reduce in a layout-dependent order.
+    grad_y = grad_y.contiguous()
     return None, grad_y, grad_y.to(ctx.f_dtype), None
 
 

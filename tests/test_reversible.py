@@ -1,0 +1,372 @@
+"""The reversible engine: exact reconstruction, gradients equal to ordinary autograd on the same
+quantized math, BatchNorm statistics updated once, the exactness guard, and input validation.
+
+Helpers here (``SeqToANN``, ``make_branch``, ``make_sequence``) are shared with the other
+``test_reversible_*`` files.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+from revsnn_triton.neuron import IFNode, LIFNode
+from revsnn_triton.ops import coupling as C
+from revsnn_triton.reversible import ReconstructionError, RevBlock, RevSequence
+from revsnn_triton.runtime import cpu_kernels
+from revsnn_triton.testing import assert_close, assert_equal
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SeqToANN(nn.Module):
+    """Apply a per-frame module to ``[T, B, ...]`` by merging T and B."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*modules)
+
+    def forward(self, x):
+        y = self.body(x.flatten(0, 1))
+        return y.reshape(x.shape[:2] + y.shape[1:])
+
+
+def make_branch(kind: str, width: int, *, neuron: str = "if", bn: bool = True, dropout: float = 0.0) -> nn.Module:
+    """A small spiking branch mapping a half to the same shape: neuron -> conv/linear -> [BN] -> [dropout].
+    ``kind="conv"``: ``[T, B, width, H, W]``; ``kind="linear"``: tokens ``[T, B, N, width]``."""
+    node = {"if": lambda: IFNode(step_mode="m"), "lif": lambda: LIFNode(tau=2.0, step_mode="m"),
+            "none": nn.Identity}[neuron]()  # "none": a non-spiking branch (float64 runs)
+    if kind == "conv":
+        layers = [nn.Conv2d(width, width, 3, padding=1)] + ([nn.BatchNorm2d(width)] if bn else [])
+    else:
+        layers = [nn.Flatten(0, 1), nn.Linear(width, width)]
+        if bn:
+            layers += [nn.Flatten(0, 1), nn.BatchNorm1d(width)]
+        layers = [_Tokens(nn.Sequential(*layers))]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(node, SeqToANN(*layers) if kind == "conv" else nn.Sequential(*layers))
+
+
+class _Tokens(nn.Module):
+    """``[T, B, N, D]`` -> body on rows -> same shape."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x).reshape(x.shape)
+
+
+def make_sequence(kind: str, depth: int, width: int, *, seed: int = 0, frac_bits: int = 16,
+                  **branch_kw) -> RevSequence:
+    torch.manual_seed(seed)
+    split_dim = 2 if kind == "conv" else -1
+    blocks = [RevBlock(make_branch(kind, width, **branch_kw), make_branch(kind, width, **branch_kw),
+                       split_dim=split_dim) for _ in range(depth)]
+    seq = RevSequence(blocks, frac_bits=frac_bits)
+    with torch.no_grad():  # non-trivial BatchNorm affine parameters
+        for m in seq.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+    return seq
+
+
+def input_for(kind: str, T: int, B: int, width: int, size: int, scale: float, seed: int) -> torch.Tensor:
+    """Random stream input with mixed magnitudes: Gaussian times ``scale``, some exact threshold values
+    (1.0), negative zeros and subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (T, B, 2 * width, size, size) if kind == "conv" else (T, B, size, 2 * width)
+    x = torch.randn(shape, generator=g) * scale
+    pick = torch.rand(shape, generator=g)
+    x = torch.where(pick < 0.1, torch.ones_like(x), x)
+    x = torch.where((pick >= 0.1) & (pick < 0.15), torch.full_like(x, -0.0), x)
+    x = torch.where((pick >= 0.15) & (pick < 0.2), torch.full_like(x, 1e-40), x)
+    return x
+
+
+def record_streams(seq: RevSequence) -> dict:
+    rec = {"forward": {}, "backward": {}, "inverse": {}}
+
+    def hook(phase, i, x1, x2):
+        rec[phase].setdefault(i, []).append((x1.clone(), x2.clone()))
+    seq.register_stream_hook(hook)
+    return rec
+
+
+def grad_tolerance(grads: list[torch.Tensor]) -> tuple[float, float]:
+    """Tolerance for reversible vs reversible=False gradients.
+
+    Both runs evaluate the *same* quantized forward: every block input is bit-identical (checked through
+    the stream hooks), F and G run the same kernels on it, and the couplings are exact integer
+    arithmetic. So the quantization step ``2**-frac_bits`` does not enter the difference at all (it would
+    only bound the distance to an unquantized float network: ``2**-(R+1)`` per coupling). What can differ
+    is floating-point summation order: autograd accumulates the two gradient contributions of a stream
+    half in its own order, our fused step in another (a two-term fp sum is commutative, so on CPU they
+    come out bit-identical), and a GPU's backward kernels may reduce in a different order per call
+    (atomics). Such reorderings cost a few fp32 ulps per accumulation level; with up to 8 blocks x 2
+    branches we allow rtol = 16 * 2**-23 * 8 ~ 1.5e-5 and an atol of the same relative size of the
+    largest gradient (for elements that cancel to near zero)."""
+    biggest = max((float(g.abs().max()) for g in grads if g is not None and g.numel()), default=0.0)
+    rtol = 16 * 2.0 ** -23 * 8
+    return rtol, rtol * max(biggest, 1e-30)
+
+
+def check_grads(got: list, want: list, what: str) -> None:
+    """Reversible vs reversible=False gradients: within :func:`grad_tolerance` everywhere; on CPU,
+    where every kernel is deterministic and both runs hand the branches contiguous gradients, the
+    same operations run in the same order, so they must be bit-identical."""
+    rtol, atol = grad_tolerance(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        name = "input grad" if k == 0 else f"param {k - 1} grad"
+        assert_close(a, b, f"{name}, {what}", rtol=rtol, atol=atol)
+        if DEVICE == "cpu":
+            assert_equal(a, b, f"{name}, {what}")
+
+
+@st.composite
+def engine_cases(draw):
+    kind = draw(st.sampled_from(["conv", "linear"]))
+    return dict(
+        kind=kind, depth=draw(st.integers(1, 8)), T=draw(st.integers(1, 3)), B=draw(st.integers(1, 3)),
+        width=draw(st.integers(1, 3)), size=draw(st.integers(2, 4)),
+        scale=draw(st.sampled_from([1e-3, 0.7, 3.0, 300.0])), frac_bits=draw(st.sampled_from([8, 16, 20])),
+        neuron=draw(st.sampled_from(["if", "lif"])), bn=draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.0, 0.3])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def run_steps(seq: RevSequence, case: dict, steps: int, rec: dict | None = None):
+    """``steps`` SGD steps on fresh inputs; returns per-step (output, input grad, param grads, RNG state)."""
+    opt = torch.optim.SGD(seq.parameters(), lr=0.05)
+    out = []
+    for step in range(steps):
+        x = input_for(case["kind"], case["T"], case["B"], case["width"], case["size"], case["scale"],
+                      case["seed"] + step).to(DEVICE).requires_grad_()
+        w = torch.randn(x.shape, generator=torch.Generator().manual_seed(step)).to(DEVICE)
+        torch.manual_seed(1000 + step)  # same dropout masks in both modes
+        y = seq(x)
+        (y * w).sum().backward()
+        out.append((y.detach(), x.grad, [p.grad.clone() for p in seq.parameters()], torch.get_rng_state()))
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    return out
+
+
+@given(engine_cases())
+def test_reconstruction_exact_and_gradients_match_autograd(case):
+    kw = dict(neuron=case["neuron"], bn=case["bn"], dropout=case["dropout"], frac_bits=case["frac_bits"],
+              seed=case["seed"])
+    rev = make_sequence(case["kind"], case["depth"], case["width"], **kw).to(DEVICE)
+    base = copy.deepcopy(rev)
+    base.reversible = False
+    rec = record_streams(rev)
+    rec_base = record_streams(base)
+    got = run_steps(rev, case, 2)
+    want = run_steps(base, case, 2)
+    for step, ((y, gx, gp, rng), (y0, gx0, gp0, rng0)) in enumerate(zip(got, want)):
+        assert_equal(y, y0, f"output, step {step}")
+        assert_equal(rng, rng0, f"RNG state after step {step}")
+        check_grads([gx, *gp], [gx0, *gp0], f"step {step}")
+    # every block input rebuilt in backward is the one the forward saw, bit for bit
+    for i in range(case["depth"]):
+        assert len(rec["backward"][i]) == len(rec["forward"][i]) == 2
+        for (f1, f2), (b1, b2), (o1, o2) in zip(rec["forward"][i], rec["backward"][i], rec_base["forward"][i]):
+            assert_equal(b1, f1, f"block {i} X1 rebuilt")
+            assert_equal(b2, f2, f"block {i} X2 rebuilt")
+            assert_equal(f1, o1, f"block {i} X1 vs reversible=False")
+            assert_equal(f2, o2, f"block {i} X2 vs reversible=False")
+    # BatchNorm running statistics after the steps: updated once per step, to the same values. They
+    # depend on the parameters, hence on the gradients: bit-identical where the gradients are (CPU).
+    for (name, a), (_, b) in zip(rev.state_dict().items(), base.state_dict().items()):
+        if "num_batches" in name:
+            assert int(a) == int(b) == 2, name
+        elif "running" in name:
+            if DEVICE == "cpu":
+                assert_equal(a, b, f"{name} after 2 steps")
+            else:
+                assert_close(a, b, f"{name} after 2 steps", rtol=grad_tolerance([b])[0], atol=1e-6)
+
+
+@given(engine_cases())
+def test_inverse_fixed_inverts_forward_fixed(case):
+    seq = make_sequence(case["kind"], case["depth"], case["width"], neuron=case["neuron"], bn=case["bn"],
+                        dropout=case["dropout"], frac_bits=case["frac_bits"], seed=case["seed"]).to(DEVICE)
+    if case["dropout"]:
+        seq.eval()  # dropout draws different masks in the reverse order; BatchNorm in train mode is fine
+    g = torch.Generator().manual_seed(case["seed"])
+    shape = input_for(case["kind"], case["T"], case["B"], case["width"], case["size"], 1.0, 0).shape
+    q = torch.randint(-2 ** 31, 2 ** 31, shape, dtype=torch.int64, generator=g).to(torch.int32).to(DEVICE)
+    stats = copy.deepcopy(seq.state_dict())
+    y = seq.forward_fixed(q)
+    assert y.dtype == torch.int32 and y.shape == q.shape
+    assert not torch.equal(y, q)
+    after_forward = copy.deepcopy(seq.state_dict())
+    assert_equal(seq.inverse_fixed(y), q, "inverse_fixed(forward_fixed(q))")
+    for name, v in seq.state_dict().items():  # the inverse leaves running statistics alone
+        assert_equal(v, after_forward[name], f"{name} after inverse_fixed")
+    del stats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_float_inverse_is_exact(kind, dtype):
+    # our neurons take float32/16/bf16 only: the float64 case uses non-spiking branches
+    neuron = "if" if dtype == torch.float32 else "none"
+    seq = make_sequence(kind, 4, 3, seed=7, neuron=neuron).to(DEVICE, dtype).eval()
+    x = input_for(kind, 2, 2, 3, 4, 3.0, 1).to(DEVICE, dtype)
+    with torch.no_grad():
+        y = seq(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert float(y.abs().max()) < 2.0 ** (24 - seq.frac_bits)  # the documented float32 range
+    assert_equal(seq.inverse(y), seq.decode(seq.encode(x), dtype), "inverse(seq(x))")
+
+
+def test_parameters_only_and_shared_branch():
+    # input without grad: parameter gradients still arrive; a branch module used by two blocks gets the sum.
+    torch.manual_seed(0)
+    shared = make_branch("conv", 2, bn=False)
+    blocks = [RevBlock(shared, make_branch("conv", 2, bn=False)), RevBlock(make_branch("conv", 2, bn=False), shared)]
+    rev = RevSequence(blocks).to(DEVICE)
+    base = copy.deepcopy(rev)
+    base.reversible = False
+    x = input_for("conv", 2, 2, 2, 3, 3.0, 0).to(DEVICE)
+    for m in (rev, base):
+        m(x).square().sum().backward()
+    for (name, a), b in zip(rev.named_parameters(), base.parameters()):
+        assert a.grad is not None, name
+        # A shared module's gradient sums three or more contributions, in autograd's order in one run
+        # and in block order in the other: fp32 reordering only.
+        rtol, atol = grad_tolerance([b.grad])
+        assert_close(a.grad, b.grad, f"{name} grad", rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("neuron", ["none", "if"])
+def test_triton_interpreter_engine_equals_reference_engine(neuron):
+    """The whole engine with the coupling ops on their Triton kernels (interpreter on CPU) against the
+    plain-PyTorch reference path."""
+    seq = make_sequence("conv", 2, 2, dropout=0.3, seed=3, neuron=neuron)
+    x = input_for("conv", 2, 2, 2, 3, 3.0, 2)
+    results = []
+    for choice in ("torch", "triton"):
+        m = copy.deepcopy(seq).to(DEVICE)
+        xi = x.clone().to(DEVICE).requires_grad_()
+        with cpu_kernels(choice if DEVICE == "cpu" else "torch"):
+            torch.manual_seed(5)
+            y = m(xi)
+            y.sin().sum().backward()  # check=True: the guard verifies exact reconstruction on this path too
+        results.append((y.detach(), [xi.grad] + [p.grad for p in m.parameters()]))
+    (y, grads), (y1, grads1) = results
+    assert_equal(y1, y, "output")
+    if neuron == "none":
+        for a, b in zip(grads1, grads):
+            assert_equal(a, b, "gradient")
+    else:
+        # The neurons' Triton backward equals their reference only within fp32 rounding (their own tests);
+        # sums that cancel (BatchNorm bias) carry that error at the scale of the largest gradient.
+        scale = max(float(g.abs().max()) for g in grads)
+        for a, b in zip(grads1, grads):
+            assert_close(a, b, "gradient", atol=1e-5 * scale)
+
+
+# ------------------------------------------------------------------------------------------- guard
+
+class CallCounter(nn.Module):
+    """A deliberately nondeterministic branch: its output depends on how often it was called."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x) + 1e-3 * self.calls
+
+
+@pytest.mark.parametrize("which", ["F", "G"])
+def test_guard_names_the_nondeterministic_block(which):
+    seq = make_sequence("conv", 4, 2, seed=1).to(DEVICE)
+    block = seq.blocks[2]
+    if which == "F":
+        block.f = CallCounter(block.f)
+    else:
+        block.g = CallCounter(block.g)
+    x = input_for("conv", 2, 2, 2, 3, 3.0, 0).to(DEVICE).requires_grad_()
+    with pytest.raises(ReconstructionError, match=rf"block 2: .*branch {which} \(CallCounter\)"):
+        seq(x).sum().backward()
+
+
+def test_guard_silent_over_1000_steps_and_active():
+    torch.manual_seed(0)
+    blocks = [RevBlock(nn.Sequential(LIFNode(step_mode="m"), nn.Linear(2, 2), nn.Dropout(0.2)),
+                       nn.Sequential(IFNode(step_mode="m"), nn.Linear(2, 2)), split_dim=-1) for _ in range(2)]
+    seq = RevSequence(blocks).to(DEVICE)
+    opt = torch.optim.SGD(seq.parameters(), lr=0.01)
+    steps = 0
+    for step in range(1000):
+        x = (torch.randn(2, 1, 4, device=DEVICE) * 2).requires_grad_()
+        loss = seq(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        steps += 1
+    assert steps == 1000 and torch.isfinite(loss)
+    seq.blocks[1].f = CallCounter(seq.blocks[1].f)
+    with pytest.raises(ReconstructionError, match="block 1"):
+        seq(torch.randn(2, 1, 4, device=DEVICE, requires_grad=True)).sum().backward()
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_are_clear_errors():
+    seq = make_sequence("conv", 2, 2).to(DEVICE)
+    good = input_for("conv", 1, 1, 2, 2, 1.0, 0).to(DEVICE)
+    for bad, msg in ((float("nan"), "non-finite"), (float("inf"), "non-finite"), (1e6, "outside the fixed-point")):
+        x = good.clone()
+        x[0, 0, 1, 0, 0] = bad
+        with pytest.raises(ValueError, match=msg):
+            seq(x)
+    with pytest.raises(ValueError, match="odd size 3 along split_dim=2"):
+        seq(torch.zeros(1, 1, 3, 2, 2, device=DEVICE))
+    with pytest.raises(TypeError, match="floating"):
+        seq(torch.zeros(1, 1, 4, 2, 2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        seq([1.0])
+    shrink = RevSequence([RevBlock(nn.Conv2d(1, 1, 2), nn.Identity(), split_dim=1)])
+    with pytest.raises(ValueError, match=r"block 0: F \(Conv2d\) maps .* F and G must keep the shape"):
+        shrink(torch.zeros(1, 2, 4, 4))
+    class ToDouble(nn.Module):
+        def forward(self, x):
+            return x.double()
+    retype = RevSequence([RevBlock(nn.Identity(), ToDouble())])
+    with pytest.raises(ValueError, match=r"block 0: G \(ToDouble\) .*torch.float64"):
+        retype(torch.zeros(1, 1, 4, 2))
+    for fb in (0, 31, -1):
+        with pytest.raises(ValueError, match=r"frac_bits must be in \[1, 30\]"):
+            RevSequence([RevBlock(nn.Identity(), nn.Identity())], frac_bits=fb)
+    with pytest.raises(TypeError, match="frac_bits must be an int"):
+        RevSequence([RevBlock(nn.Identity(), nn.Identity())], frac_bits=16.0)
+    with pytest.raises(TypeError, match=r"blocks\[1\] must be a RevBlock"):
+        RevSequence([RevBlock(nn.Identity(), nn.Identity()), nn.Identity()])
+    with pytest.raises(ValueError, match="must not be empty"):
+        RevSequence([])
+    with pytest.raises(ValueError, match="same split_dim"):
+        RevSequence([RevBlock(nn.Identity(), nn.Identity(), 2), RevBlock(nn.Identity(), nn.Identity(), -1)])
+    with pytest.raises(TypeError, match="f must be a torch.nn.Module"):
+        RevBlock(lambda x: x, nn.Identity())
+    with pytest.raises(TypeError, match="reversible must be a bool"):
+        RevSequence([RevBlock(nn.Identity(), nn.Identity())], reversible=1)
+    with pytest.raises(RuntimeError, match="run by a RevSequence"):
+        RevBlock(nn.Identity(), nn.Identity())(torch.zeros(2))
+    with pytest.raises(TypeError, match="int32"):
+        seq.forward_fixed(good)
+    with pytest.raises(ValueError, match="split_dim=2 is out of range"):
+        seq(torch.zeros(4, device=DEVICE))
+    # reversible=False validates the same way
+    seq.reversible = False
+    with pytest.raises(ValueError, match="non-finite"):
+        seq(torch.full_like(good, float("nan")))
+    assert C.representable_range(16)[0] == -32768.0
