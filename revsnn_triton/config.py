@@ -50,7 +50,7 @@ class TrainConfig:
     T: int = 4
     neuron_impl: str = "triton"
     # optimisation
-    epochs: int = 12
+    epochs: int = 6
     batch_size: int = 32
     eval_batch_size: int | None = None
     optimizer: str = "adamw"

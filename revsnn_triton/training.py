@@ -52,6 +52,7 @@ COUNTERPARTS = {
     "RevSFormer-4-384": "Spikingformer-4-384",
     "RevSFormer-2-256": "Spikingformer-2-256",
 }
+_NOT_SHARED = ("blocks", "depth", "reversible", "frac_bits", "check")
 
 
 class TrainingError(RuntimeError):
@@ -496,15 +497,26 @@ def memory_report(cfg: TrainConfig, data: DataBundle, device: torch.device, mode
     """Memory per image of one training step (forward + backward) of ``model_name`` and of its non-reversible
     counterpart (:data:`COUNTERPARTS`), measured by ``revsnn_triton.memory.memory_per_image`` with freshly built
     models on ``device``. Returns ``({name: bytes per image}, note)``."""
+    import warnings
+
     from .memory import memory_per_image
     from .models import list_models
+
+    # The CPU measurement uses the profiler's allocation events; keep its log lines out of the report.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
     names = [model_name] + [n for n in [COUNTERPARTS.get(model_name)] if n and n in list_models()]
     batch_sizes = (16, 64) if device.type == "cuda" else (8, 32)
     results: dict[str, float] = {}
     for name in names:
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, data, name).to(device).train()
+        if name == model_name:
+            model = build_model(cfg, data, name)
+        else:  # the counterpart: same settings except depth and the reversible engine's own options
+            kwargs = {k: v for k, v in cfg.model_kwargs.items() if k not in _NOT_SHARED}
+            model = build_model(make_config(**{**cfg.to_dict(), "model_kwargs": kwargs}), data, name)
+        model = model.to(device).train()
         loss_fn = _loss_fn(cfg)
 
         def step(batch_size: int, model=model) -> None:
@@ -515,7 +527,9 @@ def memory_report(cfg: TrainConfig, data: DataBundle, device: torch.device, mode
                 logits = model(x)
             loss_fn(logits, y).backward()
             model.zero_grad(set_to_none=True)
-        results[name] = float(memory_per_image(step, batch_sizes, device))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results[name] = float(memory_per_image(step, batch_sizes, device))
         del model
     note = (f"training step, slope of peak allocated memory between batch {batch_sizes[0]} and {batch_sizes[1]}, "
             f"{'CUDA max_memory_allocated' if device.type == 'cuda' else 'CPU allocation accounting'}")
