@@ -17,8 +17,9 @@ outermost, inner dims in ``x``'s stride order (so ``channels_last`` stays ``chan
 offset ``t * N + n`` for neuron ``n`` of step ``t``. ``v_init`` and the incoming gradients are copied into that
 layout when they are not in it already (for ``v_init`` and ``grad_v_final`` that is N floats).
 
-What the forward keeps for backward (``save``), in bytes per neuron-step, besides ``x`` itself when it is
-needed (PLIF, and ``save="input"``; an expanded ``x`` costs only its one stored step):
+What the forward keeps for backward (``save``), in bytes per neuron-step, besides a reference to ``x`` where
+it is needed (``save="input"``, and PLIF with ``decay_input``; it costs nothing extra when ``x`` is kept alive
+anyway, and an expanded ``x`` holds only one step) and ``v_init`` (N floats, PLIF and ``"input"``):
 
 - ``"h"``: 4 bytes, fp32 ``H``. Exact gradients.
 - ``"h_bf16"``: 2 bytes, ``H - v_threshold`` rounded to nearest-even bf16. Spikes in backward come from its sign
@@ -455,7 +456,8 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, saved
     """Multi-step neuron backward through time.
 
     ``grad_spikes [T, *shape]`` (spikes' dtype), ``grad_v_final [*shape]``; ``saved`` from
-    :func:`neuron_forward`; ``x`` needed for PLIF and ``save="input"``, ``v_init`` for PLIF and ``"input"``.
+    :func:`neuron_forward`; ``x`` is read for ``save="input"`` and for PLIF with ``decay_input``, ``v_init`` for
+    PLIF and ``"input"`` (otherwise they may be None).
     Returns ``(grad_x [T, *shape] in grad_spikes' dtype, grad_v_init [*shape] fp32, w_partial)`` in the neuron
     layout (of ``x`` for ``"input"``, else of ``saved``); ``w_partial [*shape]`` fp32 per-neuron partial sums
     for PLIF's grad of ``w`` (None otherwise). ``out``: optional preallocated ``(grad_x, grad_v_init,
@@ -487,14 +489,16 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, saved
     n, T, block_size, num_warps, grid = _launch_args("neuron_backward", h, grad_spikes.dtype, block_size, num_warps)
     if n == 0:
         return grad_x, grad_v_init, w_partial
+    reads_x = kind == "plif" and decay_input  # dH/dq = X - (V[t-1] - v_reset)
     if kind == "plif":
         v_init = to_neuron_layout(v_init, template, with_time=False)
+    if reads_x:
         x, geometry = _x_geometry(x)
     else:
         geometry = [0, 1, 1, 0, 0, 0, 1]
     sg_a, sg_b = _surrogate_constants(surrogate, alpha)
     _neuron_backward_kernel[grid](
-        grad_spikes, grad_v_final, h, x if kind == "plif" else h, v_init if kind == "plif" else grad_v_final,
+        grad_spikes, grad_v_final, h, x if reads_x else h, v_init if kind == "plif" else grad_v_final,
         q if q is not None else grad_v_final, grad_x, grad_v_init,
         w_partial if w_partial is not None else grad_v_init,
         n, T, (T - 1) * n, (T - 1) * geometry[0], *geometry[:6], float(tau), float(v_threshold), float(v_reset),

@@ -223,3 +223,28 @@ def test_torch_compile_fullgraph_equals_eager(path: str) -> None:
                 results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
         for a, b, what in zip(results[1], results[0], ("loss", "grad x", "grad v_init", "grad w")):
             assert_close(a, b, f"compiled vs eager, shape {shape}: {what}")
+
+
+@pytest.mark.parametrize("kind,decay_input,save,per_step,per_neuron,const", [
+    ("lif", True, "h", 4, 0, 0),           # fp32 H only
+    ("lif", True, "h_bf16", 2, 0, 0),      # bf16 H - v_threshold only
+    ("lif", True, "input", 2, 4, 0),       # x (bf16 here) and v_init (fp32), nothing else
+    ("plif", True, "h", 4 + 2, 4, 4),      # H, x (for dH/dq), v_init, w
+    ("plif", False, "h", 4, 4, 4),         # H, v_init, w (dH/dq does not involve x)
+    ("plif", True, "input", 2, 4, 4),      # x, v_init, w
+])
+def test_bytes_saved_for_backward(kind, decay_input, save, per_step, per_neuron, const) -> None:
+    """What autograd really keeps (storages counted through saved-tensor hooks), per save mode, bf16 input."""
+    T, n = 4, 1000
+    x = torch.randn(T, n).to(torch.bfloat16).requires_grad_()
+    w = torch.zeros(1, requires_grad=True) if kind == "plif" else None
+    saved = {}
+
+    def pack(t: torch.Tensor):
+        if t.numel():
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        multistep_neuron(x, tau=2.0, w=w, decay_input=decay_input, save=save)
+    assert sum(saved.values()) == per_step * T * n + per_neuron * n + const, saved

@@ -17,8 +17,8 @@ time outermost, inner dims in ``x``'s stride order).
 
 Memory kept for backward per neuron-step: ``save="h"`` 4 bytes (fp32 H), ``"h_bf16"`` 2 bytes (bf16
 ``H - v_threshold``; approximate gradients), ``"input"`` nothing beyond ``x`` itself (forward recomputed in
-backward). PLIF also keeps ``x`` (its grad of ``w`` needs it) and every kind keeps ``v_init`` [*shape] when
-it needs it (PLIF, ``"input"``). See ``revsnn_triton.kernels.neurons`` for details.
+backward). PLIF with ``decay_input`` also keeps ``x`` (its grad of ``w`` needs it); PLIF and ``"input"`` keep
+``v_init`` [*shape]. See ``revsnn_triton.kernels.neurons`` for details.
 """
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def neuron_backward(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, x:
                     v_threshold: float, hard_reset: bool, v_reset: float, detach_reset: bool, surrogate: str,
                     alpha: float, save: str) -> tuple[Tensor, Tensor, Tensor]:
     """Backward: ``(grad_x [T, *shape] grad_spikes' dtype, grad_v_init [*shape] fp32, grad_w)``; ``grad_w`` has
-    ``w``'s shape and dtype for PLIF, else it is an empty fp32 tensor. ``x`` is required for PLIF and
-    ``save="input"``, ``v_init`` for PLIF and ``"input"`` (else they may be None)."""
+    ``w``'s shape and dtype for PLIF, else it is an empty fp32 tensor. ``x`` is required for ``save="input"``
+    and PLIF with ``decay_input``, ``v_init`` for PLIF and ``"input"`` (else they may be None)."""
     q = _q(w)
     template = x if save == "input" else saved
     if use_triton(grad_spikes.device):
@@ -135,8 +135,10 @@ def _setup_context(ctx, inputs, output) -> None:
     params = dict(zip(_SCALARS, scalars))
     ctx.params = params
     ctx.x_dtype = x.dtype
-    needs_x = params["kind"] == "plif" or params["save"] == "input"
-    ctx.save_for_backward(output[2], x if needs_x else None, v_init if needs_x else None, w)
+    recompute = params["save"] == "input"
+    needs_x = recompute or (params["kind"] == "plif" and params["decay_input"])  # PLIF: dH/dq = X - (V - v_reset)
+    needs_v_init = recompute or params["kind"] == "plif"
+    ctx.save_for_backward(output[2], x if needs_x else None, v_init if needs_v_init else None, w)
     ctx.mark_non_differentiable(output[2])
 
 
