@@ -205,15 +205,13 @@ class BaseNode(nn.Module):
     def _run(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Run ``x_seq`` ``[T, *shape]`` from the carried state; store the final state; return spikes."""
         v_init = self._initial_v(x_seq.shape[1:], x_seq)
+        sg = resolve_surrogate(self.surrogate_function)  # it may have been reassigned since construction
         kwargs = dict(self._kind_kwargs(), v_threshold=float(self.v_threshold),
                       v_reset=None if self.v_reset is None else float(self.v_reset),
-                      detach_reset=self.detach_reset, surrogate=self.surrogate_function.name,
-                      alpha=float(self.surrogate_function.alpha))
+                      detach_reset=self.detach_reset, surrogate=sg.name, alpha=float(sg.alpha))
         if self.backend == "triton":
             spikes, v_final = multistep_neuron(x_seq, v_init, save=self.save, **kwargs)
         else:
-            if v_init is None:
-                v_init = torch.full(x_seq.shape[1:], self._v_start(), dtype=torch.float32, device=x_seq.device)
             spikes, v_final = multistep_autograd(x_seq, v_init, **kwargs)
         self.v = v_final
         return spikes
@@ -250,7 +248,7 @@ class BaseNode(nn.Module):
     def extra_repr(self) -> str:
         sg = self.surrogate_function
         return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
-                f"step_mode={self.step_mode}, surrogate={type(sg).__name__}(alpha={sg.alpha}), "
+                f"step_mode={self.step_mode}, surrogate={type(sg).__name__}(alpha={getattr(sg, 'alpha', None)}), "
                 f"backend={self.backend}, save={self.save}")
 
 

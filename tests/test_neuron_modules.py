@@ -166,6 +166,8 @@ def test_dtype_conversion_keeps_fp32_state_and_plif_works_in_half() -> None:
     out.float().sum().backward()
     assert node.w.grad is not None and node.w.grad.dtype == torch.float16
     assert xh.grad.dtype == torch.float16
+    node.to("meta")  # a device move takes the carried state along, still fp32
+    assert node.v.device.type == "meta" and node.v.dtype == torch.float32
 
 
 def test_extra_repr_names_the_configuration() -> None:
@@ -244,6 +246,18 @@ def test_attributes_changed_after_construction_are_validated() -> None:
     node.tau, node.backend = 2.0, "jax"
     with pytest.raises(ValueError, match="backend must be one of"):
         node(torch.rand(2, 3))
+    node.backend = "triton"
+    node.surrogate_function = sj_surrogate.ATan(alpha=2.5)  # a spikingjelly object assigned later is mapped
+    x = torch.rand(3, 2, 3) * 2
+    expected = LIFNode(step_mode="m", surrogate_function=surrogate.ATan(alpha=2.5))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    node.reset()
+    node(xa).sum().backward()
+    expected(xb).sum().backward()
+    assert_equal(xa.grad, xb.grad, "input grad with the reassigned surrogate")
+    node.surrogate_function = sj_surrogate.S2NN()
+    with pytest.raises(TypeError, match="S2NN has no fused kernel"):
+        node(x)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
