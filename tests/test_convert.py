@@ -136,6 +136,15 @@ def test_single_node_shared_node_and_step_mode() -> None:
     assert convert_spikingjelly(plain) is not plain
 
 
+def test_node_inside_a_spikingjelly_multistep_container() -> None:
+    """spikingjelly's MultiStepContainer drives a single-step node over T: the converted node works there."""
+    model = sj_layer.MultiStepContainer(sj_neuron.LIFNode(tau=1.3, v_reset=None))
+    converted = convert_spikingjelly(model)
+    assert isinstance(converted[0], LIFNode) and converted[0].step_mode == "s"
+    x = torch.randn(5, 2, 3) * 2
+    assert_equal(converted(x), model(x), "spikes")
+
+
 def test_converted_single_step_node_equals_spikingjelly() -> None:
     sj_node = sj_neuron.ParametricLIFNode(init_tau=1.7, v_reset=0.2, surrogate_function=sj_surrogate.SuperSpike())
     node = convert_spikingjelly(sj_node)
