@@ -255,11 +255,15 @@ def test_save_modes_spikes_equal_spikingjelly(save: str) -> None:
             assert_close(g, r, "grad of the input (save='input')")
 
 
-def test_triton_kernels_module_equals_spikingjelly(kernel_device: str) -> None:
+@pytest.mark.parametrize("case", [
+    Case(kind="plif", v_reset=None, surrogate="atan", steps=(3, 2), shape=(4, 6), special_frac=0.2),
+    Case(kind="lif", tau=1.5, v_reset=-0.5, detach_reset=True, dtype=torch.bfloat16, step_mode="s", steps=(2, 1),
+         shape=(3, 7), scale=3.0, special_frac=0.3, seed=3),
+], ids=["plif-fp32-m", "lif-bf16-s"])
+def test_triton_kernels_module_equals_spikingjelly(case: Case, kernel_device: str) -> None:
     """The module on the Triton kernels (interpreter on CPU, compiled on a GPU) against spikingjelly."""
     if kernel_device == "cpu" and not runtime.interpreter_enabled():
         pytest.skip("no GPU and TRITON_INTERPRET is off: the Triton kernels cannot run here")
-    case = Case(kind="plif", v_reset=None, surrogate="atan", steps=(3, 2), shape=(4, 6), special_frac=0.2)
     if kernel_device == "cpu":
         with runtime.cpu_kernels("triton"):
             check_against_reference(case, "triton", device="cpu")
