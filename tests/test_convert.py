@@ -165,6 +165,8 @@ def test_converted_single_step_node_equals_spikingjelly() -> None:
      r"module 'a' .*store_v_seq=True"),
     (lambda: nn.Sequential(sj_neuron.IFNode(surrogate_function=sj_surrogate.Sigmoid(spiking=False))), TypeError,
      r"module '0' .*spiking=False"),
+    (lambda: nn.Sequential(_with_precision(sj_neuron.LIFNode())), ValueError,
+     r"module '0' .*neuron-precision setting"),
 ])
 def test_refusals_name_the_module(make, error, match) -> None:
     with warnings.catch_warnings():
@@ -180,6 +182,11 @@ def test_subclass_of_a_convertible_node_is_refused() -> None:
 
     with pytest.raises(TypeError, match=r"module 'body\.0' .*MyLIF.*exact classes"):
         convert_spikingjelly(_holder(MyLIF()))
+
+
+def _with_precision(node: nn.Module) -> nn.Module:
+    node._neuron_precision = (torch.bfloat16, "fp32", "fp32")  # what spikingjelly's precision.convert sets
+    return node
 
 
 def _holder(node: nn.Module) -> nn.Module:
