@@ -12,11 +12,12 @@ batch size (DESIGN.md §5), in which parameters, gradients and optimizer state c
 from __future__ import annotations
 
 import gc
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["measure_peak_bytes", "memory_per_image"]
+__all__ = ["MemoryUse", "measure_memory", "measure_peak_bytes", "memory_per_image"]
 
 
 def _device(device: torch.device | str) -> torch.device:
@@ -32,28 +33,47 @@ def _device(device: torch.device | str) -> torch.device:
 
 
 def _cpu_allocation_events(prof) -> list[tuple[int, int]]:
-    """(time in ns, bytes: + allocation, - free) of every CPU allocator event, in time order."""
+    """(time in ns, bytes: + allocation, - free) of the CPU allocator's events in time order, keeping
+    only frees of blocks allocated inside the profiled region (the profiler reports frees of older
+    blocks only when it happened to see their allocation in an earlier session; ignoring all of them
+    keeps the count independent of what was profiled before)."""
     from torch._C._profiler import _EventType
 
-    events: list[tuple[int, int]] = []
+    raw: list[tuple[int, int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, int(node.extra_fields.alloc_size)))
+            raw.append((node.start_time_ns, int(node.extra_fields.alloc_size), int(node.extra_fields.ptr)))
         stack.extend(node.children)
-    events.sort(key=lambda e: e[0])
+    raw.sort(key=lambda e: e[0])
+    live: dict[int, int] = {}
+    events = []
+    for t, nbytes, ptr in raw:
+        if nbytes > 0:
+            live[ptr] = nbytes
+        elif live.pop(ptr, None) is None:
+            continue
+        events.append((t, nbytes))
     return events
 
 
-def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
-    """Run ``fn()`` once and return the peak number of bytes allocated on ``device`` while it ran, minus
-    the bytes allocated when it started (memory allocated before ``fn`` is not counted; memory ``fn``
-    leaves allocated counts toward the peak). Real allocator accounting, see the module docstring.
+class MemoryUse(NamedTuple):
+    """Bytes allocated while a function ran, relative to what was allocated when it started:
+    ``peak_bytes`` at the highest point, ``retained_bytes`` when it returned (what it left allocated,
+    e.g. a forward's saved activations and outputs)."""
+    peak_bytes: int
+    retained_bytes: int
 
-    On CPU the profiler records allocations of every thread of this process; allocations whose
-    lifetime spans the profiled region count only for their part inside it.
-    """
+
+def measure_memory(fn: Callable[[], object], device: torch.device | str) -> MemoryUse:
+    """Run ``fn()`` once and measure the bytes it allocated on ``device`` (real allocator accounting, see
+    the module docstring): the peak above the bytes allocated when it started, and what it left allocated.
+    On CUDA, frees of memory allocated before ``fn`` count negative. On CPU (the profiler's allocation
+    events of every thread of this process) they are ignored, because the profiler does not know the
+    size of blocks allocated before it started: a function that frees older memory and then allocates
+    reads higher on CPU than on CUDA. Measure steps that keep their pre-existing state (e.g.
+    ``zero_grad(set_to_none=False)``), or use slopes (:func:`memory_per_image`), where such offsets cancel."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     device = _device(device)
@@ -64,16 +84,25 @@ def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> 
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - start)
+        return MemoryUse(int(torch.cuda.max_memory_allocated(device) - start),
+                         int(torch.cuda.memory_allocated(device) - start))
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        fn()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            fn()
     total = peak = 0
     for _, nbytes in _cpu_allocation_events(prof):
         total += nbytes
         peak = max(peak, total)
-    return int(peak)
+    return MemoryUse(int(peak), int(total))
+
+
+def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Peak bytes allocated on ``device`` while ``fn()`` ran, above what was allocated when it started
+    (``measure_memory(fn, device).peak_bytes``)."""
+    return measure_memory(fn, device).peak_bytes
 
 
 def memory_per_image(step_fn: Callable[[int], object], batch_sizes: Sequence[int],

@@ -244,7 +244,8 @@ class RevSequence(nn.Module):
         return t.narrow(d, 0, h).contiguous(), t.narrow(d, h, h).contiguous()
 
     def _branch(self, index: int, which: str, module: nn.Module, x: Tensor, rng: list | None = None) -> Tensor:
-        """Reset ``module``'s neuron state and run it on ``x``; check that it keeps shape and dtype.
+        """Run ``module`` on ``x`` from reset neuron state (and reset it after); check that the output keeps
+        the shape and dtype of ``x``.
         With ``rng`` (a list), append the RNG state the call started from, or None if it drew no random
         numbers (so branches without dropout store nothing)."""
         reset_net(module)
@@ -252,6 +253,9 @@ class RevSequence(nn.Module):
         out = module(x)
         if rng is not None:
             rng.append(None if state.unchanged() else state)
+        # Reset again: a neuron's final membrane state is not needed (the next call resets it anyway), and
+        # keeping it would hold one tensor per branch, memory that grows with depth.
+        reset_net(module)
         if not isinstance(out, Tensor):
             raise TypeError(f"RevSequence block {index}: {which} ({type(module).__name__}) returned "
                             f"{type(out).__name__}, expected a Tensor")

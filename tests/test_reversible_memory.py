@@ -1,0 +1,88 @@
+"""Memory: the measurement itself against known allocations, and the reversible engine's stored
+activations, which must not grow with depth (real allocator accounting, not shapes)."""
+import pytest
+import torch
+
+from revsnn_triton.memory import measure_memory, measure_peak_bytes, memory_per_image
+from test_reversible import input_for, make_sequence, single_cpu_thread  # noqa: F401 (autouse fixture)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MIB = 1 << 20
+
+
+def test_measure_memory_known_allocations():
+    kept = []
+
+    def fn():
+        a = torch.empty(MIB, dtype=torch.uint8, device=DEVICE)
+        b = torch.empty(3 * MIB, dtype=torch.uint8, device=DEVICE)
+        del a
+        kept.append(torch.empty(MIB // 2, dtype=torch.uint8, device=DEVICE))
+        del b
+
+    use = measure_memory(fn, DEVICE)
+    assert use.peak_bytes == 4 * MIB  # a and b alive together
+    assert use.retained_bytes == MIB // 2
+    # memory allocated before the measurement does not count; its free counts negative on CUDA and is
+    # ignored on CPU (the profiler does not know the size of blocks allocated before it started)
+    use = measure_memory(lambda: kept.clear(), DEVICE)
+    assert use == (0, -(MIB // 2) if DEVICE == "cuda" else 0)
+    older = torch.empty(MIB, dtype=torch.uint8, device=DEVICE)
+
+    def swap():
+        nonlocal older
+        older = None
+        kept.append(torch.empty(2 * MIB, dtype=torch.uint8, device=DEVICE))
+    use = measure_memory(swap, DEVICE)
+    assert use == ((MIB, MIB) if DEVICE == "cuda" else (2 * MIB, 2 * MIB))
+    assert measure_peak_bytes(lambda: torch.ones(1000, dtype=torch.float64, device=DEVICE), DEVICE) >= 8000
+
+
+def test_memory_per_image_is_the_slope():
+    resident = [torch.empty(5 * MIB, dtype=torch.uint8, device=DEVICE)]  # a "model": cancels out
+
+    def step(batch):
+        lazy = resident.append(torch.empty(MIB, dtype=torch.uint8, device=DEVICE)) if len(resident) == 1 else None
+        act = torch.empty(batch * 64 * 1024, dtype=torch.uint8, device=DEVICE)
+        tmp = torch.empty(1024, dtype=torch.uint8, device=DEVICE)
+        del act, tmp, lazy
+
+    assert memory_per_image(step, [4, 16], DEVICE) == 64 * 1024
+    with pytest.raises(ValueError, match="two different sizes"):
+        memory_per_image(step, [4, 4], DEVICE)
+    with pytest.raises(ValueError, match="at least two positive ints"):
+        memory_per_image(step, [4], DEVICE)
+    with pytest.raises(TypeError, match="step_fn must be callable"):
+        memory_per_image(None, [1, 2], DEVICE)
+    with pytest.raises(ValueError, match="CPU or CUDA"):
+        measure_peak_bytes(lambda: None, "meta")
+
+
+def stored_bytes(depth: int, reversible: bool) -> int:
+    """Bytes a training forward leaves allocated (saved activations, the output, and whatever else the
+    sequence keeps for backward) for ``depth`` blocks of the same spiking conv block; then backward."""
+    seq = make_sequence("conv", depth, 4, seed=0).to(DEVICE)
+    seq.reversible = reversible
+    x = input_for("conv", 2, 2, 4, 16, 3.0, 0).to(DEVICE).requires_grad_()
+    out = []
+    use = measure_memory(lambda: out.append(seq(x)), DEVICE)
+    out.pop().sum().backward()  # the kept state is consumable: backward still works
+    assert x.grad is not None
+    return use.retained_bytes
+
+
+def test_stored_activations_do_not_grow_with_depth():
+    rev = {d: stored_bytes(d, True) for d in (2, 32)}
+    base = {d: stored_bytes(d, False) for d in (2, 8, 32)}
+    stream_bytes = 2 * 2 * 8 * 16 * 16 * 4  # one float32 copy of the [T=2, B=2, C=8, 16, 16] stream
+    print(f"stored bytes: reversible {rev}, reversible=False {base}, stream {stream_bytes}")
+    # reversible: the output plus the int32 output stream (two stream-sized tensors) and 16 bytes of
+    # checksums per block, whatever the depth
+    assert abs(rev[32] - rev[2]) <= 0.10 * rev[2]
+    assert rev[2] < 2.5 * stream_bytes
+    # reversible=False: every block's saved activations, i.e. linear in depth
+    per_block_2_8 = (base[8] - base[2]) / 6
+    per_block_8_32 = (base[32] - base[8]) / 24
+    assert per_block_2_8 > stream_bytes
+    assert abs(per_block_8_32 - per_block_2_8) <= 0.10 * per_block_2_8
+    assert base[32] > 10 * rev[32]
