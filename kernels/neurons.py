@@ -107,15 +107,24 @@ def coalesced_dims(x: torch.Tensor) -> list[tuple[int, int]] | None:
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
+def _div_rn(x, y, like):
+    """Correctly rounded ``x / y`` (as PyTorch divides) in the shape of the block ``like``; ``x`` and ``y`` may
+    be scalars. Multiplying by ones broadcasts exactly (keeps -0.0, inf and NaN as they are)."""
+    ones = tl.zeros_like(like) + 1.0
+    return tl.math.div_rn(x * ones, y * ones)
+
+
+@triton.jit
 def _sg_sigmoid(x, a, b):
-    s = tl.sigmoid(a * x)
+    e = 1.0 + tl.exp(-(a * x))
+    s = _div_rn(1.0, e, e)  # sigmoid(a * x)
     return (1.0 - s) * s * a  # a = alpha
 
 
 @triton.jit
 def _sg_atan(x, a, b):
     z = x * b  # b = pi / 2 * alpha
-    return a / (1.0 + z * z)  # a = alpha / 2
+    return _div_rn(a, 1.0 + z * z, z)  # a = alpha / 2
 
 
 @triton.jit
@@ -131,13 +140,13 @@ def _sg_piecewise_exp(x, a, b):
 @triton.jit
 def _sg_soft_sign(x, a, b):
     z = a + tl.abs(x)  # a = 1 / alpha
-    return tl.math.div_rn(1.0 + 0.0 * z, b * z * z)  # b = 2 * alpha
+    return _div_rn(1.0, b * z * z, z)  # b = 2 * alpha
 
 
 @triton.jit
 def _sg_super_spike(x, a, b):
     z = 1.0 + tl.abs(x)
-    return tl.math.div_rn(a + 0.0 * z, z * z)  # a = alpha
+    return _div_rn(a, z * z, z)  # a = alpha
 
 
 @triton.jit
@@ -185,9 +194,9 @@ def _charge(x, v, tau, q, v_reset, KIND: tl.constexpr, DECAY_INPUT: tl.constexpr
         h = v + x
     elif KIND == 1:
         if DECAY_INPUT:
-            h = v + tl.math.div_rn(x - (v - v_reset), tau + 0.0 * v)
+            h = v + _div_rn(x - (v - v_reset), tau, x)
         else:
-            h = v - tl.math.div_rn(v - v_reset, tau + 0.0 * v) + x
+            h = v - _div_rn(v - v_reset, tau, x) + x
     else:
         if DECAY_INPUT:
             h = v + (x - (v - v_reset)) * q
@@ -297,7 +306,7 @@ def _neuron_backward_kernel(
                 dv_dh = dv_dh + (v_reset - h) * sg
         else:
             if DETACH_RESET:
-                dv_dh = 1.0 + 0.0 * sg
+                dv_dh = tl.full(sg.shape, 1.0, tl.float32)
             else:
                 dv_dh = 1.0 - v_threshold * sg
         grad_h = tl.load(grad_s_ptr + out, mask=mask, other=0.0).to(tl.float32) * sg + carry * dv_dh
@@ -305,7 +314,7 @@ def _neuron_backward_kernel(
             grad_x = grad_h
             carry = grad_h
         elif KIND == 1:
-            grad_h_tau = tl.math.div_rn(grad_h, tau + 0.0 * grad_h)
+            grad_h_tau = _div_rn(grad_h, tau, grad_h)
             if DECAY_INPUT:
                 grad_x = grad_h_tau
             else:
