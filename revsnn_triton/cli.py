@@ -57,6 +57,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data-loading worker processes")
     p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int,
                    help="cap the training steps per epoch (smoke tests, benchmarks)")
+    p.add_argument("--max-eval-samples", dest="max_eval_samples", type=int,
+                   help="evaluate on the first N test samples only (smoke tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--no-memory-report", dest="memory_report", action="store_false",
                    help="skip the memory-per-image measurement at the end")

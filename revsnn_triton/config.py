@@ -39,6 +39,8 @@ class TrainConfig:
     ``cooldown_epochs`` (held at ``min_lr``). ``cpu_threads``: torch's intra-op threads when training on the CPU
     (1 by default: the small digits model gains nothing from more, and one thread per process avoids the severe
     slowdowns of oversubscribed cores on busy machines and under ``torchrun``); null keeps torch's default.
+    ``max_steps_per_epoch`` / ``max_eval_samples`` shorten epochs and evaluation (smoke tests, benchmarks); the
+    evaluation then uses the first ``max_eval_samples`` test samples.
     """
 
     # what to train
@@ -84,6 +86,7 @@ class TrainConfig:
     cpu_threads: int | None = 1
     sync_bn: bool = False
     max_steps_per_epoch: int | None = None
+    max_eval_samples: int | None = None
     # bookkeeping
     out: str = "runs/train"
     resume: str | None = None
@@ -143,6 +146,8 @@ class TrainConfig:
              "an integer >= 1 or null")
         need(self.max_steps_per_epoch is None or (is_int(self.max_steps_per_epoch) and self.max_steps_per_epoch >= 1),
              "max_steps_per_epoch", "an integer >= 1 or null")
+        need(self.max_eval_samples is None or (is_int(self.max_eval_samples) and self.max_eval_samples >= 1),
+             "max_eval_samples", "an integer >= 1 or null")
         need(isinstance(self.out, str) and self.out, "out", "a directory path")
         need(self.resume is None or isinstance(self.resume, str), "resume", "a checkpoint path or null")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")

@@ -242,7 +242,7 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
 def _progress(iterable, total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True,
-                file=sys.stderr)
+                file=sys.stderr, mininterval=0.5)
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -275,7 +275,8 @@ def _loaders(cfg: TrainConfig, data: DataBundle, d: _Dist, device: torch.device
     train = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                        num_workers=cfg.workers, pin_memory=pin, persistent_workers=False)
     # Evaluation: rank r takes samples r, r + world, ... (no padding duplicates, so the accuracy is exact).
-    test_idx = list(range(d.rank, len(data.test), d.world))
+    n_test = len(data.test) if cfg.max_eval_samples is None else min(len(data.test), cfg.max_eval_samples)
+    test_idx = list(range(d.rank, n_test, d.world))
     test = DataLoader(torch.utils.data.Subset(data.test, test_idx), batch_size=cfg.eval_batch_size or
                       2 * cfg.batch_size, shuffle=False, num_workers=cfg.workers, pin_memory=pin)
     return train, sampler, test
@@ -554,7 +555,7 @@ def format_report(result: TrainResult, model_name: str, device: torch.device, cf
         line = "  memory per image  " + "  vs  ".join(parts)
         values = list(result.memory.values())
         if len(values) == 2 and values[0] > 0:
-            line += f"  ({values[1] / values[0]:.1f}x)"
+            line += f"  (the reversible model needs {values[1] / values[0]:.2f}x less)"
         lines += [line, f"                    ({result.memory_note})"]
     lines.append(f"  outputs           {result.out_dir}/ (metrics.jsonl, metrics.csv, curves.png, {LAST}, {BEST})")
     return "\n".join(lines)
