@@ -370,3 +370,70 @@ def test_opcheck_kernel_path(kernel_device: str) -> None:
             saved = neuron_forward(x.detach(), v_init, w.detach(), *scalars, save)[2]
             torch.library.opcheck(neuron_backward, (grad_s, grad_v, saved, x.detach(), v_init, w.detach(),
                                                     *scalars, save))
+
+
+# Compiles kernel variants for an H100 (sm_90) without needing a GPU, in a subprocess without the interpreter,
+# and inspects the PTX: no fused multiply-add and no approximate division in the forward (so fp32 spikes and
+# membranes round exactly as the PyTorch reference), 128-bit vector loads/stores for a contiguous input.
+_COMPILE_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from revsnn_triton.kernels import neurons as K
+
+FLOATS = ("tau", "v_threshold", "v_reset", "sg_a", "sg_b")
+report = []
+for name, ptr_types, consts in json.loads(sys.argv[1]):
+    fn = getattr(K, name)
+    names = fn.arg_names
+    sig = {n: ptr_types.get(n) or ("constexpr" if n in consts else "fp32" if n in FLOATS else "i32") for n in names}
+    # As Triton specializes a launch whose pointers and these integers are multiples of 16 (large layers).
+    aligned = [n for n in names if n in ptr_types or n in ("N", "stride_t", "last_out", "x_last")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=4, enable_fp_fusion=False)).asm["ptx"]
+    report.append(dict(fma=len(re.findall(r"\bfma\.", ptx)), approx_div=len(re.findall(r"div\.(approx|full)", ptx)),
+                       v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx))))
+print(json.dumps(report))
+"""
+
+_F32 = "*fp32"
+_COMPILE_VARIANTS = [
+    ("_neuron_forward_kernel", dict(x_ptr=_F32, v_init_ptr=_F32, q_ptr=_F32, spikes_ptr=_F32, v_final_ptr=_F32,
+                                    h_ptr=_F32),
+     dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, NDIMS=1, SAVE=1, STORE_SPIKES=True, BLOCK=1024, stride2=1)),
+    ("_neuron_forward_kernel", dict(x_ptr="*bf16", v_init_ptr=_F32, q_ptr=_F32, spikes_ptr="*bf16", v_final_ptr=_F32,
+                                    h_ptr="*bf16"),
+     dict(KIND=2, DECAY_INPUT=False, HARD_RESET=False, NDIMS=3, SAVE=2, STORE_SPIKES=True, BLOCK=512)),
+    ("_neuron_forward_kernel", dict(x_ptr="*fp16", v_init_ptr=_F32, q_ptr=_F32, spikes_ptr="*fp16", v_final_ptr=_F32,
+                                    h_ptr=_F32),
+     dict(KIND=0, DECAY_INPUT=True, HARD_RESET=True, NDIMS=2, SAVE=1, STORE_SPIKES=False, BLOCK=256)),
+    ("_neuron_backward_kernel", dict(grad_s_ptr=_F32, grad_v_ptr=_F32, h_ptr=_F32, x_ptr=_F32, v_init_ptr=_F32,
+                                     q_ptr=_F32, grad_x_ptr=_F32, grad_v_init_ptr=_F32, w_partial_ptr=_F32),
+     dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, DETACH_RESET=True, SURROGATE=1, H_BF16=False, NDIMS=1,
+          BLOCK=1024)),
+    ("_neuron_backward_kernel", dict(grad_s_ptr="*bf16", grad_v_ptr=_F32, h_ptr="*bf16", x_ptr="*bf16",
+                                     v_init_ptr=_F32, q_ptr=_F32, grad_x_ptr="*bf16", grad_v_init_ptr=_F32,
+                                     w_partial_ptr=_F32),
+     dict(KIND=2, DECAY_INPUT=True, HARD_RESET=False, DETACH_RESET=False, SURROGATE=0, H_BF16=True, NDIMS=3,
+          BLOCK=512)),
+]
+
+
+def test_kernels_compile_for_h100_without_contraction() -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(_COMPILE_VARIANTS)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (name, _, consts), r in zip(_COMPILE_VARIANTS, report):
+        assert r["fma"] == 0, (name, consts, r)
+        if name == "_neuron_forward_kernel":
+            assert r["approx_div"] == 0, (name, consts, r)
+    assert report[0]["v4_loads"] > 0, report[0]
