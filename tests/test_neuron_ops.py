@@ -19,7 +19,7 @@ from revsnn_triton.ops.neuron import multistep_neuron, neuron_backward, neuron_f
 from revsnn_triton.ops.neuron_reference import multistep_autograd
 from revsnn_triton.surrogate import SURROGATES
 from revsnn_triton.testing import assert_close, assert_equal
-from test_neuron_kernels import Case, cases, config, kernels_on, make_inputs  # same folder (pytest rootdir)
+from test_neuron_kernels import KERNEL_DEVICE, Case, cases, config, kernels_on, make_inputs  # same folder
 
 sj_functional = pytest.importorskip("spikingjelly.activation_based.functional")
 from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
@@ -27,10 +27,11 @@ from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E40
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
 
-def run(fn, case: Case, save: str | None = None):
-    """``fn`` (``multistep_neuron`` or ``multistep_autograd``) on the case's CPU inputs; returns spikes, v_final and
-    the gradients of ``sum(spikes * grad_s) + sum(v_final * grad_v)`` w.r.t. x, v_init and w (None if absent)."""
-    x, v_init, w, grad_s, grad_v = make_inputs(case)
+def run(fn, case: Case, save: str | None = None, device: str = "cpu"):
+    """``fn`` (``multistep_neuron`` or ``multistep_autograd``) on the case's inputs; returns spikes, v_final and
+    the gradients of ``sum(spikes * grad_s) + sum(v_final * grad_v)`` w.r.t. x, v_init and w (None if absent),
+    on CPU."""
+    x, v_init, w, grad_s, grad_v = make_inputs(case, device)
     leaves = [t.requires_grad_() for t in (x, v_init, w) if t is not None]
     kw = case.kwargs() | ({"save": save} if save else {})
     spikes, v = fn(x, v_init, w=w, **kw)
@@ -38,7 +39,7 @@ def run(fn, case: Case, save: str | None = None):
     out = [spikes.detach(), v.detach()]
     for t in (x, v_init, w):
         out.append(next(grads) if t is not None else None)
-    return out
+    return [None if t is None else t.cpu() for t in out]
 
 
 def _sj(case: Case, x, v, w):
@@ -107,8 +108,9 @@ def test_save_modes(kind: str, device_path: str) -> None:
     the T=4 steps; we allow 3e-2 relative and 3e-2 x max|grad| absolute (about 4 steps x 4 x 2^-9)."""
     case = Case(kind=kind, T=4, shape=(6, 11), v_reset=None if kind == "plif" else 0.0, scale=2.0,
                 surrogate="sigmoid", alpha=4.0)
-    with kernels_on("cpu") if device_path == "kernels" else contextlib.nullcontext():
-        h, inp, bf16 = (run(multistep_neuron, case, save) for save in ("h", "input", "h_bf16"))
+    device = KERNEL_DEVICE if device_path == "kernels" else "cpu"
+    with kernels_on(device) if device_path == "kernels" else contextlib.nullcontext():
+        h, inp, bf16 = [run(multistep_neuron, case, save, device) for save in ("h", "input", "h_bf16")]
     for a, b, what in zip(h, inp, ("spikes", "v_final", "grad x", "grad v_init", "grad w")):
         if a is not None:
             assert_equal(b, a, f"{what}: save='input' vs 'h'")
@@ -200,22 +202,24 @@ def test_opcheck_reference_path(kind: str, save: str) -> None:
 
 def _step(x, v0, w):
     s, v = multistep_neuron(x, v0, w=w, v_threshold=0.5, v_reset=None, surrogate="atan", alpha=2.0)
-    return (s * torch.arange(s.shape[-1], dtype=s.dtype)).sum() + v.square().sum()
+    return (s * torch.arange(s.shape[-1], dtype=s.dtype, device=s.device)).sum() + v.square().sum()
 
 
 @pytest.mark.parametrize("path", ["reference", "kernels"])
 def test_torch_compile_fullgraph_equals_eager(path: str) -> None:
-    """One compiled function (forward + backward) on CPU: Inductor on the reference path (the ~20 s compile);
-    the kernels under the interpreter with AOT-autograd only, with dynamic shapes over two input shapes."""
+    """One compiled function (forward + backward): Inductor on the CPU reference path (the ~20 s compile); the
+    kernels (interpreter on CPU: AOT-autograd only; GPU: Inductor) with dynamic shapes over two input shapes."""
     torch._dynamo.reset()
+    device = "cpu" if path == "reference" else KERNEL_DEVICE
     if path == "reference":
         compiled, shapes = torch.compile(_step, fullgraph=True), [(4, 6)]
     else:
-        compiled, shapes = torch.compile(_step, fullgraph=True, dynamic=True, backend="aot_eager"), [(4, 6), (5, 3)]
+        backend = "aot_eager" if device == "cpu" else "inductor"
+        compiled, shapes = torch.compile(_step, fullgraph=True, dynamic=True, backend=backend), [(4, 6), (5, 3)]
     for shape in shapes:
         case = Case(kind="plif", T=3, shape=shape, layout="transposed", special_frac=0.0, scale=2.0)
-        x, v_init, w, _, _ = make_inputs(case)
-        with kernels_on("cpu") if path == "kernels" else contextlib.nullcontext():
+        x, v_init, w, _, _ = make_inputs(case, device)
+        with kernels_on(device) if path == "kernels" else contextlib.nullcontext():
             results = []
             for fn in (_step, compiled):
                 leaves = [t.clone().requires_grad_() for t in (x, v_init, w)]
