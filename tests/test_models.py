@@ -1,0 +1,286 @@
+"""Model zoo: parameter counts, forward/backward across neuron implementations, reversible vs ordinary
+autograd, shared layers, and bad input.
+
+Every model runs at its full width and depth; CPU time is kept low by small inputs (CIFAR models 8x8 images,
+DVS models 16x16 frames, the smallest sizes their pooling allows), T=2 and batch 2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from revsnn_triton.models import create_model, list_models
+from revsnn_triton.models import layers as L
+from revsnn_triton.testing import assert_close, assert_equal
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these tests run many tiny ops, for which a second OpenMP thread only adds
+    synchronisation, and on a loaded 2-core machine (xdist, other jobs) spinning threads slow them ~10x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+ZOO = ["RevSResNet21", "RevSResNet37", "RevSResNet109", "RevSResNet24", "RevSFormer-2-384", "RevSFormer-4-384",
+       "RevSFormer-2-256", "MS-ResNet18", "MS-ResNet34", "MS-ResNet104", "MS-ResNet20", "Spikingformer-2-384",
+       "Spikingformer-4-384", "Spikingformer-2-256"]
+HEAVY = {"RevSResNet109", "MS-ResNet104"}   # ~70-77M parameters: the slowest to run three times on a CPU
+
+# Published parameter counts in millions (DESIGN.md section 1; Spikingformer paper for Spikingformer-*),
+# CIFAR-100 head for the CIFAR ResNets, 10 classes otherwise.
+PUBLISHED_M = {
+    "RevSResNet21": 11.05, "RevSResNet37": 23.59, "RevSResNet109": 70.08, "MS-ResNet18": 11.22,
+    "MS-ResNet34": 21.33, "RevSFormer-2-384": 5.76, "RevSFormer-4-384": 9.32,
+    "Spikingformer-2-384": 5.76, "Spikingformer-4-384": 9.32, "Spikingformer-2-256": 2.57,
+}
+# No published figure for the DVS ResNets; counted by hand from the architecture (conv 3x3 weights c_in*c_out*9,
+# BN 2*c, Linear c*k+k):
+#  RevSResNet24: stem 2*32*9+64 = 640; stage 1 (half 16, 1 block): 2 branches * (2*16*16*9+2*32) = 9344;
+#    down 32->64: 2048+128; stage 2 (half 32, 2 blocks): 4 * (2*32*32*9+2*64) = 74240; down 64->96: 6144+192;
+#    stage 3 (half 48, 2 blocks): 4 * (2*48*48*9+2*96) = 166656; head 96*10+10 = 970.        Total 260362.
+#  MS-ResNet20: stem 2*16*9+32 = 320; stage 1: 3 * (2*16*16*9+64) = 14016; stage 2: (16*32*9+32*32*9+128) +
+#    (16*32+64) + 2 * (2*32*32*9+128) = 51648; stage 3: (32*64*9+64*64*9+256) + (32*64+128) +
+#    2 * (2*64*64*9+256) = 205696; head 64*10+10 = 650.                                        Total 272330.
+HAND_COUNTED = {"RevSResNet24": 260362, "MS-ResNet20": 272330}
+CIFAR100 = {"RevSResNet21", "RevSResNet37", "RevSResNet109", "MS-ResNet18", "MS-ResNet34", "MS-ResNet104"}
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _count(name: str, **kw) -> int:
+    """Parameters of ``name`` built on the meta device (shapes only: no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        return _params(create_model(name, neuron_impl="torch", **kw))
+
+
+def test_registry_lists_the_zoo():
+    assert set(ZOO) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", sorted(set(PUBLISHED_M) | set(HAND_COUNTED)))
+def test_parameter_count(name):
+    kw = {"num_classes": 100} if name in CIFAR100 else {"num_classes": 10}
+    n = _count(name, **kw)
+    if name in HAND_COUNTED:
+        assert n == HAND_COUNTED[name]
+    else:
+        assert abs(n / 1e6 - PUBLISHED_M[name]) <= 0.005 * PUBLISHED_M[name], f"{name}: {n / 1e6:.3f}M"
+
+
+def test_every_zoo_model_has_a_parameter_check():
+    assert set(ZOO) - set(PUBLISHED_M) - set(HAND_COUNTED) == {"MS-ResNet104", "RevSFormer-2-256"}
+    # the two without a published figure share their blocks with checked models; their size follows from
+    # the checked depth scaling: MS-ResNet104 = MS-ResNet34 + 64 more basic blocks of known size
+    ms34, ms104 = (_count(n, num_classes=100) for n in ("MS-ResNet34", "MS-ResNet104"))
+    block = lambda c: 2 * (9 * c * c + 2 * c)  # noqa: E731  (two 3x3 convs + two BNs)
+    assert ms104 - ms34 == 4 * block(128) + 26 * block(256) + 5 * block(512)
+    # RevSFormer-2-256 equals Spikingformer-2-256 except that its head reads both streams (256 more inputs)
+    assert _count("RevSFormer-2-256") - _count("Spikingformer-2-256") == 256 * 10
+
+
+def _inputs(model: nn.Module, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if model.event_input:
+        x = (torch.rand(2, model.T, 2, 16, 16, generator=g) > 0.7).float() * 2.0
+    else:
+        x = torch.rand(2, 3, 8, 8, generator=g) * 4.0 - 1.0     # crosses the thresholds often
+    return x.to(device), torch.tensor([1, 3], device=device)
+
+
+def _loss_and_grads(name: str, neuron_impl: str, device: str, **overrides):
+    torch.manual_seed(0)
+    model = create_model(name, neuron_impl=neuron_impl, T=2, **overrides).to(device)
+    x, y = _inputs(model, device)
+    logits = model(x)
+    assert logits.shape == (2, model.num_classes) and logits.dtype == torch.float32
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(int(g.count_nonzero()) for g in grads.values()) > 0, "no gradient reached the parameters"
+    return loss.detach(), grads
+
+
+def _assert_grads_close(actual: dict, expected: dict, what: str) -> None:
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        # Gradients of deep networks are sums over T*B*H*W terms taken in a different order by the two sides;
+        # fp32 rounding of such sums is relative to the tensor's magnitude, not to each element, so the absolute
+        # tolerance scales with the largest element (1e-5 of it; observed differences stay below 3e-6 of it).
+        scale = float(expected[k].abs().max())
+        assert_close(actual[k], expected[k], f"{what}: grad {k}", rtol=1e-5, atol=1e-5 * max(scale, 1e-3))
+
+
+def _impl_cases():
+    for name in ZOO:
+        marks = [pytest.mark.slow] if name in HEAVY else []
+        yield pytest.param(name, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("name", list(_impl_cases()))
+def test_same_loss_and_gradients_across_neuron_impls(name, kernel_device):
+    ref_loss, ref_grads = _loss_and_grads(name, "spikingjelly", kernel_device)
+    for impl in ("torch", "triton"):
+        loss, grads = _loss_and_grads(name, impl, kernel_device)
+        assert_close(loss, ref_loss, f"{name} {impl} loss")
+        _assert_grads_close(grads, ref_grads, f"{name} {impl} vs spikingjelly")
+
+
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_heavy_models_forward_backward(name, kernel_device):
+    """The deepest models in the default (non-slow) run: one implementation, forward and backward."""
+    _loss_and_grads(name, "triton", kernel_device)
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if n.startswith("Rev")])
+def test_reversible_gradients_equal_ordinary_autograd(name, kernel_device):
+    loss_rev, grads_rev = _loss_and_grads(name, "triton", kernel_device, reversible=True)
+    loss_ref, grads_ref = _loss_and_grads(name, "triton", kernel_device, reversible=False)
+    assert_equal(loss_rev, loss_ref, f"{name} loss")       # same quantized forward arithmetic
+    _assert_grads_close(grads_rev, grads_ref, f"{name} reversible vs reversible=False")
+
+
+# ------------------------------------------------------------------------------------------------ shared layers
+@pytest.mark.parametrize("pool,stride,dims", [(False, 1, 2), (True, 1, 2), (False, 2, 2), (False, 1, 1)])
+def test_spike_conv_matches_plain_conv(pool, stride, dims):
+    torch.manual_seed(0)
+    conv = (nn.Conv2d(6, 5, 3 if not pool else 1, stride=stride, padding=1 if not pool else 0, bias=dims == 1)
+            if dims == 2 else nn.Conv1d(6, 5, 1, bias=True))
+    shape = (3, 6, 9, 7) if dims == 2 else (3, 6, 11)
+    spikes = (torch.rand(shape) > 0.6).float().requires_grad_()
+    out = L.spike_conv(spikes, conv, pool=pool)
+    ref_in = spikes.detach().clone().requires_grad_()
+    ref = conv(F.avg_pool2d(ref_in, 3, 2, 1) if pool else ref_in)
+    assert_close(out, ref, "forward")
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, [spikes, conv.weight, conv.bias] if conv.bias is not None else
+                                [spikes, conv.weight], g)
+    refs = torch.autograd.grad(ref, [ref_in, conv.weight, conv.bias] if conv.bias is not None else
+                               [ref_in, conv.weight], g)
+    for a, e, what in zip(grads, refs, ("input", "weight", "bias")):
+        assert_close(a, e, f"grad {what}")
+
+
+def test_spike_conv_keeps_one_byte_per_spike():
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    spikes = (torch.rand(2, 4, 8, 8) > 0.5).float().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        L.spike_conv(spikes, conv)
+    assert sorted(str(t.dtype) for t in saved) == ["torch.bool", "torch.float32"]   # spikes as bool, weight
+    assert any(t.dtype == torch.bool and t.shape == spikes.shape for t in saved)
+
+
+def test_spike_conv_under_autocast_runs_in_autocast_dtype():
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    spikes = (torch.rand(2, 4, 8, 8) > 0.5).float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = L.spike_conv(spikes, conv)
+        ref = conv(spikes)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert_close(out.float(), ref.float(), "bf16 forward", dtype=torch.bfloat16)
+    out.float().sum().backward()
+    assert spikes.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
+
+
+def test_spike_conv_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="conv must be"):
+        L.spike_conv(torch.zeros(1, 4, 4, 4), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="expected input"):
+        L.spike_conv(torch.zeros(1, 3, 4, 4), nn.Conv2d(4, 4, 3))
+
+
+def test_stem_runs_once_on_an_expanded_input():
+    torch.manual_seed(0)
+    stem = L.Stem(3, 8)
+    images = torch.randn(4, 3, 8, 8)
+    expanded = L.image_sequence(images, 3)
+    assert expanded.stride(0) == 0
+    out = stem(expanded)
+    assert out.shape == (3, 4, 8, 8, 8) and out.stride(0) == 0      # computed once, repeated by a view
+    ref = L.Stem(3, 8)
+    ref.load_state_dict(stem.state_dict())
+    ref.conv_bn.bn.reset_running_stats()
+    ref_out = ref(expanded.contiguous())                             # the T copies, as the original code does
+    assert_close(out, ref_out, "stem output")
+
+
+@pytest.mark.parametrize("impl", ["spikingjelly", "torch", "triton"])
+def test_make_neuron_kinds_and_release_of_state(impl):
+    x = torch.rand(3, 2, 5) * 2
+    for kind in L.NEURON_KINDS:
+        n = L.make_neuron(impl, kind, surrogate="atan", alpha=2.0, detach_reset=True)
+        assert n.step_mode == "m"
+        assert n(x).shape == x.shape
+    build = L.neuron_factory(impl, "lif", tau=1.5)
+    wrapped = build(v_threshold=0.5)
+    assert wrapped.neuron.v_threshold == 0.5 and wrapped.neuron.tau == 1.5
+    wrapped(x)
+    assert not isinstance(wrapped.neuron.v, torch.Tensor)          # no membrane tensor kept after the call
+
+
+def test_make_neuron_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="neuron_impl"):
+        L.make_neuron("cuda", "if")
+    with pytest.raises(ValueError, match="kind"):
+        L.make_neuron("torch", "izhikevich")
+    with pytest.raises(ValueError, match="surrogate"):
+        L.make_neuron("torch", "if", surrogate="relu")
+    with pytest.raises(ValueError, match="save="):
+        L.make_neuron("spikingjelly", "if", save="input")
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="RevSResNet37") as info:
+        create_model("RevSResNet38")
+    assert "MS-ResNet34" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["RevSResNet21", "MS-ResNet18", "RevSFormer-2-384", "Spikingformer-2-384"])
+def test_bad_image_input(name):
+    model = create_model(name, neuron_impl="torch", T=1, **({"widths": (4, 4, 4, 4)} if "ResNet" in name
+                                                               else {"embed_dim": 24}))
+    with pytest.raises(ValueError, match=r"expected images \[B, 3, H, W\]"):
+        model(torch.rand(2, 4, 32, 32))                 # channels
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.rand(3, 32, 32))                    # no batch axis
+    with pytest.raises(ValueError, match="spatial size"):
+        model(torch.rand(2, 3, 2, 2))                   # too small for the pooling
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("name", ["RevSResNet24", "MS-ResNet20", "RevSFormer-2-256", "Spikingformer-2-256"])
+def test_bad_event_input(name):
+    model = create_model(name, neuron_impl="torch", T=3)
+    with pytest.raises(ValueError, match=r"expected event frames \[B, T=3, 2, H, W\]"):
+        model(torch.rand(2, 4, 2, 32, 32))              # T of the data differs from the model's
+    with pytest.raises(ValueError, match="expected event frames"):
+        model(torch.rand(2, 3, 3, 32, 32))              # channels
+    with pytest.raises(ValueError, match="expected event frames"):
+        model(torch.rand(2, 3, 32, 32))                 # an image batch
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("T", [0, -1, 2.0])
+def test_bad_T(name, T):
+    with pytest.raises(ValueError, match="T must be an integer >= 1"):
+        create_model(name, neuron_impl="torch", T=T)
+
+
+def test_bad_config_overrides():
+    with pytest.raises(ValueError, match="widths and blocks"):
+        create_model("RevSResNet21", neuron_impl="torch", blocks=(1, 1, 1))
+    with pytest.raises(ValueError, match="num_heads"):
+        create_model("RevSFormer-2-384", neuron_impl="torch", embed_dim=100)
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("MS-ResNet18", neuron_impl="torch", num_classes=0)
+    with pytest.raises(ValueError, match="neuron_impl"):
+        create_model("MS-ResNet18", neuron_impl="cupy")
