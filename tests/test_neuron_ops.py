@@ -252,3 +252,24 @@ def test_bytes_saved_for_backward(kind, decay_input, save, per_step, per_neuron,
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         multistep_neuron(x, tau=2.0, w=w, decay_input=decay_input, save=save)
     assert sum(saved.values()) == per_step * T * n + per_neuron * n + const, saved
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "no_leaf_requires_grad", "training"])
+def test_nothing_saved_without_autograd(grad_mode: str, monkeypatch) -> None:
+    """Inference (and the reversible engine's graph-free forward) never writes H: the op gets save="input"."""
+    import revsnn_triton.ops.neuron as op_module
+    seen = []
+    original = op_module.neuron_forward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(op_module, "neuron_forward", spy)
+    x = torch.randn(3, 8, requires_grad=grad_mode != "no_leaf_requires_grad")
+    with torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext():
+        spikes, v = op_module.multistep_neuron(x, tau=2.0, save="h")
+    ref, ref_v = multistep_autograd(x.detach(), tau=2.0)
+    assert_equal(spikes.detach(), ref, "spikes")
+    assert_equal(v.detach(), ref_v, "v_final")
+    assert seen == (["h"] if grad_mode == "training" else ["input"])

@@ -169,13 +169,17 @@ def multistep_neuron(x_seq, v_init=None, *, tau=None, w=None, decay_input=True, 
       ``"input"`` (0 bytes, forward recomputed in backward; exact).
 
     Returns ``(spikes [T, *shape] in x_seq's dtype, v_final [*shape] float32)``, differentiable w.r.t.
-    ``x_seq``, ``v_init`` and ``w``. Raises ``TypeError``/``ValueError`` naming the bad argument.
+    ``x_seq``, ``v_init`` and ``w``. When no gradient can flow (grad mode off, or none of them requires grad)
+    nothing is saved whatever ``save`` says. Raises ``TypeError``/``ValueError`` naming the bad argument.
     """
     cfg = check_neuron_args(x_seq, v_init, tau=tau, w=w, decay_input=decay_input, v_threshold=v_threshold,
                             v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha, save=save)
+    w = w if cfg.kind == "plif" else None
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_seq, v_init, w))):
+        save = "input"  # no backward will run: do not write H at all
     if v_init is None:
         v_init = initial_membrane(x_seq, v_reset)
-    spikes, v_final, _ = neuron_forward(x_seq, v_init, w if cfg.kind == "plif" else None, cfg.kind, cfg.tau,
-                                        cfg.decay_input, cfg.v_threshold, cfg.hard_reset, cfg.v_reset,
-                                        cfg.detach_reset, cfg.surrogate, cfg.alpha, save)
+    spikes, v_final, _ = neuron_forward(x_seq, v_init, w, cfg.kind, cfg.tau, cfg.decay_input, cfg.v_threshold,
+                                        cfg.hard_reset, cfg.v_reset, cfg.detach_reset, cfg.surrogate, cfg.alpha,
+                                        save)
     return spikes, v_final
