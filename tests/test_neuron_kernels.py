@@ -215,6 +215,8 @@ def check_case(case: Case, device: str) -> None:
     check_gradients(case, bwd, ref_bwd)
 
 
+# Each example takes ~0.1 s: three times the profile's example count.
+@settings(max_examples=3 * settings().max_examples)
 @given(case=cases())
 @example(case=Case(kind="if", T=1, shape=(1,), v_reset=None, surrogate="atan", alpha=2.0))
 @example(case=Case(kind="plif", T=6, shape=(131,), layout="expand", v_reset=None, dtype=torch.bfloat16))

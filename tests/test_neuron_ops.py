@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from revsnn_triton.ops.neuron import multistep_neuron, neuron_backward, neuron_forward
@@ -71,6 +71,8 @@ def test_forward_and_gradients_equal_spikingjelly(kind: str, v_reset, surrogate:
         assert_close(got, ref, f"grad {what} vs spikingjelly")
 
 
+# Each example takes ~0.1 s: three times the profile's example count.
+@settings(max_examples=3 * settings().max_examples)
 @given(case=cases())
 @example(case=Case(kind="plif", T=1, shape=(1,), v_reset=None, detach_reset=True, layout="expand"))
 @example(case=Case(kind="lif", T=6, shape=(131,), v_threshold=-0.5, v_reset=0.3, dtype=torch.bfloat16,
