@@ -6,8 +6,9 @@ and arithmetic are fp32 whatever the input dtype; spikes are written in the inpu
 order of operations, so that fp32 spikes and membranes are bit-equal to spikingjelly 2.0) are those of
 ``revsnn_triton.ops.neuron_reference``; the seven surrogate derivatives are constexpr-selected ``@triton.jit``
 functions with the formulas of ``revsnn_triton.surrogate``. Floating-point contraction is disabled
-(``enable_fp_fusion=False``) and divisions are correctly rounded (``div_rn``), so the compiled kernels round
-exactly as the PyTorch reference does.
+(``enable_fp_fusion=False``) and divisions are correctly rounded (``div_rn``), so the forward rounds exactly
+as the PyTorch reference does (spikes, membranes and H bit-equal); the backward differs from it only where
+``exp`` is evaluated (surrogates), by an ulp or so.
 
 Layouts. ``x [T, *shape]`` is read in place with any strides: the launcher sorts the inner dims by stride,
 drops size-1 dims, merges dims that are contiguous with each other and passes up to ``MAX_DIMS`` (size, stride)
@@ -40,11 +41,11 @@ import torch
 import triton
 import triton.language as tl
 
+from revsnn_triton.surrogate import SURROGATE_IDS
+
 MAX_DIMS = 3
 KIND_IDS = {"if": 0, "lif": 1, "plif": 2}
 SAVE_IDS = {"none": 0, "h": 1, "h_bf16": 2}
-SURROGATE_IDS = {"sigmoid": 0, "atan": 1, "piecewise_quadratic": 2, "piecewise_exp": 3, "soft_sign": 4,
-                 "super_spike": 5, "erf": 6}
 
 
 # ------------------------------------------------------------------------------------------------ layouts
