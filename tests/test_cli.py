@@ -164,6 +164,14 @@ def test_nan_loss_exit_status(tmp_path, capsys, monkeypatch):
     assert status == 1 and "loss became nan at epoch 1, step 1" in err and "no checkpoint had been written" in err
 
 
+def test_bad_device(capsys):
+    status, err = _run(["train", "--device", "gpu0", *QUIET], capsys)
+    assert status == 2 and "'gpu0' is not a valid torch device" in err
+    if not torch.cuda.is_available():
+        status, err = _run(["train", "--device", "cuda", *QUIET], capsys)
+        assert status == 2 and "CUDA is not available" in err
+
+
 def test_bad_values_and_unknown_command(capsys):
     status, err = _run(["train", "--epochs", "0"], capsys)
     assert status == 2 and "epochs must be an integer >= 1" in err

@@ -75,7 +75,8 @@ def test_killed_run_resumes_exactly(tmp_path):
         assert torch.equal(a["model"][k], v), k
     lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
-    assert straight.history[-1]["train_loss"] < straight.history[0]["train_loss"]
+    # The resumed epochs did train (the comparison above is not between two frozen models).
+    assert any(not torch.equal(state["model"][k], v) for k, v in b["model"].items() if v.is_floating_point())
 
 
 class _NaNAfter(torch.nn.Module):
