@@ -12,7 +12,9 @@ step with constexpr switches:
 Round half to even: ``libdevice.rint`` does not run under Triton's interpreter (triton 3.6 returns
 None), so rint uses the magic-number trick: for ``|v| < M`` with ``M = 2**23`` (float32) or ``2**52``
 (float64), ``(v + copysign(M, v)) - copysign(M, v)`` lands on the grid of unit spacing and rounds
-half to even under the default rounding mode; ``|v| >= M`` is already an integer. Float -> int
+half to even under the default rounding mode; ``|v| >= M`` is already an integer. (Compiled for sm_90
+the compiler contracts ``f * 2**R + c`` into one fma: harmless, as ``f * 2**R`` is exact. The test
+suite checks that the magic constants survive in the PTX.) Float -> int
 conversion out of range is undefined in Triton, so out-of-range and NaN lanes are replaced before the
 conversion and patched after it.
 """

@@ -273,3 +273,55 @@ def test_api_validation():
         C.encode(f, 16, saturate=1)
     with pytest.raises(ValueError, match="grad_b must have shape"):
         C.uncouple_step(q, f, f, torch.zeros(3), 16)
+
+
+# Compiles the coupling kernel for an H100 (sm_90) without a GPU, in a subprocess without the
+# interpreter, and inspects the PTX: the round-half-even trick's magic constants (+-2**23 for float32,
+# +-2**52 for float64) must survive, i.e. the compiler did not fold (v + c) - c away; int32 results are
+# produced by an exact truncating conversion of an already integral value.
+_COMPILE_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from revsnn_triton.kernels.coupling import coupling_kernel as fn
+
+report = []
+for ptr_types, consts in json.loads(sys.argv[1]):
+    names = fn.arg_names
+    sig = {n: ptr_types.get(n) or ("constexpr" if n in consts else "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+    report.append(dict(
+        f32_magic=bool(re.search(r"0f4B000000", ptx)) and bool(re.search(r"0fCB000000", ptx)),
+        f64_magic=bool(re.search(r"0d4330000000000000", ptx)) and bool(re.search(r"0dC330000000000000", ptx)),
+        cvt=sorted(set(re.findall(r"cvt\.(\w+)\.s32\.f(?:32|64)", ptx)))))
+print(json.dumps(report))
+"""
+_BASE_CONSTS = dict(SCALE=65536.0, INV_SCALE=2.0 ** -16, HAS_Q=True, HAS_F=True, SUBTRACT=False, WRITE_Q=True,
+                    WRITE_F=True, ACCUMULATE=False, F_F64=False, OUT_F64=False, GRAD_F64=False, OUT_BF16=False,
+                    GRAD_BF16=False, BLOCK_SIZE=1024)
+_PTRS = dict(q_ptr="*i32", f_ptr="*fp32", out_q_ptr="*i32", out_f_ptr="*fp32", grad_a_ptr="*fp32",
+             grad_b_ptr="*fp32", grad_ptr="*fp32")
+_COMPILE_VARIANTS = [
+    (_PTRS, _BASE_CONSTS),
+    (dict(_PTRS, f_ptr="*fp64", out_f_ptr="*bf16"), dict(_BASE_CONSTS, F_F64=True, OUT_BF16=True)),
+    (dict(_PTRS, f_ptr="*bf16", grad_a_ptr="*bf16", grad_b_ptr="*bf16", grad_ptr="*bf16"),
+     dict(_BASE_CONSTS, SUBTRACT=True, ACCUMULATE=True, GRAD_BF16=True)),
+]
+
+
+def test_kernel_compiles_for_h100_keeping_the_rounding_trick():
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(_COMPILE_VARIANTS)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    f32, f64, bf16 = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f32["f32_magic"] and bf16["f32_magic"], (f32, bf16)
+    assert f64["f64_magic"], f64
+    for r in (f32, f64, bf16):
+        assert r["cvt"] and set(r["cvt"]) <= {"rzi"}, r  # truncation of integral values only
