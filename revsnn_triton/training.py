@@ -108,12 +108,12 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
         if device.index is None:
             device = torch.device("cuda", info.local_rank if info.on else torch.cuda.current_device())
         torch.cuda.set_device(device)
-    if info.on and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu" and cfg.cpu_threads is not None:
-        torch.set_num_threads(cfg.cpu_threads)
     if cfg.sync_bn and info.on and device.type != "cuda":
         raise ConfigError("config: sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
+    if device.type == "cpu" and cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+    if info.on and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
 
 

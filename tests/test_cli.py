@@ -172,6 +172,14 @@ def test_bad_device(capsys):
         assert status == 2 and "CUDA is not available" in err
 
 
+def test_sync_bn_on_cpu_under_torchrun(capsys, monkeypatch):
+    # As torchrun would set it for 2 processes; the check comes before any process group is created.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    status, err = _run(["train", "--sync-bn", "--device", "cpu", *QUIET], capsys)
+    assert status == 2 and "sync_bn needs CUDA" in err
+
+
 def test_bad_values_and_unknown_command(capsys):
     status, err = _run(["train", "--epochs", "0"], capsys)
     assert status == 2 and "epochs must be an integer >= 1" in err
