@@ -25,8 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from revsnn_triton.functional import reset_net
-
 NEURON_IMPLS = ("triton", "spikingjelly", "torch")
 NEURON_KINDS = ("if", "lif", "plif")
 
@@ -444,11 +442,11 @@ CIFAR_TRANSFORMER_NEURON = dict(kind="lif", tau=2.0, surrogate="sigmoid", alpha=
 
 
 class SpikingModel(nn.Module):
-    """Base of every zoo model: input checks and layout, neuron state reset before and after each forward.
+    """Base of every zoo model: input checks and layout.
 
-    The models process whole sequences; no state carries from one call to the next, and after a call no neuron
-    holds its final membrane tensor (which would otherwise stay allocated until the next call).
-    Subclasses call :meth:`setup_input` and implement ``forward_sequence(x: [T, B, C, H, W]) -> logits``.
+    The models process whole sequences; their neurons are :class:`SequenceNeuron` modules, so no state carries
+    from one call to the next. Subclasses call :meth:`setup_input` and implement
+    ``forward_sequence(x: [T, B, C, H, W]) -> logits``.
     """
 
     def setup_input(self, name: str, num_classes: int, T: int, in_channels: int, event_input: bool,
@@ -470,11 +468,7 @@ class SpikingModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: images ``[B, C, H, W]`` or event frames ``[B, T, C, H, W]``; returns logits ``[B, classes]``."""
-        reset_net(self)
-        try:
-            return self.forward_sequence(self.input_sequence(x))
-        finally:
-            reset_net(self)
+        return self.forward_sequence(self.input_sequence(x))
 
     def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
