@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
 from revsnn_triton.functional import reset_net
@@ -177,6 +178,14 @@ class RevSequence(nn.Module):
     -> same shape and dtype. The input is quantized once on entry (``encode``: round half to even;
     non-finite or out-of-range values raise ``ValueError``) and the output dequantized on exit; F and G see
     ``decode(half)`` in ``x``'s dtype. The gradient through the quantizers is straight-through.
+
+    Range: stream values must stay within ``representable_range(frac_bits)``; beyond it the int32 stream
+    wraps around (the coupling stays exactly invertible, but the decoded values are wrong). A branch
+    output with NaN/inf cannot be carried by the stream (the quantizer maps NaN to 0 and saturates inf),
+    so the whole output becomes NaN, as float arithmetic would make it. ``forward`` of a sequence in
+    training mode with gradients enabled keeps for backward the int32 output stream (the same bytes as
+    the float32 output), per branch that drew random numbers one RNG state, and 16 bytes of checksums
+    per block; nothing else. Double backward is not supported.
     """
 
     def __init__(self, blocks: Iterable[RevBlock], frac_bits: int = 16, reversible: bool = True,
@@ -272,17 +281,22 @@ class RevSequence(nn.Module):
     # -------------------------------------------------------------------------------- fixed point
 
     def _run_blocks(self, x1: Tensor, x1f: Tensor, x2: Tensor, x2f: Tensor,
-                    rng: list | None = None, checksums: list | None = None):
+                    rng: list | None = None, checksums: list | None = None, finite: list | None = None):
         """The forward arithmetic shared by every path: ``(y1, y1f, y2, y2f)`` int32 halves and their
-        float decodes. With grad enabled it is differentiable (straight-through couplings)."""
+        float decodes. With grad enabled it is differentiable (straight-through couplings). ``finite``
+        collects one bool tensor per branch call: whether its output was all finite."""
         R = self.frac_bits
         for i, block in enumerate(self.blocks):
             self._call_hooks("forward", i, x1, x2)
             if checksums is not None:
                 checksums.append(_checksum(x1, x2))
             f = self._branch(i, "F", block.f, x2f, rng)
+            if finite is not None:
+                finite.append(torch.isfinite(f).all())
             y1, y1f = C.couple_ste(x1, x1f, f, R)
             g = self._branch(i, "G", block.g, y1f, rng)
+            if finite is not None:
+                finite.append(torch.isfinite(g).all())
             y2, y2f = C.couple_ste(x2, x2f, g, R)
             x1, x1f, x2, x2f = y1, y1f, y2, y2f
         return x1, x1f, x2, x2f
@@ -344,8 +358,17 @@ class RevSequence(nn.Module):
         q, xf = C.encode_ste(x, self.frac_bits, False)
         x1, x2 = self._split(q, d)
         x1f, x2f = self._split(xf, d)
-        _, y1f, _, y2f = self._run_blocks(x1, x1f, x2, x2f)
-        return torch.cat([y1f, y2f], d)
+        finite: list[Tensor] = []
+        _, y1f, _, y2f = self._run_blocks(x1, x1f, x2, x2f, finite=finite)
+        return _poison_if_not_finite(torch.cat([y1f, y2f], d), finite)
+
+
+def _poison_if_not_finite(out: Tensor, finite: list[Tensor]) -> Tensor:
+    """A branch output with NaN/inf cannot be carried by the int32 stream (the quantizer maps NaN to 0
+    and saturates inf): make the whole sequence output NaN instead, as float arithmetic would, so a
+    diverging network shows up in the loss. No synchronization; the same in both modes."""
+    ok = torch.stack(finite).all()
+    return torch.where(ok, out, torch.full((), float("nan"), dtype=out.dtype, device=out.device))
 
 
 def _stream_sum(x: Tensor) -> Tensor:
@@ -386,12 +409,14 @@ class _ReversibleFunction(torch.autograd.Function):
             x1, x2 = seq._split(q, d)
             x1f, x2f = seq._split(xf, d)
             del q, xf
-            y1, y1f, y2, y2f = seq._run_blocks(x1, x1f, x2, x2f, ctx.rng, ctx.checksums)
-            out = torch.cat([y1f, y2f], d)
+            finite: list[Tensor] = []
+            y1, y1f, y2, y2f = seq._run_blocks(x1, x1f, x2, x2f, ctx.rng, ctx.checksums, finite)
+            out = _poison_if_not_finite(torch.cat([y1f, y2f], d), finite)
         ctx.save_for_backward(y1, y2)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         seq: RevSequence = ctx.seq
         d, dtype, R = ctx.d, ctx.x_dtype, seq.frac_bits
