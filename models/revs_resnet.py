@@ -7,18 +7,26 @@ conv -> BN) -> neuron -> global mean -> Linear. ``widths`` are per half, so a st
 channels. Each stage is one :class:`revsnn_triton.reversible.RevSequence`: its forward keeps no graph, and its
 backward recomputes one F or G at a time from reset neuron state on the exactly reconstructed input.
 
-Where the training memory per image goes, and what this file does about it (target: RevSResNet37 <= 6 MiB per
-image, fp32, T=4, CIFAR; the original code needs 19.5):
+Where the training memory per image goes, and what the model side does about it (issue 4's target:
+RevSResNet37 <= 6 MiB per image, fp32, T=4, CIFAR 32x32; the original code needs 19.5 on an H100):
 
-1. One block's recomputation graph (stage 1, transient, only during backward): BN inputs (fp32), neuron
-   state (``neuron_save``: ``"input"`` keeps nothing the producer does not keep anyway), and the conv inputs, which
-   are spikes kept as 1-byte bools (``compact_spikes=True``, :func:`~revsnn_triton.models.layers.spike_conv`)
-   instead of fp32. Neuron ``save`` choices matter here only because this graph is the peak; it never
-   accumulates over depth.
-2. Stored stage outputs: one int32 stream per stage, kept by the engine.
-3. Non-reversible downsample layers and stem: the downsample neuron's saved state plus BN input; the pooled map
-   is not kept (fused into ``spike_conv``); the stem runs once per image and is repeated over T with ``expand``
-   (the original repeats with a copy).
+1. One block's recomputation graph, alive only while the engine walks that block in backward; stage 1's is the
+   largest and sets the peak. Its conv inputs are spikes kept as 1-byte bools (``compact_spikes=True``,
+   :func:`~revsnn_triton.models.layers.spike_conv`) instead of fp32; BN inputs and the neurons' saved state
+   (``neuron_save``, default fp32 H) stay. ``neuron_save="input"`` only pays where the neuron's input is kept
+   anyway; in these branches it is not (it is a BN output), so it is not the default.
+2. Stored stage outputs: one int32 stream per stage, kept by the engine -- nothing per block.
+3. Neuron state: every neuron is a :class:`~revsnn_triton.models.layers.SequenceNeuron`, which drops its final
+   membrane tensor after each call. Without that, each F and G of every block holds one ``[B, C, H, W]`` tensor
+   from its forward until its recomputation, and memory grows with depth.
+4. Non-reversible parts: the downsample's pooled map is not kept (pool fused into ``spike_conv``), its 1x1
+   conv input is a bool; the downsample graphs are freed before the stage-1 recomputation begins, so at the
+   peak only the stem's saved BN input (one copy per image, not T) is left of them. The stem runs once per
+   image and is repeated over T by ``expand`` (the original repeats with a copy).
+
+Beyond this, the remaining per-image memory is the engine's and the neurons' backward work space during the
+stage-1 recomputation (decoded halves, gradients of the stream, neuron-backward temporaries); see
+``revsnn_triton.bench.memory`` for the measurement.
 
 ``reversible=False`` builds the same network with ordinary autograd through every block (same parameters, same
 quantized coupling), used to check gradients and as a baseline.
