@@ -400,7 +400,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, seq: RevSequence, d: int, *params: nn.Parameter) -> Tensor:
-        ctx.seq, ctx.d, ctx.x_dtype = seq, d, x.dtype
+        ctx.seq, ctx.d, ctx.x_dtype, ctx.params = seq, d, x.dtype, params
         ctx.autocast = _AutocastState(x.device.type)
         ctx.rng = []
         ctx.checksums = [] if seq.check else None
@@ -421,19 +421,18 @@ class _ReversibleFunction(torch.autograd.Function):
         seq: RevSequence = ctx.seq
         d, dtype, R = ctx.d, ctx.x_dtype, seq.frac_bits
         y1, y2 = ctx.saved_tensors
-        params = [p for p in seq.parameters() if p.requires_grad]
-        slot = {id(p): k for k, p in enumerate(params)}
-        param_grads: list[Tensor | None] = [None] * len(params)
+        slot = {id(p): k for k, p in enumerate(ctx.params)}  # the parameters given to forward, in order
+        param_grads: list[Tensor | None] = [None] * len(ctx.params)
         dy1, dy2 = seq._split(grad_out.to(dtype), d)
         y1f = C.decode(y1, R, dtype)
         rebuilt_sums = []
         for i in reversed(range(len(seq.blocks))):
             block = seq.blocks[i]
-            g, (gy1,) = _recompute_vjp(seq, i, "G", block.g, y1f, dy2, ctx.rng[2 * i + 1], ctx.autocast,
+            g, gy1 = _recompute_vjp(seq, i, "G", block.g, y1f, dy2, ctx.rng[2 * i + 1], ctx.autocast,
                                        slot, param_grads)
             x2, x2f, dy1 = C.uncouple_step(y2, g, dy1, gy1, R, dtype)
             del g, gy1
-            f, (gx2,) = _recompute_vjp(seq, i, "F", block.f, x2f, dy1, ctx.rng[2 * i], ctx.autocast,
+            f, gx2 = _recompute_vjp(seq, i, "F", block.f, x2f, dy1, ctx.rng[2 * i], ctx.autocast,
                                        slot, param_grads)
             x1, x1f, dy2 = C.uncouple_step(y1, f, dy2, gx2, R, dtype)
             del f, gx2
@@ -449,10 +448,10 @@ class _ReversibleFunction(torch.autograd.Function):
 
 def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, x: Tensor, grad: Tensor,
                    rng: _RngState | None, autocast: _AutocastState, slot: dict[int, int],
-                   param_grads: list[Tensor | None]) -> tuple[Tensor, tuple[Tensor]]:
-    """Recompute ``module(x)`` as in the forward and return ``(output, (vjp w.r.t. x,))``; parameter
-    vjps are added to ``param_grads``. The output is detached."""
-    params = [p for p in module.parameters() if p.requires_grad]
+                   param_grads: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+    """Recompute ``module(x)`` as in the forward and return ``(output, vjp w.r.t. x)``; the vjps of the
+    parameters in ``slot`` are added to ``param_grads``. The output is detached."""
+    params = [p for p in module.parameters() if id(p) in slot]
     x = x.detach().requires_grad_(True)
     # Running statistics are restored only after the vjp: BatchNorm's backward checks the versions
     # of the buffers it saved.
@@ -460,14 +459,14 @@ def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, 
         with torch.enable_grad(), _RngState.restore(rng), autocast.restored():
             out = seq._branch(index, which, module, x)
         if not out.requires_grad:
-            return out.detach(), (torch.zeros_like(x),)
+            return out.detach(), torch.zeros_like(x)
         grads = torch.autograd.grad(out, [x, *params], grad.to(out.dtype), allow_unused=True)
     for p, gp in zip(params, grads[1:]):
         if gp is not None:
             k = slot[id(p)]
             param_grads[k] = gp if param_grads[k] is None else param_grads[k] + gp
     gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
-    return out.detach(), (gx.to(x.dtype),)
+    return out.detach(), gx.to(x.dtype)
 
 
 def _compare_checksums(seq: RevSequence, forward: list[Tensor], rebuilt: list[Tensor]) -> None:
