@@ -18,6 +18,8 @@ A coupling stream is an int32 tensor ``q`` that stands for the real value ``q * 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 INT32_MIN = -(2 ** 31)
@@ -50,24 +52,36 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_encodable(x: torch.Tensor, frac_bits: int, saturate: bool, what: str = "x") -> None:
     """Raise ``ValueError`` if ``x`` holds a non-finite value, or (unless ``saturate``) a value whose
-    rounded fixed-point image lies outside int32. One reduction; on a GPU it synchronizes."""
-    scaled = x.to(torch.float64) * 2.0 ** frac_bits  # exact: a power-of-two scale of a float <= 64 bit
+    rounded fixed-point image lies outside int32. One ``aminmax`` pass without temporaries (NaN
+    propagates into it) and one synchronization; the bounds are checked exactly in Python floats."""
+    if x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if math.isfinite(lo) and math.isfinite(hi):
+        # x * 2**R is exact in a Python float for every float16/bfloat16/float32/float64 x in range, and
+        # round() rounds half to even like the quantizer.
+        if saturate or (round(lo * 2.0 ** frac_bits) >= INT32_MIN and round(hi * 2.0 ** frac_bits) <= INT32_MAX):
+            return
+    _raise_not_encodable(x, frac_bits, saturate, what)
+
+
+def _raise_not_encodable(x: torch.Tensor, frac_bits: int, saturate: bool, what: str) -> None:
+    """The error path: find and describe the offending elements (allocates, but only on failure)."""
+    scaled = x.to(torch.float64) * 2.0 ** frac_bits
     if saturate:
         bad = ~torch.isfinite(scaled)
     else:
         rounded = torch.round(scaled)
         bad = ~((rounded >= INT32_MIN) & (rounded <= INT32_MAX))  # NaN/inf fail both comparisons
-    if bool(bad.any()):
-        first = tuple(bad.nonzero()[0].tolist())
-        value = x[first].item()
-        n_bad = int(bad.sum())
-        lo, hi = representable_range(frac_bits)
-        if not torch.isfinite(x[first]):
-            problem = "non-finite value"
-        else:
-            problem = (f"value outside the fixed-point range [{lo:g}, {hi:g}] of frac_bits={frac_bits} "
-                       "(pass saturate=True to clamp)")
-        raise ValueError(f"{what}: {n_bad} element(s) cannot be encoded: {problem} {value!r} at index {first}")
+    first = tuple(bad.nonzero()[0].tolist())
+    value = x[first].item()
+    lo, hi = representable_range(frac_bits)
+    if not math.isfinite(value):
+        problem = "non-finite value"
+    else:
+        problem = (f"value outside the fixed-point range [{lo:g}, {hi:g}] of frac_bits={frac_bits} "
+                   "(pass saturate=True to clamp)")
+    raise ValueError(f"{what}: {int(bad.sum())} element(s) cannot be encoded: {problem} {value!r} at index {first}")
 
 
 def encode(x: torch.Tensor, frac_bits: int, saturate: bool = False) -> torch.Tensor:
