@@ -8,7 +8,9 @@ CPU allocator recorded by the profiler (:mod:`revsnn_triton.memory`) -- real all
 
 Output (``--out``): ``memory.{csv,json,md}`` (every model, fp32 and bf16 autocast), ``memory_depth.{csv,json,md}``
 and ``memory_depth.png`` (memory per image against depth, reversible and non-reversible side by side; ResNets
-and transformers in two panels). Rows are written after every model, so an interrupted run keeps what it had.
+and transformers in two panels), then ``memory_ablation.{csv,json,md}`` (RevSResNet37 and MS-ResNet34 with each
+memory option of the zoo switched, and on spikingjelly's neurons). Rows are written after every measurement,
+so an interrupted run keeps what it had.
 
     python -m revsnn_triton.bench.memory --out benchmarks/results            # GPU: every model, 16 vs 64
     python -m revsnn_triton.bench.memory --cpu-small --out /tmp/mem          # CPU: tiny widths, shape of curve
@@ -126,6 +128,7 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
     small, big = min(batch_sizes), max(batch_sizes)
     torch.manual_seed(0)
     kw = dict(case.overrides, **(extra or {}))
+    neuron_impl = kw.pop("neuron_impl", neuron_impl)
     if T is not None:
         kw["T"] = T
     model = create_model(case.name, neuron_impl=neuron_impl, **kw).to(device).train()
@@ -140,7 +143,7 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
                params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                mib_per_image=(peak_big - peak_small) / (big - small) / MiB,
                peak_small_MiB=peak_small / MiB, peak_big_MiB=peak_big / MiB,
-               seconds=time.perf_counter() - t0)
+               seconds=time.perf_counter() - t0, status="ok")
     del model, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -148,7 +151,7 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
 
 
 COLUMNS = ["model", "family", "reversible", "depth", "neuron_impl", "dtype", "T", "image", "batches", "params_M",
-           "mib_per_image", "peak_small_MiB", "peak_big_MiB", "seconds", "variant"]
+           "mib_per_image", "peak_small_MiB", "peak_big_MiB", "seconds", "variant", "status"]
 
 
 def plot_depth(rows: Sequence[dict], path: Path, title: str) -> Path | None:
@@ -196,11 +199,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--neuron-impl", choices=("triton", "torch", "spikingjelly"), default="triton")
     p.add_argument("--cpu-small", action="store_true",
                    help="CI mode: the depth sweep at 1/8 width, 16x16 inputs, T=2, batches 2 and 4, fp32 "
-                   "(the per-model table only with --models)")
+                   "(the per-model table only with --models; no ablation)")
     p.add_argument("--no-sweep", action="store_true", help="skip the depth sweep")
     p.add_argument("--no-models", action="store_true", help="skip the per-model table")
-    p.add_argument("--ablation", action="store_true",
-                   help="also measure RevSResNet37 and MS-ResNet34 with each memory option switched off")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip RevSResNet37 / MS-ResNet34 with each memory option switched (run last; default on)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this")
     args = p.parse_args(argv)
     if args.device is None:
@@ -211,8 +214,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.cpu_small:
         args.T = args.T or 2
         args.image_size = args.image_size or 16
-        # the depth sweep already covers the CIFAR models; the per-model table only on request
+        # the depth sweep already covers the CIFAR models; the per-model table and the ablation only on request
         args.no_models = args.no_models or args.models is None
+        args.no_ablation = True
     args.dtypes = args.dtypes or (["fp32"] if cpu else ["fp32", "bf16"])
     args.batch_sizes = args.batch_sizes or ([2, 4] if cpu else [16, 64])
     if min(args.batch_sizes) < 1 or args.batch_sizes[0] == args.batch_sizes[1]:
@@ -254,26 +258,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         row = measure_case(case, device=device, dtype=dtype, batch_sizes=args.batch_sizes,
                                            T=args.T, image_size=args.image_size, neuron_impl=args.neuron_impl,
                                            extra=extra)
-                    except torch.cuda.OutOfMemoryError:
+                    except Exception as error:  # one failing case (e.g. out of memory) must not end the run
                         row = dict(model=case.label, family=case.family, reversible=case.reversible,
-                                   depth=case.depth, dtype=dtype, mib_per_image=float("nan"))
-                        torch.cuda.empty_cache()
+                                   depth=case.depth, dtype=dtype, mib_per_image=float("nan"),
+                                   status=f"{type(error).__name__}: {str(error).splitlines()[0][:150]}")
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                     row["variant"] = variant
                     rows.append(row)
                     measured[key] = row
                     print(f"{row['model']:>22} {dtype} {variant or '':>22}: "
-                          f"{row['mib_per_image']:.3f} MiB/image", flush=True)
+                          f"{row['mib_per_image']:.3f} MiB/image  {row['status']}", flush=True)
                     write_results(rows, args.out, stem, title, COLUMNS, notes=note)
         return rows
 
     from revsnn_triton.bench import write_results
     if not args.no_models:
         run([model_case(n, args.cpu_small) for n in args.models], "memory", "Training memory per image")
-    if args.ablation:
-        variants = (("default", {}), ("neuron_save=input", {"neuron_save": "input"}),
-                    ("compact_spikes=False", {"compact_spikes": False}))
-        run([model_case(n, args.cpu_small) for n in ("RevSResNet37", "MS-ResNet34")], "memory_ablation",
-            "Training memory per image: what each option buys", variants)
     if not args.no_sweep:
         rows = run(depth_sweep_cases(args.cpu_small), "memory_depth", "Training memory per image against depth")
         if rows:
@@ -282,6 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"Training memory per image against depth ({env_dev}, {args.neuron_impl} neurons)")
             if png:
                 print(f"wrote {png}")
+    if not args.no_ablation:
+        variants = ((None, {}), ("compact_spikes=False", {"compact_spikes": False}),
+                    ("neuron_save=input", {"neuron_save": "input"}),
+                    ("spikingjelly neurons", {"neuron_impl": "spikingjelly"}))
+        run([model_case(n, args.cpu_small) for n in ("RevSResNet37", "MS-ResNet34")], "memory_ablation",
+            "Training memory per image: what each option buys (empty variant: the defaults)", variants)
     return 0
 
 
