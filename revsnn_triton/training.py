@@ -532,8 +532,8 @@ def memory_report(cfg: TrainConfig, data: DataBundle, device: torch.device, mode
             warnings.simplefilter("ignore")
             results[name] = float(memory_per_image(step, batch_sizes, device))
         del model
-    note = (f"training step, slope of peak allocated memory between batch {batch_sizes[0]} and {batch_sizes[1]}, "
-            f"{'CUDA max_memory_allocated' if device.type == 'cuda' else 'CPU allocation accounting'}")
+    note = (f"training step (eager, amp={cfg.amp}), slope of peak allocated memory between batch {batch_sizes[0]} "
+            f"and {batch_sizes[1]}, {'CUDA max_memory_allocated' if device.type == 'cuda' else 'CPU allocation accounting'}")
     return results, note
 
 
