@@ -4,16 +4,14 @@ import os
 import socket
 import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from revsnn_triton.reversible import RevSequence
 from revsnn_triton.testing import assert_close, assert_equal
-from test_reversible import (DEVICE, SeqToANN, check_grads, input_for, make_sequence, record_streams,  # noqa: F401
-                             single_cpu_thread)
+from test_reversible import DEVICE, SeqToANN, check_grads, input_for, make_sequence, record_streams
+from test_reversible import single_cpu_thread  # noqa: F401 (autouse fixture)
 
 
 class Net(nn.Module):
