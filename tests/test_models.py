@@ -284,3 +284,19 @@ def test_bad_config_overrides():
         create_model("MS-ResNet18", neuron_impl="torch", num_classes=0)
     with pytest.raises(ValueError, match="neuron_impl"):
         create_model("MS-ResNet18", neuron_impl="cupy")
+
+
+@pytest.mark.parametrize("name,overrides", [("RevSResNet21", {"widths": (4, 8, 8, 8)}),
+                                            ("MS-ResNet18", {"widths": (4, 8, 8, 8)}),
+                                            ("RevSFormer-2-384", {"embed_dim": 48}),
+                                            ("Spikingformer-2-384", {"embed_dim": 48})])
+def test_bf16_autocast_training_step(name, overrides, kernel_device):
+    torch.manual_seed(0)
+    model = create_model(name, neuron_impl="triton", T=2, **overrides).to(kernel_device)
+    x, y = _inputs(model, kernel_device)
+    with torch.autocast(torch.device(kernel_device).type, dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for k, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), k
