@@ -7,8 +7,9 @@ outputs are quantized before they are added, in integer arithmetic that wraps mo
 ``X1 = Y1 - q(F(X2))`` is exact for every input as long as F (and G) are recomputed bit-identically.
 
 Forward (``reversible=True``) runs under ``torch.no_grad`` and keeps, for backward, only the last
-block's int32 output halves, one RNG state per branch call (CPU, and CUDA when the input is on a GPU),
-the autocast state and, with ``check=True``, two int64 checksums per block. Backward walks the blocks
+block's int32 output halves, the RNG state (CPU, and CUDA when the input is on a GPU) before each branch
+call that drew random numbers (none for branches without dropout), the autocast state and, with
+``check=True``, two int64 checksums per block. Backward walks the blocks
 in reverse: for each branch it resets the neuron state, recomputes the branch with gradients under the
 forward's autocast state and RNG state (equal dropout masks), takes the vector-Jacobian product with
 ``torch.autograd.grad`` (never ``.backward()``), and rebuilds the block input exactly with one fused
