@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+try:  # Python 3.11+; on 3.10 the tomli backport (same API) if installed
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - depends on the interpreter
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -185,13 +192,16 @@ def resolve_config_path(name_or_path: str) -> Path:
 def read_config_file(name_or_path: str) -> dict:
     """Read a recipe (YAML or TOML) into a dict of validated keys (unknown keys -> :class:`ConfigError`)."""
     path = resolve_config_path(name_or_path)
+    if path.suffix.lower() == ".toml" and tomllib is None:
+        raise ConfigError(f"config file {str(path)!r}: reading TOML needs Python 3.11+ or `pip install tomli`; "
+                          "or write the recipe as YAML")
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".toml":
             data = tomllib.loads(text)
         else:
             data = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"config file {str(path)!r} could not be read: {exc}") from None
     if data is None:
         data = {}
