@@ -12,7 +12,8 @@ Memory design (what each piece keeps for backward; see ``revsnn_triton.bench.mem
   an optional 3x3/stride-2 average pooling in front (the downsample layers) is fused the same way, so neither the
   fp32 spikes nor the pooled map are kept. BatchNorm keeps its fp32 input as usual.
 - Neurons keep what their ``save=`` option says (ours: ``"h"`` fp32 H, ``"h_bf16"``, or ``"input"``: nothing
-  beyond the input that the producer keeps anyway); spikingjelly's nodes keep their own choice.
+  beyond the input that the producer keeps anyway); spikingjelly's nodes keep their own choice. Every neuron
+  of the zoo is wrapped in :class:`SequenceNeuron`, which drops the final membrane tensor after each call.
 - Stems compute the image path once per image and repeat it over T with ``expand`` (a stride-0 view), never a
   copy; BatchNorm on the repeated map has the same batch statistics as on the T copies.
 """
