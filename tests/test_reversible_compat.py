@@ -42,6 +42,12 @@ def test_compile_trains_and_matches_eager():
     # autograd.Function: its backward drives Python-level recomputation); the stem and the head compile.
     assert explain.graph_break_count == 1, [b.reason for b in explain.break_reasons]
     assert "_reversible_apply" in explain.break_reasons[0].reason
+    # inference and reversible=False trace whole: one graph, no break
+    with torch.no_grad():
+        assert torch._dynamo.explain(net)(x).graph_break_count == 0
+    net.rev.reversible = False
+    assert torch._dynamo.explain(net)(x).graph_break_count == 0
+    net.rev.reversible = True
     compiled = torch.compile(copy.deepcopy(net))
     eager_opt = torch.optim.SGD(net.parameters(), lr=0.1)
     comp_opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
