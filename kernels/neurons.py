@@ -20,14 +20,35 @@ layout when they are not in it already (for ``v_init`` and ``grad_v_final`` that
 
 What the forward keeps for backward (``save``), in bytes per neuron-step, besides a reference to ``x`` where
 it is needed (``save="input"``, and PLIF with ``decay_input``; it costs nothing extra when ``x`` is kept alive
-anyway, and an expanded ``x`` holds only one step) and ``v_init`` (N floats, PLIF and ``"input"``):
+anyway, and an expanded ``x`` holds only one step) and ``v_init`` when one is given (N floats, PLIF and
+``"input"``):
 
 - ``"h"``: 4 bytes, fp32 ``H``. Exact gradients.
 - ``"h_bf16"``: 2 bytes, ``H - v_threshold`` rounded to nearest-even bf16. Spikes in backward come from its sign
   bit, so the reset gradient's spike mask is exact; the surrogate and ``v_reset - H`` terms see ``H`` with a
   relative error up to 2^-9 of ``|H - v_threshold|``: gradients are approximate.
-- ``"input"``: 0 bytes. The backward re-runs the forward kernel into a transient fp32 ``H`` buffer
-  (4 bytes per neuron-step, freed after the backward), then runs the backward kernel. Exact gradients.
+- ``"input"``: 0 bytes. For ``T <= MAX_RECOMPUTE_T`` the backward kernel re-runs the forward recurrence on
+  ``x`` in registers (``T`` is then a compile-time constant, both time loops are unrolled and ``H[t]`` is the
+  t-th block of a tuple), then runs the reverse-time recurrence: H never goes to memory. Longer sequences re-run
+  the forward kernel into a transient fp32 ``H`` buffer (4 bytes per neuron-step, freed after the backward)
+  first. Either way the arithmetic is the forward's, so the gradients are bit-identical to ``"h"``'s.
+
+Traffic per call, bytes per neuron-step with ``b`` the input's element size (2 or 4), for the common case of
+a constant initial state (``v_init=None``: filled from ``v_reset``, not read), an unused ``v_final`` (its zero
+gradient is not read) and no grad of ``v_init`` (not written); each of these otherwise adds 4 bytes per neuron
+(not per step), as does writing ``v_final``:
+
+============  =====================  ==============================  ===========
+``save``      forward                backward                        total
+============  =====================  ==============================  ===========
+``"h"``       X, S, H: ``2b + 4``    dS, H, dX: ``2b + 4``           ``4b + 8``
+``"h_bf16"``  X, S, H: ``2b + 2``    dS, H, dX: ``2b + 2``           ``4b + 4``
+``"input"``   X, S: ``2b``           dS, X, dX: ``3b``               ``5b``
+============  =====================  ==============================  ===========
+
+``"input"`` is the 5-pass floor (fp32: 20 bytes vs 24 for ``"h"``; bf16: 10 vs 16). For
+``T > MAX_RECOMPUTE_T`` its backward costs ``b + 4`` (re-run) plus ``2b + 4`` more. PLIF with ``decay_input``
+also reads X in backward with ``"h"``/``"h_bf16"`` (``b`` more) and again with ``"input"`` (``b`` more).
 
 PLIF's gradient of ``w``: the backward kernel writes, per neuron, ``sum_t dL/dH[t] * dH[t]/dq`` (summed over t
 in registers, t from T-1 down to 0); the caller reduces these partials with one ``torch.sum``. No atomics, and
@@ -46,6 +67,8 @@ from revsnn_triton.surrogate import SURROGATE_IDS
 MAX_DIMS = 3
 KIND_IDS = {"if": 0, "lif": 1, "plif": 2}
 SAVE_IDS = {"none": 0, "h": 1, "h_bf16": 2}
+# Longest sequence whose save="input" backward recomputes H in registers (T unrolled: one compiled variant per T).
+MAX_RECOMPUTE_T = 32
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -224,18 +247,38 @@ def _round_bf16_bits(x):
 
 
 @triton.jit
+def _step(x, v, tau, q, v_threshold, v_reset, KIND: tl.constexpr, DECAY_INPUT: tl.constexpr,
+          HARD_RESET: tl.constexpr):
+    """One time step of the forward recurrence: ``(H, spike as 0/1 fp32, V)`` from input ``x`` and ``V[t-1]``."""
+    h = _charge(x, v, tau, q, v_reset, KIND, DECAY_INPUT)
+    spike = (h >= v_threshold).to(tl.float32)
+    v = _reset(h, spike, v_threshold, v_reset, HARD_RESET)
+    return h, spike, v
+
+
+@triton.jit
+def _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST: tl.constexpr, BLOCK: tl.constexpr):
+    """``V[-1]``: ``v_fill`` everywhere (the default initial state, nothing read) or loaded from ``v_init``."""
+    if V_INIT_CONST:
+        v = v_fill * (tl.zeros([BLOCK], dtype=tl.float32) + 1.0)  # x * 1.0 is exact (keeps -0.0)
+    else:
+        v = tl.load(v_init_ptr + n, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _neuron_forward_kernel(
     x_ptr, v_init_ptr, q_ptr, spikes_ptr, v_final_ptr, h_ptr,
     N, T, stride_t, size1, size2, stride0, stride1, stride2,
-    tau, v_threshold, v_reset,
+    tau, v_threshold, v_reset, v_fill,
     KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, NDIMS: tl.constexpr,
-    SAVE: tl.constexpr, STORE_SPIKES: tl.constexpr, BLOCK: tl.constexpr,
+    SAVE: tl.constexpr, STORE_SPIKES: tl.constexpr, V_INIT_CONST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
     x_off = _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS)
-    v = tl.load(v_init_ptr + n, mask=mask, other=0.0)
+    v = _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST, BLOCK)
     q = 0.0
     if KIND == 2:
         q = tl.load(q_ptr)
@@ -246,9 +289,7 @@ def _neuron_forward_kernel(
     t = 0
     while t < T:
         x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
-        h = _charge(x, v, tau, q, v_reset, KIND, DECAY_INPUT)
-        spike = (h >= v_threshold).to(tl.float32)
-        v = _reset(h, spike, v_threshold, v_reset, HARD_RESET)
+        h, spike, v = _step(x, v, tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET)
         if STORE_SPIKES:
             tl.store(spikes_ptr + out, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
         if SAVE == 1:
@@ -276,72 +317,127 @@ def _load_saved(h_ptr, off, mask, v_threshold, H_BF16: tl.constexpr):
 
 
 @triton.jit
+def _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b, KIND: tl.constexpr,
+               DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
+               SURROGATE: tl.constexpr):
+    """One step of the reverse-time recurrence: ``(dL/dX[t], dL/dH[t], dL/dV[t-1])`` from ``H[t]``, its spike,
+    ``dL/dS[t]`` (fp32) and the carried ``dL/dV[t]``."""
+    sg = _surrogate_grad(h - v_threshold, sg_a, sg_b, SURROGATE)
+    if HARD_RESET:
+        dv_dh = 1.0 - spike
+        if not DETACH_RESET:
+            dv_dh = dv_dh + (v_reset - h) * sg
+    else:
+        if DETACH_RESET:
+            dv_dh = tl.full(sg.shape, 1.0, tl.float32)
+        else:
+            dv_dh = 1.0 - v_threshold * sg
+    grad_h = grad_s * sg + carry * dv_dh
+    if KIND == 0:
+        grad_x = grad_h
+        carry = grad_h
+    elif KIND == 1:
+        grad_h_tau = _div_rn(grad_h, tau, grad_h)
+        if DECAY_INPUT:
+            grad_x = grad_h_tau
+        else:
+            grad_x = grad_h
+        carry = grad_h - grad_h_tau
+    else:
+        if DECAY_INPUT:
+            grad_x = grad_h * q
+        else:
+            grad_x = grad_h
+        carry = grad_h - grad_h * q
+    return grad_x, grad_h, carry
+
+
+@triton.jit
+def _dh_dq(x_ptr, x_cur, mask, v_prev, v_reset, DECAY_INPUT: tl.constexpr):
+    """PLIF: ``dH[t]/dq = X[t] - (V[t-1] - v_reset)`` (``decay_input``) or ``-(V[t-1] - v_reset)``."""
+    if DECAY_INPUT:
+        x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
+        d = x - (v_prev - v_reset)
+    else:
+        d = -(v_prev - v_reset)
+    return d
+
+
+@triton.jit
 def _neuron_backward_kernel(
     grad_s_ptr, grad_v_ptr, h_ptr, x_ptr, v_init_ptr, q_ptr, grad_x_ptr, grad_v_init_ptr, w_partial_ptr,
     N, T, last_out, x_last, stride_t, size1, size2, stride0, stride1, stride2,
-    tau, v_threshold, v_reset, sg_a, sg_b,
+    tau, v_threshold, v_reset, v_fill, sg_a, sg_b,
     KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, H_BF16: tl.constexpr, NDIMS: tl.constexpr, BLOCK: tl.constexpr,
+    SURROGATE: tl.constexpr, H_BF16: tl.constexpr, NDIMS: tl.constexpr, V_INIT_CONST: tl.constexpr,
+    LOAD_GRAD_V: tl.constexpr, STORE_GRAD_V_INIT: tl.constexpr, RECOMPUTE_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Backward through time, from the saved H (``RECOMPUTE_T == 0``; runtime ``T``), or with H recomputed in
+    registers (``RECOMPUTE_T == T``, a compile-time constant: both time loops are unrolled and H[t] is the t-th
+    element of a tuple of blocks, so it never goes to memory)."""
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
-    carry = tl.load(grad_v_ptr + n, mask=mask, other=0.0)
+    if LOAD_GRAD_V:
+        carry = tl.load(grad_v_ptr + n, mask=mask, other=0.0)
+    else:
+        carry = tl.zeros([BLOCK], dtype=tl.float32)
     q = 0.0
     w_acc = tl.zeros([BLOCK], dtype=tl.float32)
     v_init = tl.zeros([BLOCK], dtype=tl.float32)
     x_off = n
     if KIND == 2:
         q = tl.load(q_ptr)
-        v_init = tl.load(v_init_ptr + n, mask=mask, other=0.0)
+    if KIND == 2 or RECOMPUTE_T > 0:
+        v_init = _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST, BLOCK)
         x_off = _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS)
     out = n + last_out  # last_out = (T - 1) * N and x_last = (T - 1) * stride_t, from the launcher (int64-safe)
-    x_cur = x_off + x_last
-    h, spike = _load_saved(h_ptr, out, mask, v_threshold, H_BF16)
-    t = T - 1
-    while t >= 0:
-        sg = _surrogate_grad(h - v_threshold, sg_a, sg_b, SURROGATE)
-        if HARD_RESET:
-            dv_dh = 1.0 - spike
-            if not DETACH_RESET:
-                dv_dh = dv_dh + (v_reset - h) * sg
-        else:
-            if DETACH_RESET:
-                dv_dh = tl.full(sg.shape, 1.0, tl.float32)
-            else:
-                dv_dh = 1.0 - v_threshold * sg
-        grad_h = tl.load(grad_s_ptr + out, mask=mask, other=0.0).to(tl.float32) * sg + carry * dv_dh
-        if KIND == 0:
-            grad_x = grad_h
-            carry = grad_h
-        elif KIND == 1:
-            grad_h_tau = _div_rn(grad_h, tau, grad_h)
-            if DECAY_INPUT:
-                grad_x = grad_h_tau
-            else:
-                grad_x = grad_h
-            carry = grad_h - grad_h_tau
-        else:
-            if DECAY_INPUT:
-                grad_x = grad_h * q
-            else:
-                grad_x = grad_h
-            carry = grad_h - grad_h * q
-        tl.store(grad_x_ptr + out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-        if t > 0:
-            h, spike = _load_saved(h_ptr, out - N, mask, v_threshold, H_BF16)
-        if KIND == 2:
-            v_prev = tl.where(t > 0, _reset(h, spike, v_threshold, v_reset, HARD_RESET), v_init)
-            if DECAY_INPUT:
-                x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
-                dh_dq = x - (v_prev - v_reset)
-            else:
-                dh_dq = -(v_prev - v_reset)
-            w_acc = w_acc + grad_h * dh_dq
-        out -= N
-        x_cur -= stride_t
-        t -= 1
-    tl.store(grad_v_init_ptr + n, carry, mask=mask)
+    if RECOMPUTE_T > 0:
+        hs = ()
+        v = v_init
+        x_cur = x_off
+        for t in tl.static_range(RECOMPUTE_T):
+            x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
+            h, spike, v = _step(x, v, tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET)
+            hs = hs + (h,)
+            x_cur += stride_t
+        x_cur = x_off + x_last
+        for t in tl.static_range(RECOMPUTE_T - 1, -1, -1):
+            h = hs[t]
+            spike = (h >= v_threshold).to(tl.float32)
+            grad_s = tl.load(grad_s_ptr + out, mask=mask, other=0.0).to(tl.float32)
+            grad_x, grad_h, carry = _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b,
+                                               KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE)
+            tl.store(grad_x_ptr + out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            if KIND == 2:
+                if t > 0:
+                    h_prev = hs[t - 1]
+                    v_prev = _reset(h_prev, (h_prev >= v_threshold).to(tl.float32), v_threshold, v_reset,
+                                    HARD_RESET)
+                else:
+                    v_prev = v_init
+                w_acc = w_acc + grad_h * _dh_dq(x_ptr, x_cur, mask, v_prev, v_reset, DECAY_INPUT)
+            out -= N
+            x_cur -= stride_t
+    else:
+        x_cur = x_off + x_last
+        h, spike = _load_saved(h_ptr, out, mask, v_threshold, H_BF16)
+        t = T - 1
+        while t >= 0:
+            grad_s = tl.load(grad_s_ptr + out, mask=mask, other=0.0).to(tl.float32)
+            grad_x, grad_h, carry = _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b,
+                                               KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE)
+            tl.store(grad_x_ptr + out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            if t > 0:
+                h, spike = _load_saved(h_ptr, out - N, mask, v_threshold, H_BF16)
+            if KIND == 2:
+                v_prev = tl.where(t > 0, _reset(h, spike, v_threshold, v_reset, HARD_RESET), v_init)
+                w_acc = w_acc + grad_h * _dh_dq(x_ptr, x_cur, mask, v_prev, v_reset, DECAY_INPUT)
+            out -= N
+            x_cur -= stride_t
+            t -= 1
+    if STORE_GRAD_V_INIT:
+        tl.store(grad_v_init_ptr + n, carry, mask=mask)
     if KIND == 2:
         tl.store(w_partial_ptr + n, w_acc, mask=mask)
 
@@ -414,12 +510,13 @@ def _check_out(name: str, t: torch.Tensor, template: torch.Tensor, dtype: torch.
                          f"{tuple(t.shape)}, dtype {t.dtype}, strides {tuple(t.stride())}")
 
 
-def neuron_forward(x: torch.Tensor, v_init: torch.Tensor, q: torch.Tensor | None, *, kind: str, tau: float,
+def neuron_forward(x: torch.Tensor, v_init: torch.Tensor | None, q: torch.Tensor | None, *, kind: str, tau: float,
                    decay_input: bool, v_threshold: float, hard_reset: bool, v_reset: float, save: str,
                    block_size: int | None = None, num_warps: int | None = None, out=None):
     """Multi-step neuron forward.
 
-    ``x [T, *shape]`` fp32/fp16/bf16 (any strides), ``v_init [*shape]`` fp32, ``q`` a 1-element fp32 tensor
+    ``x [T, *shape]`` fp32/fp16/bf16 (any strides), ``v_init [*shape]`` fp32 or None (the default initial
+    state ``v_reset``, which is 0.0 for soft reset: nothing is read), ``q`` a 1-element fp32 tensor
     ``sigmoid(w)`` (PLIF) or None; ``v_reset`` is the hard-reset value (0.0 for soft reset). ``save`` in
     ``"h"``, ``"h_bf16"``, ``"input"``. Returns ``(spikes [T, *shape] x.dtype, v_final [*shape] fp32, saved)``,
     all in the neuron layout of ``x``: ``saved`` is fp32 ``H``, bf16 ``H - v_threshold``, or an empty tensor.
@@ -448,34 +545,39 @@ def _forward_into(x, v_init, q, spikes, v_final, saved, *, kind, tau, decay_inpu
     n, T, block_size, num_warps, grid = _launch_args("neuron_forward", x, x.dtype, block_size, num_warps)
     if n == 0:
         return
-    v_init = to_neuron_layout(v_init, x, with_time=False)
+    if v_init is not None:
+        v_init = to_neuron_layout(v_init, x, with_time=False)
     x, geometry = _x_geometry(x)
     _neuron_forward_kernel[grid](
-        x, v_init, q if q is not None else v_init, spikes if store_spikes else v_final, v_final,
-        saved if save_id else v_final,
-        n, T, *geometry[:6], float(tau), float(v_threshold), float(v_reset),
+        x, v_final if v_init is None else v_init, q if q is not None else v_final,
+        spikes if store_spikes else v_final, v_final, saved if save_id else v_final,
+        n, T, *geometry[:6], float(tau), float(v_threshold), float(v_reset), float(v_reset),
         KIND=KIND_IDS[kind], DECAY_INPUT=bool(decay_input), HARD_RESET=bool(hard_reset), NDIMS=geometry[6],
-        SAVE=save_id, STORE_SPIKES=store_spikes, BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
+        SAVE=save_id, STORE_SPIKES=store_spikes, V_INIT_CONST=v_init is None, BLOCK=block_size,
+        num_warps=num_warps, enable_fp_fusion=False)
 
 
-def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, saved: torch.Tensor,
+def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None, saved: torch.Tensor,
                     x: torch.Tensor | None, v_init: torch.Tensor | None, q: torch.Tensor | None, *, kind: str,
                     tau: float, decay_input: bool, v_threshold: float, hard_reset: bool, v_reset: float,
-                    detach_reset: bool, surrogate: str, alpha: float, save: str,
+                    detach_reset: bool, surrogate: str, alpha: float, save: str, need_grad_v_init: bool = True,
                     block_size: int | None = None, num_warps: int | None = None, out=None):
     """Multi-step neuron backward through time.
 
-    ``grad_spikes [T, *shape]`` (spikes' dtype), ``grad_v_final [*shape]``; ``saved`` from
-    :func:`neuron_forward`; ``x`` is read for ``save="input"`` and for PLIF with ``decay_input``, ``v_init`` for
-    PLIF and ``"input"`` (otherwise they may be None).
-    Returns ``(grad_x [T, *shape] in grad_spikes' dtype, grad_v_init [*shape] fp32, w_partial)`` in the neuron
-    layout (of ``x`` for ``"input"``, else of ``saved``); ``w_partial [*shape]`` fp32 per-neuron partial sums
-    for PLIF's grad of ``w`` (None otherwise). ``out``: optional preallocated ``(grad_x, grad_v_init,
-    w_partial)``.
+    ``grad_spikes [T, *shape]`` (spikes' dtype), ``grad_v_final [*shape]`` or None (zero: nothing read);
+    ``saved`` from :func:`neuron_forward`; ``x`` is read for ``save="input"`` and for PLIF with ``decay_input``;
+    ``v_init`` (None = the constant default state ``v_reset``) matters for PLIF and ``"input"``.
+    ``save="input"`` with ``T <= MAX_RECOMPUTE_T`` runs one kernel that recomputes H in registers; longer
+    sequences re-run the forward kernel into a transient fp32 H buffer first. Gradients are bit-identical to
+    ``save="h"``'s in both cases.
+    Returns ``(grad_x [T, *shape] in grad_spikes' dtype, grad_v_init [*shape] fp32 or None when
+    ``need_grad_v_init`` is false (not written), w_partial)`` in the neuron layout (of ``x`` for ``"input"``,
+    else of ``saved``); ``w_partial [*shape]`` fp32 per-neuron partial sums for PLIF's grad of ``w`` (None
+    otherwise). ``out``: optional preallocated ``(grad_x, grad_v_init, w_partial)``.
     """
     template = x if save == "input" else saved
-    if save == "input":
-        # Recompute H with the forward kernel (same launch configuration rules), then run the backward.
+    recompute = save == "input" and template.shape[0] <= MAX_RECOMPUTE_T  # fused: H in registers
+    if save == "input" and not recompute:
         h = empty_neuron_layout(x, torch.float32)
         scratch_v = empty_neuron_layout(x, torch.float32, with_time=False)
         _forward_into(x, v_init, q, None, scratch_v, h, kind=kind, tau=tau, decay_input=decay_input,
@@ -483,37 +585,44 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, saved
                       store_spikes=False, block_size=block_size, num_warps=num_warps)
         del scratch_v
     else:
-        h = saved
+        h = saved  # empty for the fused recompute: the kernel never reads it
     if out is None:
         grad_x = empty_neuron_layout(template, grad_spikes.dtype)
-        grad_v_init = empty_neuron_layout(template, torch.float32, with_time=False)
+        grad_v_init = empty_neuron_layout(template, torch.float32, with_time=False) if need_grad_v_init else None
         w_partial = empty_neuron_layout(template, torch.float32, with_time=False) if kind == "plif" else None
     else:
         grad_x, grad_v_init, w_partial = out
         _check_out("out[0] (grad_x)", grad_x, template, grad_spikes.dtype, True)
-        _check_out("out[1] (grad_v_init)", grad_v_init, template, torch.float32, False)
+        if need_grad_v_init:
+            _check_out("out[1] (grad_v_init)", grad_v_init, template, torch.float32, False)
+        else:
+            grad_v_init = None
         if kind == "plif":
             _check_out("out[2] (w_partial)", w_partial, template, torch.float32, False)
     grad_spikes = to_neuron_layout(grad_spikes, template, with_time=True)
-    grad_v_final = to_neuron_layout(grad_v_final.float(), template, with_time=False)
-    n, T, block_size, num_warps, grid = _launch_args("neuron_backward", h, grad_spikes.dtype, block_size, num_warps)
+    if grad_v_final is not None:
+        grad_v_final = to_neuron_layout(grad_v_final.float(), template, with_time=False)
+    kernel = "neuron_backward_recompute" if recompute else "neuron_backward"
+    n, T, block_size, num_warps, grid = _launch_args(kernel, template, grad_spikes.dtype, block_size, num_warps)
     if n == 0:
         return grad_x, grad_v_init, w_partial
-    reads_x = kind == "plif" and decay_input  # dH/dq = X - (V[t-1] - v_reset)
-    if kind == "plif":
+    reads_x = recompute or (kind == "plif" and decay_input)  # PLIF: dH/dq = X - (V[t-1] - v_reset)
+    if v_init is not None and (kind == "plif" or recompute):
         v_init = to_neuron_layout(v_init, template, with_time=False)
     if reads_x:
         x, geometry = _x_geometry(x)
     else:
         geometry = [0, 1, 1, 0, 0, 0, 1]
     sg_a, sg_b = _surrogate_constants(surrogate, alpha)
+    any_ptr = grad_x
     _neuron_backward_kernel[grid](
-        grad_spikes, grad_v_final, h, x if reads_x else h, v_init if kind == "plif" else grad_v_final,
-        q if q is not None else grad_v_final, grad_x, grad_v_init,
-        w_partial if w_partial is not None else grad_v_init,
+        grad_spikes, any_ptr if grad_v_final is None else grad_v_final, any_ptr if recompute else h,
+        x if reads_x else any_ptr, any_ptr if v_init is None else v_init, any_ptr if q is None else q,
+        grad_x, any_ptr if grad_v_init is None else grad_v_init, any_ptr if w_partial is None else w_partial,
         n, T, (T - 1) * n, (T - 1) * geometry[0], *geometry[:6], float(tau), float(v_threshold), float(v_reset),
-        float(sg_a), float(sg_b),
+        float(v_reset), float(sg_a), float(sg_b),
         KIND=KIND_IDS[kind], DECAY_INPUT=bool(decay_input), HARD_RESET=bool(hard_reset),
         DETACH_RESET=bool(detach_reset), SURROGATE=SURROGATE_IDS[surrogate], H_BF16=save == "h_bf16",
-        NDIMS=geometry[6], BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
+        NDIMS=geometry[6], V_INIT_CONST=v_init is None, LOAD_GRAD_V=grad_v_final is not None,
+        STORE_GRAD_V_INIT=grad_v_init is not None, RECOMPUTE_T=T if recompute else 0, BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
     return grad_x, grad_v_init, w_partial

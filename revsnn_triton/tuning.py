@@ -96,16 +96,37 @@ def bucket(n: int, T: int) -> tuple[int, int]:
     return _next_pow2(n), _next_pow2(T)
 
 
-def heuristic(n: int, T: int, on_gpu: bool) -> LaunchConfig:
+# Kernels that keep all T steps of each of their neurons in registers (the fused save="input" backward
+# holds H[0..T-1]): their heuristic bounds the neurons per thread so that T of them fit.
+REGISTER_RESIDENT_KERNELS = ("neuron_backward_recompute",)
+# Bound on (neurons per thread) x T for those kernels. Measured with ptxas for sm_90 (LIF, ATan, fp32): 16
+# gives about 55-80 registers per thread (no spills, at least half occupancy); 32 about 85-150; 64 spills.
+MAX_RESIDENT_VALUES = 16
+
+
+def heuristic(n: int, T: int, on_gpu: bool, kernel: str | None = None) -> LaunchConfig:
     """Default configuration. On a GPU: 1024 neurons and 4 warps per program for large ``n``, halved
     while fewer than 512 programs would be launched (so that small layers still fill the SMs), down to
-    128 neurons and 1 warp. Under the interpreter: :data:`INTERPRETER_BLOCK`, 1 warp."""
+    128 neurons and 1 warp. For a kernel of :data:`REGISTER_RESIDENT_KERNELS` (registers grow with T),
+    the warps are then doubled (up to 8) and after that the block halved (down to 128) while a thread
+    would hold more than :data:`MAX_RESIDENT_VALUES` values (``T`` per neuron): a smaller block for a
+    larger T. Under the interpreter: :data:`INTERPRETER_BLOCK`, 1 warp."""
     if not on_gpu:
         return LaunchConfig(INTERPRETER_BLOCK, 1)
     block = 1024
     while block > 128 and n < 512 * block:
         block //= 2
-    return LaunchConfig(block, {1024: 4, 512: 4, 256: 2, 128: 1}[block])
+    warps = {1024: 4, 512: 4, 256: 2, 128: 1}[block]
+    if kernel in REGISTER_RESIDENT_KERNELS:
+        per_thread = max(1, MAX_RESIDENT_VALUES // T)
+        while block // (32 * warps) > per_thread:
+            if warps < 8:
+                warps *= 2
+            elif block > 128:
+                block //= 2
+            else:
+                break
+    return LaunchConfig(block, warps)
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -222,14 +243,14 @@ _answers: dict[tuple, tuple[LaunchConfig, str]] = {}
 def _lookup(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device,
             cache_file: str | os.PathLike | None) -> tuple[LaunchConfig, str]:
     if device.type != "cuda":
-        return heuristic(n, T, on_gpu=False), "interpreter"
+        return heuristic(n, T, on_gpu=False, kernel=kernel), "interpreter"
     path = resolve_cache_path(cache_file)
     if path is not None:
         index = device.index if device.index is not None else torch.cuda.current_device()
         entry = _entries(path).get(cache_key(kernel, n, T, dtype, _gpu_name(index)))
         if entry is not None:
             return LaunchConfig(entry["block_size"], entry["num_warps"]), "tuned"
-    return heuristic(n, T, on_gpu=True), "heuristic"
+    return heuristic(n, T, on_gpu=True, kernel=kernel), "heuristic"
 
 
 def _write_entries(path: Path, new: dict[str, dict]) -> None:
@@ -326,7 +347,7 @@ def tune(shapes: Iterable[tuple[int, int]], dtypes: Iterable[torch.dtype], kerne
         for dtype in dtypes:
             for T, n in shapes:
                 run = benches[name](T, n, dtype, device)
-                default = heuristic(n, T, on_gpu=True)
+                default = heuristic(n, T, on_gpu=True, kernel=name)
                 timings = []
                 for cfg in dict.fromkeys([*cands, default]):  # the heuristic is always a candidate
                     try:

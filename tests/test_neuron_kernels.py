@@ -162,11 +162,18 @@ def poisoned(x, dtypes, with_time):
     return tuple(_nan_like(K.empty_neuron_layout(x, d, w)) for d, w in zip(dtypes, with_time))
 
 
-def run_launchers(case: Case, device: str, save: str, block_size: int | None = None):
-    """Forward and backward launchers on ``device`` with NaN-poisoned outputs; results on CPU."""
+def run_launchers(case: Case, device: str, save: str, block_size: int | None = None, *, v_init_const: bool = True,
+                  grad_v_final: bool = True, need_grad_v_init: bool = True):
+    """Forward and backward launchers on ``device`` with NaN-poisoned outputs; results on CPU.
+
+    Without ``case.random_v_init`` the launchers get ``v_init=None`` (the constant initial state, not read),
+    or with ``v_init_const=False`` that state materialized; ``grad_v_final=False`` passes None (zero, not read)
+    instead of the random gradient; ``need_grad_v_init=False`` asks for no grad of v_init (returned None)."""
     x, v_init, w, grad_s, grad_v = make_inputs(case, device)
     cfg = config(case, x)
-    v0 = initial_membrane(x, case.v_reset) if v_init is None else v_init
+    v0 = v_init
+    if v_init is None and not v_init_const:
+        v0 = initial_membrane(x, case.v_reset)
     q = None if w is None else torch.sigmoid(w.float())
     saved_dtype = torch.bfloat16 if save == "h_bf16" else torch.float32
     out = poisoned(x, (x.dtype, torch.float32, saved_dtype), (True, False, True))
@@ -176,9 +183,10 @@ def run_launchers(case: Case, device: str, save: str, block_size: int | None = N
                            num_warps=1 if block_size else None, out=out)
     assert all(a is b for a, b in zip(fwd, out)), "the launcher must write into the given outputs"
     bwd_out = poisoned(x, (x.dtype, torch.float32, torch.float32), (True, False, False))
-    bwd = K.neuron_backward(grad_s, grad_v, fwd[2], x, v0, q, **launcher_kwargs(cfg),
+    bwd = K.neuron_backward(grad_s, grad_v if grad_v_final else None, fwd[2], x, v0, q, **launcher_kwargs(cfg),
                             detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha, save=save,
-                            block_size=block_size, num_warps=1 if block_size else None,
+                            need_grad_v_init=need_grad_v_init, block_size=block_size,
+                            num_warps=1 if block_size else None,
                             out=bwd_out if cfg.kind == "plif" else bwd_out[:2] + (None,))
     cpu = lambda ts: tuple(None if t is None else t.cpu() for t in ts)  # noqa: E731
     return cpu(fwd), cpu(bwd)
@@ -243,6 +251,69 @@ def test_saved_bf16_matches_reference_encoding(kernel_device: str) -> None:
     assert_equal(spikes, ref_spikes, "spikes")
     assert_equal(saved, encode_saved(ref_h, "h_bf16", case.v_threshold), "saved bf16 H - v_threshold")
     check_gradients(case, bwd, ref_bwd)
+
+
+def check_same_gradients(got, expected, what: str) -> None:
+    for a, b, name in zip(got, expected, ("grad_x", "grad_v_init", "w partials")):
+        if b is not None:
+            assert_equal(a, b, f"{name}: {what}")
+
+
+# Each example takes ~0.15 s (two forward + backward runs).
+@given(case=cases())
+@example(case=Case(kind="plif", T=6, shape=(131,), layout="expand", v_reset=None, dtype=torch.bfloat16))
+@example(case=Case(kind="plif", T=5, shape=(2, 3, 4), layout="time_inner", decay_input=True, random_v_init=False,
+                   special_frac=0.6, dtype=torch.float16, surrogate="piecewise_exp", alpha=1.0))
+def test_recompute_backward_equals_saved_h(case: Case) -> None:
+    """save="input" (H recomputed in registers by the backward kernel) gives gradients bit-identical to
+    save="h" (H written by the forward and read back): same arithmetic in the same order."""
+    with kernels_on(KERNEL_DEVICE):
+        fwd_h, bwd_h = run_launchers(case, KERNEL_DEVICE, save="h")
+        fwd_in, bwd_in = run_launchers(case, KERNEL_DEVICE, save="input")
+    assert_equal(fwd_in[0], fwd_h[0], "spikes")
+    assert_equal(fwd_in[1], fwd_h[1], "v_final")
+    check_same_gradients(bwd_in, bwd_h, "save='input' vs 'h'")
+
+
+def test_recompute_beyond_register_bound_falls_back(kernel_device: str) -> None:
+    """T > MAX_RECOMPUTE_T: the forward kernel re-runs into a transient H; still bit-identical to save="h"."""
+    T = K.MAX_RECOMPUTE_T + 1
+    case = Case(kind="plif", T=T, shape=(3, 7), layout="transposed", v_reset=None, scale=2.0)
+    with kernels_on(kernel_device):
+        (_, bwd_h), (_, bwd_in) = (run_launchers(case, kernel_device, save=s) for s in ("h", "input"))
+        (_, bwd_short) = run_launchers(Case(kind="plif", T=K.MAX_RECOMPUTE_T, shape=(3, 7)), kernel_device, "input")
+    check_same_gradients(bwd_in, bwd_h, f"T={T}, save='input' vs 'h'")
+    assert not torch.isnan(bwd_short[0]).any(), "the longest fused case writes every gradient"
+
+
+@pytest.mark.parametrize("save", ["h", "input", "h_bf16"])
+@pytest.mark.parametrize("kind", ["lif", "plif"])
+def test_skipped_traffic_changes_nothing(kind: str, save: str, kernel_device: str) -> None:
+    """The constant initial state not read (v_init=None), a zero grad of v_final not read (None), grad of
+    v_init not written: every other result bit-identical to the run that reads / writes them."""
+    case = Case(kind=kind, T=4, shape=(5, 23), v_reset=-0.5 if kind == "lif" else None, random_v_init=False,
+                scale=2.0, layout="channels_last")
+    with kernels_on(kernel_device):
+        const = run_launchers(case, kernel_device, save)
+        full = run_launchers(case, kernel_device, save, v_init_const=False)
+        no_gv = run_launchers(case, kernel_device, save, grad_v_final=False)
+        no_gv_init = run_launchers(case, kernel_device, save, need_grad_v_init=False)
+    for a, b, what in zip(const[0], full[0], ("spikes", "v_final", "saved")):
+        assert_equal(a, b, f"{what}: v_init=None vs materialized")
+    check_same_gradients(const[1], full[1], "v_init=None vs materialized")
+    check_same_gradients(no_gv_init[1][::2], const[1][::2], "grad of v_init not requested")
+    assert no_gv_init[1][1] is None
+    # grad_v_final=None is the zero gradient: compare with the reference backward given zeros
+    (_, _, h), ref = reference(case, save=save if save == "h_bf16" else "h")
+    x, _, w, grad_s, grad_v = make_inputs(case)
+    assert not torch.equal(grad_v, torch.zeros_like(grad_v))
+    cfg = config(case, x)
+    v0 = initial_membrane(x, case.v_reset)
+    q = None if w is None else torch.sigmoid(w.float()).reshape(())
+    h_used, s_used = decode_saved(encode_saved(h, save, cfg.v_threshold), save, cfg.v_threshold) \
+        if save == "h_bf16" else (h, (h >= cfg.v_threshold).float())
+    ref_zero = neuron_backward_reference(grad_s, torch.zeros_like(grad_v), h_used, s_used, x, v0, q, cfg)
+    check_gradients(case, no_gv[1], ref_zero)
 
 
 def test_saved_bf16_rounds_ties_to_even(kernel_device: str) -> None:
@@ -384,7 +455,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from revsnn_triton.kernels import neurons as K
 
-FLOATS = ("tau", "v_threshold", "v_reset", "sg_a", "sg_b")
+FLOATS = ("tau", "v_threshold", "v_reset", "v_fill", "sg_a", "sg_b")
 report = []
 for name, ptr_types, consts in json.loads(sys.argv[1]):
     fn = getattr(K, name)
@@ -405,22 +476,37 @@ _F32 = "*fp32"
 _COMPILE_VARIANTS = [
     ("_neuron_forward_kernel", dict(x_ptr=_F32, v_init_ptr=_F32, q_ptr=_F32, spikes_ptr=_F32, v_final_ptr=_F32,
                                     h_ptr=_F32),
-     dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, NDIMS=1, SAVE=1, STORE_SPIKES=True, BLOCK=1024, stride2=1)),
+     dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, NDIMS=1, SAVE=1, STORE_SPIKES=True, V_INIT_CONST=True,
+          BLOCK=1024, stride2=1)),
     ("_neuron_forward_kernel", dict(x_ptr="*bf16", v_init_ptr=_F32, q_ptr=_F32, spikes_ptr="*bf16", v_final_ptr=_F32,
                                     h_ptr="*bf16"),
-     dict(KIND=2, DECAY_INPUT=False, HARD_RESET=False, NDIMS=3, SAVE=2, STORE_SPIKES=True, BLOCK=512)),
+     dict(KIND=2, DECAY_INPUT=False, HARD_RESET=False, NDIMS=3, SAVE=2, STORE_SPIKES=True, V_INIT_CONST=False,
+          BLOCK=512)),
     ("_neuron_forward_kernel", dict(x_ptr="*fp16", v_init_ptr=_F32, q_ptr=_F32, spikes_ptr="*fp16", v_final_ptr=_F32,
                                     h_ptr=_F32),
-     dict(KIND=0, DECAY_INPUT=True, HARD_RESET=True, NDIMS=2, SAVE=1, STORE_SPIKES=False, BLOCK=256)),
+     dict(KIND=0, DECAY_INPUT=True, HARD_RESET=True, NDIMS=2, SAVE=1, STORE_SPIKES=False, V_INIT_CONST=False,
+          BLOCK=256)),
     ("_neuron_backward_kernel", dict(grad_s_ptr=_F32, grad_v_ptr=_F32, h_ptr=_F32, x_ptr=_F32, v_init_ptr=_F32,
                                      q_ptr=_F32, grad_x_ptr=_F32, grad_v_init_ptr=_F32, w_partial_ptr=_F32),
      dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, DETACH_RESET=True, SURROGATE=1, H_BF16=False, NDIMS=1,
-          BLOCK=1024)),
+          V_INIT_CONST=False, LOAD_GRAD_V=True, STORE_GRAD_V_INIT=True, RECOMPUTE_T=0, BLOCK=1024)),
     ("_neuron_backward_kernel", dict(grad_s_ptr="*bf16", grad_v_ptr=_F32, h_ptr="*bf16", x_ptr="*bf16",
                                      v_init_ptr=_F32, q_ptr=_F32, grad_x_ptr="*bf16", grad_v_init_ptr=_F32,
                                      w_partial_ptr=_F32),
      dict(KIND=2, DECAY_INPUT=True, HARD_RESET=False, DETACH_RESET=False, SURROGATE=0, H_BF16=True, NDIMS=3,
-          BLOCK=512)),
+          V_INIT_CONST=True, LOAD_GRAD_V=False, STORE_GRAD_V_INIT=False, RECOMPUTE_T=0, BLOCK=512)),
+    # the fused save="input" backward: H recomputed into a register tile (the benchmark's LIF, T=4 and T=16)
+    ("_neuron_backward_kernel", dict(grad_s_ptr=_F32, grad_v_ptr=_F32, h_ptr=_F32, x_ptr=_F32, v_init_ptr=_F32,
+                                     q_ptr=_F32, grad_x_ptr=_F32, grad_v_init_ptr=_F32, w_partial_ptr=_F32),
+     dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, DETACH_RESET=True, SURROGATE=1, H_BF16=False, NDIMS=1,
+          V_INIT_CONST=True, LOAD_GRAD_V=False, STORE_GRAD_V_INIT=False, RECOMPUTE_T=4, BLOCK=1024,
+          stride2=1)),
+    ("_neuron_backward_kernel", dict(grad_s_ptr="*bf16", grad_v_ptr=_F32, h_ptr=_F32, x_ptr="*bf16",
+                                     v_init_ptr=_F32, q_ptr=_F32, grad_x_ptr="*bf16", grad_v_init_ptr=_F32,
+                                     w_partial_ptr=_F32),
+     dict(KIND=2, DECAY_INPUT=True, HARD_RESET=False, DETACH_RESET=False, SURROGATE=0, H_BF16=False, NDIMS=1,
+          V_INIT_CONST=False, LOAD_GRAD_V=True, STORE_GRAD_V_INIT=True, RECOMPUTE_T=16, BLOCK=512,
+          stride2=1)),
 ]
 
 

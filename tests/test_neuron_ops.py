@@ -231,19 +231,21 @@ def test_torch_compile_fullgraph_equals_eager(path: str) -> None:
             assert_close(a, b, f"compiled vs eager, shape {shape}: {what}")
 
 
-@pytest.mark.parametrize("kind,decay_input,save,per_step,per_neuron,const", [
-    ("lif", True, "h", 4, 0, 0),           # fp32 H only
-    ("lif", True, "h_bf16", 2, 0, 0),      # bf16 H - v_threshold only
-    ("lif", True, "input", 2, 4, 0),       # x (bf16 here) and v_init (fp32), nothing else
-    ("plif", True, "h", 4 + 2, 4, 4),      # H, x (for dH/dq), v_init, w
-    ("plif", False, "h", 4, 4, 4),         # H, v_init, w (dH/dq does not involve x)
-    ("plif", True, "input", 2, 4, 4),      # x, v_init, w
+@pytest.mark.parametrize("kind,decay_input,save,with_v_init,per_step,per_neuron,const", [
+    ("lif", True, "h", False, 4, 0, 0),          # fp32 H only
+    ("lif", True, "h_bf16", False, 2, 0, 0),     # bf16 H - v_threshold only
+    ("lif", True, "input", False, 2, 0, 0),      # x (bf16 here), nothing else (v_init=None is not materialized)
+    ("lif", True, "input", True, 2, 4, 0),       # x and the given v_init (fp32)
+    ("plif", True, "h", False, 4 + 2, 0, 4),     # H, x (for dH/dq), w
+    ("plif", False, "h", True, 4, 4, 4),         # H, v_init, w (dH/dq does not involve x)
+    ("plif", True, "input", False, 2, 0, 4),     # x, w
 ])
-def test_bytes_saved_for_backward(kind, decay_input, save, per_step, per_neuron, const) -> None:
+def test_bytes_saved_for_backward(kind, decay_input, save, with_v_init, per_step, per_neuron, const) -> None:
     """What autograd really keeps (storages counted through saved-tensor hooks), per save mode, bf16 input."""
     T, n = 4, 1000
     x = torch.randn(T, n).to(torch.bfloat16).requires_grad_()
     w = torch.zeros(1, requires_grad=True) if kind == "plif" else None
+    v_init = torch.zeros(n) if with_v_init else None
     saved = {}
 
     def pack(t: torch.Tensor):
@@ -252,7 +254,7 @@ def test_bytes_saved_for_backward(kind, decay_input, save, per_step, per_neuron,
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        multistep_neuron(x, tau=2.0, w=w, decay_input=decay_input, save=save)
+        multistep_neuron(x, v_init, tau=2.0, w=w, decay_input=decay_input, save=save)
     assert sum(saved.values()) == per_step * T * n + per_neuron * n + const, saved
 
 
@@ -275,3 +277,38 @@ def test_nothing_saved_without_autograd(grad_mode: str, monkeypatch) -> None:
     assert_equal(spikes.detach(), ref, "spikes")
     assert_equal(v.detach(), ref_v, "v_final")
     assert seen == (["h"] if grad_mode == "training" else ["input"])
+
+
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+def test_unused_outputs_are_not_materialized(path: str, monkeypatch) -> None:
+    """Autograd hands the backward None for an unused v_final (not zeros: the kernel then reads nothing) and it
+    asks for no grad of a v_init that does not require one; the gradients equal those of explicit zero
+    gradients. Only v_final used: spikes' gradient is zero."""
+    import revsnn_triton.ops.neuron as op_module
+    calls = []
+    original = op_module.neuron_backward
+
+    def spy(*args):
+        calls.append((args[1] is None, args[-1]))
+        return original(*args)
+
+    monkeypatch.setattr(op_module, "neuron_backward", spy)
+    case = Case(kind="plif", T=3, shape=(4, 9), v_reset=None, scale=2.0)
+    device = KERNEL_DEVICE if path == "kernels" else "cpu"
+    x, v_init, w, grad_s, _ = make_inputs(case, device)
+    results = []
+    with kernels_on(device) if path == "kernels" else contextlib.nullcontext():
+        for v_grad, use_v in ((False, False), (True, True), (False, "only")):
+            leaves = [x.clone().requires_grad_(), v_init.clone().requires_grad_(v_grad), w.clone().requires_grad_()]
+            spikes, v = multistep_neuron(leaves[0], leaves[1], w=leaves[2], **case.kwargs(), save="input")
+            loss = (spikes * grad_s).sum() if use_v != "only" else (v * 0).sum() + v.sum()
+            if use_v is True:
+                loss = loss + (v * 0).sum()
+            wrt = [t for t in leaves if t.requires_grad]
+            results.append(dict(zip([id(t) for t in wrt], torch.autograd.grad(loss, wrt))) | {"leaves": leaves})
+    assert calls == [(True, False), (False, True), (False, False)]
+    none_run, zeros_run, only_v = results
+    for i in (0, 2):
+        assert_equal(none_run[id(none_run["leaves"][i])], zeros_run[id(zeros_run["leaves"][i])],
+                     "grad with v_final unused vs zero grad of v_final")
+    assert only_v[id(only_v["leaves"][2])].abs().sum() > 0

@@ -34,6 +34,22 @@ def test_heuristic_is_sane_and_deterministic():
             if n >= 512 * 128:
                 assert -(-n // cfg.block_size) >= 512
     assert tuning.heuristic(8_388_608, 4, on_gpu=True) == LaunchConfig(1024, 4)
+    # the kernel that keeps T values per neuron in registers: at most MAX_RESIDENT_VALUES per thread where the
+    # warps (<= 8) and block (>= 128) allow it, so a larger T gets a smaller block; never fewer programs
+    recompute = "neuron_backward_recompute"
+    for n in (1, 1000, 524_288, 4_194_304, 8_388_608):
+        blocks = []
+        for T in (1, 2, 4, 8, 16, 32):
+            cfg = tuning.heuristic(n, T, on_gpu=True, kernel=recompute)
+            plain = tuning.heuristic(n, T, on_gpu=True)
+            per_thread = cfg.block_size // (32 * cfg.num_warps)
+            assert per_thread * T <= tuning.MAX_RESIDENT_VALUES or per_thread == 1 or (
+                cfg.block_size == 128 and cfg.num_warps == 8), (n, T, cfg)
+            assert cfg.block_size <= plain.block_size and cfg.num_warps <= 8
+            blocks.append(cfg.block_size)
+        assert blocks == sorted(blocks, reverse=True), (n, blocks)
+    assert tuning.heuristic(8_388_608, 16, on_gpu=True, kernel=recompute).block_size < 1024
+    assert tuning.heuristic(8_388_608, 4, on_gpu=True, kernel="neuron_forward") == LaunchConfig(1024, 4)
     # interpreter: one fixed small block, so that test shapes span several programs
     assert launch_config("neuron_fwd", 10**6, 4, torch.float32, "cpu") == LaunchConfig(tuning.INTERPRETER_BLOCK, 1)
 
@@ -225,8 +241,10 @@ def test_configs_from_launch_config_give_identical_results(save, dtype, kernel_d
         monkeypatch.setattr(tuning, "launch_config", fake)
         with _on(kernel_device):
             results.append(_op_results(kernel_device, dtype, save))
-    # every launch took its configuration from launch_config, forward and backward
-    assert {a[0] for a in asked} == {"neuron_forward", "neuron_backward"}
+    # every launch took its configuration from launch_config, forward and backward (save="input", T=4: the
+    # backward that recomputes H in registers)
+    backward = "neuron_backward_recompute" if save == "input" else "neuron_backward"
+    assert {a[0] for a in asked} == {"neuron_forward", backward}
     assert all(a[1:4] == (321, 4, dtype) for a in asked)
     assert {a[4] for a in asked} == set(configs)
     for cfg, res in zip(configs[1:], results[1:]):

@@ -92,17 +92,21 @@ COLUMNS = ["case", "T", "neurons", "dtype", "provider", "pass", "status", "media
 
 
 def traffic_bytes(case: Case, pass_: str, save: str | None) -> int:
-    """Bytes read plus written in device memory by one call.
+    """Bytes read plus written in device memory by one call of the benchmark's neuron (``v_init=None``, only the
+    spikes used downstream: no grad of ``v_final`` flows, ``v_init`` needs none).
 
     ``save=None``: the minimum any implementation must move, the basis for the other providers (whose
     kernels we do not count): forward reads X, writes S and the final V; backward reads dS and X (to
     recompute), writes dX -- DESIGN.md §6's 5 passes.
 
     ``save`` a mode of our op: what its kernels (``revsnn_triton.kernels.neurons``) move. Forward kernel:
-    reads X and V_init, writes S, V_final and H (4 bytes/neuron-step for ``h``, 2 for ``h_bf16``, none for
-    ``input``). Backward kernel: reads dS, dV_final and the saved H, writes dX and dV_init; with ``input``
-    the forward kernel first re-runs into a transient fp32 H (reads X and V_init, writes H and a scratch V),
-    which the backward kernel then reads."""
+    reads X (the constant initial state is not read), writes S, V_final and H (4 bytes/neuron-step for
+    ``h``, 2 for ``h_bf16``, none for ``input``). Backward kernel: reads dS and the saved H, writes dX (an
+    unused V_final's zero gradient is not read, the grad of V_init not written); with ``input`` and
+    ``T <= MAX_RECOMPUTE_T`` it reads X instead of H and recomputes H in registers: exactly the 5-pass floor
+    plus the final V. For longer sequences ``input`` first re-runs the forward kernel into a transient fp32 H
+    (reads X, writes H and a scratch V) that the backward kernel then reads."""
+    from revsnn_triton.kernels.neurons import MAX_RECOMPUTE_T
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     if save not in (None, *SAVE_MODES):
@@ -113,11 +117,13 @@ def traffic_bytes(case: Case, pass_: str, save: str | None) -> int:
         fwd = steps * 2 * xb + 4 * n
         return fwd if pass_ == "forward" else fwd + steps * 3 * xb
     h = {"h": 4, "h_bf16": 2, "input": 0}[save]
-    fwd = steps * (xb + xb + h) + 8 * n
+    fwd = steps * (xb + xb + h) + 4 * n
     if pass_ == "forward":
         return fwd
-    recompute = steps * (xb + 4) + 8 * n if save == "input" else 0
-    bwd = steps * (xb + (h or 4) + xb) + 8 * n
+    if save == "input" and case.T <= MAX_RECOMPUTE_T:
+        return fwd + steps * (xb + xb + xb)
+    recompute = steps * (xb + 4) + 4 * n if save == "input" else 0
+    bwd = steps * (xb + (h or 4) + xb)
     return fwd + recompute + bwd
 
 

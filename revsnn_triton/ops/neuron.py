@@ -52,17 +52,19 @@ def _saved_dtype(save: str) -> torch.dtype:
 
 
 @torch.library.custom_op("revsnn::neuron_forward", mutates_args=())
-def neuron_forward(x: Tensor, v_init: Tensor, w: Optional[Tensor], kind: str, tau: float, decay_input: bool,
+def neuron_forward(x: Tensor, v_init: Optional[Tensor], w: Optional[Tensor], kind: str, tau: float, decay_input: bool,
                    v_threshold: float, hard_reset: bool, v_reset: float, detach_reset: bool, surrogate: str,
                    alpha: float, save: str) -> tuple[Tensor, Tensor, Tensor]:
     """Forward: ``(spikes [T, *shape] x.dtype, v_final [*shape] fp32, saved)``; ``saved`` is fp32 H
-    (``save="h"``), bf16 ``H - v_threshold`` (``"h_bf16"``) or an empty fp32 tensor (``"input"``)."""
+    (``save="h"``), bf16 ``H - v_threshold`` (``"h_bf16"``) or an empty fp32 tensor (``"input"``).
+    ``v_init=None``: the default initial state ``v_reset`` (0.0 for soft reset), never materialized."""
     q = _q(w)
     if use_triton(x.device):
         return K.neuron_forward(x, v_init, q, kind=kind, tau=tau, decay_input=decay_input,
                                 v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset, save=save)
     cfg = _cfg(kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha)
-    spikes, v_final, h = neuron_forward_reference(x, v_init, None if q is None else q.reshape(()), cfg)
+    v0 = initial_membrane(x, v_reset) if v_init is None else v_init
+    spikes, v_final, h = neuron_forward_reference(x, v0, None if q is None else q.reshape(()), cfg)
     out_s = K.empty_neuron_layout(x, x.dtype)
     out_s.copy_(spikes)
     out_v = K.empty_neuron_layout(x, torch.float32, with_time=False)
@@ -84,23 +86,29 @@ def _(x, v_init, w, kind, tau, decay_input, v_threshold, hard_reset, v_reset, de
 
 
 @torch.library.custom_op("revsnn::neuron_backward", mutates_args=())
-def neuron_backward(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, x: Optional[Tensor],
+def neuron_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Tensor, x: Optional[Tensor],
                     v_init: Optional[Tensor], w: Optional[Tensor], kind: str, tau: float, decay_input: bool,
                     v_threshold: float, hard_reset: bool, v_reset: float, detach_reset: bool, surrogate: str,
-                    alpha: float, save: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward: ``(grad_x [T, *shape] grad_spikes' dtype, grad_v_init [*shape] fp32, grad_w)``; ``grad_w`` has
-    ``w``'s shape and dtype for PLIF, else it is an empty fp32 tensor. ``x`` is required for ``save="input"``
-    and PLIF with ``decay_input``, ``v_init`` for PLIF and ``"input"`` (else they may be None)."""
+                    alpha: float, save: str, need_grad_v_init: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward: ``(grad_x [T, *shape] grad_spikes' dtype, grad_v_init, grad_w)``; ``grad_v_init`` is
+    ``[*shape]`` fp32, or an empty fp32 tensor when ``need_grad_v_init`` is false (then it is not computed
+    out to memory); ``grad_w`` has ``w``'s shape and dtype for PLIF, else it is an empty fp32 tensor.
+    ``grad_v_final=None`` means zero (nothing read). ``x`` is required for ``save="input"`` and PLIF with
+    ``decay_input``; ``v_init`` matters for PLIF and ``"input"`` (None: the default initial state ``v_reset``)."""
     q = _q(w)
     template = x if save == "input" else saved
     if use_triton(grad_spikes.device):
         grad_x, grad_v_init, w_partial = K.neuron_backward(
             grad_spikes, grad_v_final, saved, x, v_init, q, kind=kind, tau=tau, decay_input=decay_input,
             v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset, detach_reset=detach_reset,
-            surrogate=surrogate, alpha=alpha, save=save)
+            surrogate=surrogate, alpha=alpha, save=save, need_grad_v_init=need_grad_v_init)
     else:
         cfg = _cfg(kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha)
         q0 = None if q is None else q.reshape(())
+        if v_init is None and (kind == "plif" or save == "input"):
+            v_init = initial_membrane(template, v_reset)
+        if grad_v_final is None:
+            grad_v_final = torch.zeros(template.shape[1:], dtype=torch.float32, device=template.device)
         if save == "input":
             _, _, h = neuron_forward_reference(x, v_init, q0, cfg)
             h, spikes = decode_saved(h, "h", v_threshold)
@@ -111,6 +119,8 @@ def neuron_backward(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, x:
         grad_x.copy_(gx)
         grad_v_init = K.empty_neuron_layout(template, torch.float32, with_time=False)
         grad_v_init.copy_(gv)
+    if grad_v_init is None or not need_grad_v_init:
+        grad_v_init = grad_x.new_empty(0, dtype=torch.float32)
     if w is None:
         return grad_x, grad_v_init, grad_v_init.new_empty(0)
     return grad_x, grad_v_init, plif_grad_w(w_partial, q.reshape(()), w)
@@ -118,10 +128,11 @@ def neuron_backward(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, x:
 
 @neuron_backward.register_fake
 def _(grad_spikes, grad_v_final, saved, x, v_init, w, kind, tau, decay_input, v_threshold, hard_reset, v_reset,
-      detach_reset, surrogate, alpha, save):
+      detach_reset, surrogate, alpha, save, need_grad_v_init=True):
     template = x if save == "input" else saved
     grad_x = K.empty_neuron_layout(template, grad_spikes.dtype)
-    grad_v_init = K.empty_neuron_layout(template, torch.float32, with_time=False)
+    grad_v_init = (K.empty_neuron_layout(template, torch.float32, with_time=False) if need_grad_v_init
+                   else grad_x.new_empty(0, dtype=torch.float32))
     grad_w = grad_v_init.new_empty(0) if w is None else torch.empty_like(w, memory_format=torch.contiguous_format)
     return grad_x, grad_v_init, grad_w
 
@@ -140,15 +151,23 @@ def _setup_context(ctx, inputs, output) -> None:
     needs_v_init = recompute or params["kind"] == "plif"
     ctx.save_for_backward(output[2], x if needs_x else None, v_init if needs_v_init else None, w)
     ctx.mark_non_differentiable(output[2])
+    # Unused outputs get None instead of zero tensors: a None grad of v_final is not read by the kernel.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_spikes, grad_v_final, _grad_saved):
     saved, x, v_init, w = ctx.saved_tensors
     p = ctx.params
+    if grad_spikes is None:  # only v_final is used downstream
+        template = x if p["save"] == "input" else saved
+        grad_spikes = K.empty_neuron_layout(template, ctx.x_dtype).zero_()
+    need_grad_v_init = bool(ctx.needs_input_grad[1])
     grad_x, grad_v_init, grad_w = neuron_backward(
         grad_spikes.to(ctx.x_dtype), grad_v_final, saved, x, v_init, w, p["kind"], p["tau"], p["decay_input"],
-        p["v_threshold"], p["hard_reset"], p["v_reset"], p["detach_reset"], p["surrogate"], p["alpha"], p["save"])
-    return (grad_x, grad_v_init, grad_w if w is not None else None) + (None,) * len(_SCALARS)
+        p["v_threshold"], p["hard_reset"], p["v_reset"], p["detach_reset"], p["surrogate"], p["alpha"], p["save"],
+        need_grad_v_init)
+    return (grad_x, grad_v_init if need_grad_v_init else None,
+            grad_w if w is not None else None) + (None,) * len(_SCALARS)
 
 
 neuron_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -177,8 +196,6 @@ def multistep_neuron(x_seq, v_init=None, *, tau=None, w=None, decay_input=True, 
     w = w if cfg.kind == "plif" else None
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_seq, v_init, w))):
         save = "input"  # no backward will run: do not write H at all
-    if v_init is None:
-        v_init = initial_membrane(x_seq, v_reset)
     spikes, v_final, _ = neuron_forward(x_seq, v_init, w, cfg.kind, cfg.tau, cfg.decay_input, cfg.v_threshold,
                                         cfg.hard_reset, cfg.v_reset, cfg.detach_reset, cfg.surrogate, cfg.alpha,
                                         save)
