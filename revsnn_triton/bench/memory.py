@@ -1,8 +1,8 @@
 """Training memory per image of the model zoo (issue 4), and its growth with depth.
 
 Memory per image is the slope of the peak allocated memory of one training step (forward, backward and an
-SGD-with-momentum step, gradients set to None afterwards) between two batch sizes (DESIGN.md section 5):
-parameters, gradients and optimizer state are present in both measurements and cancel out; the input batches
+SGD-with-momentum step; gradients zeroed, not freed) between two batch sizes (DESIGN.md section 5):
+parameters, gradients and optimizer state exist before each measured step and cancel out; the input batches
 are allocated before the measurement. CUDA: ``torch.cuda.max_memory_allocated``; CPU: every allocation of the
 CPU allocator recorded by the profiler (:mod:`revsnn_triton.memory`) -- real allocations, never estimates.
 
@@ -103,7 +103,7 @@ def _batch(model: nn.Module, batch: int, image_size: int, device: torch.device) 
 def training_step_fn(model: nn.Module, image_size: int, device: torch.device, dtype: str,
                      batch_sizes: Sequence[int], compiled: bool = False) -> Callable[[int], None]:
     """``step(b)``: one training step at batch ``b`` (forward, cross-entropy, backward, SGD momentum step,
-    ``zero_grad(set_to_none=True)``). Input batches for ``batch_sizes`` are made here, before any measurement.
+    ``zero_grad(set_to_none=False)``). Input batches for ``batch_sizes`` are made here, before any measurement.
     ``dtype``: ``"fp32"`` or ``"bf16"`` (autocast); ``compiled``: run the forward through ``torch.compile``."""
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
@@ -117,7 +117,11 @@ def training_step_fn(model: nn.Module, image_size: int, device: torch.device, dt
             loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        # Gradients stay allocated between steps (zeroed, not freed), like the optimizer state: both exist
+        # before a measured step begins, so the peak above the start is activations and work space only.
+        # (Freed gradients would be re-allocated late in backward, and at small batches the peak would then
+        # sit where the gradients are, not where the activations are, flattening the slope.)
+        opt.zero_grad(set_to_none=False)
 
     return step
 

@@ -1,6 +1,6 @@
 """Training-step time of the model zoo (issue 4): our neurons against spikingjelly's, eager and ``torch.compile``.
 
-One step = forward, cross-entropy, backward, SGD-with-momentum step, ``zero_grad(set_to_none=True)`` at batch
+One step = forward, cross-entropy, backward, SGD-with-momentum step, ``zero_grad(set_to_none=False)`` at batch
 64 (``--batch``), fp32 unless ``--dtype bf16`` (autocast). The time is the median of CUDA-event timings after a
 warm-up (:func:`revsnn_triton.bench.time_ms`), all rows in one run on one GPU. Each ``torch.compile`` case
 runs in its own subprocess with a time limit (``--compile-timeout``), so a compilation that does not finish is
