@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from . import surrogate as _surrogate
-from .ops.neuron import multistep_neuron
+from .ops.neuron import DEFAULT_SAVE, multistep_neuron
 from .ops.neuron_reference import multistep_autograd
 
 __all__ = ["BaseNode", "IFNode", "LIFNode", "ParametricLIFNode", "resolve_surrogate"]
@@ -110,7 +110,7 @@ class BaseNode(nn.Module):
 
     def __init__(self, v_threshold: float = 1.0, v_reset: float | None = 0.0,
                  surrogate_function: Any = _DEFAULT_SURROGATE, detach_reset: bool = False, step_mode: str = "s",
-                 backend: str = "triton", save: str = "h") -> None:
+                 backend: str = "triton", save: str | None = None) -> None:
         super().__init__()
         if surrogate_function is None:
             surrogate_function = _surrogate.Sigmoid()
@@ -140,8 +140,9 @@ class BaseNode(nn.Module):
         _check_real("v_reset", self.v_reset, allow_none=True)
         _check_bool("detach_reset", self.detach_reset)
         _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("save", self.save, SAVE_MODES)
-        if self.backend == "torch" and self.save != "h":
+        if self.save is not None:
+            _check_choice("save", self.save, SAVE_MODES)
+        if self.backend == "torch" and self.save not in (None, "h"):
             raise ValueError(
                 f"save={self.save!r} applies to backend='triton' only; backend='torch' keeps what autograd "
                 f"saves (use save='h')")
@@ -210,7 +211,8 @@ class BaseNode(nn.Module):
                       v_reset=None if self.v_reset is None else float(self.v_reset),
                       detach_reset=self.detach_reset, surrogate=sg.name, alpha=float(sg.alpha))
         if self.backend == "triton":
-            spikes, v_final = multistep_neuron(x_seq, v_init, save=self.save, **kwargs)
+            save = DEFAULT_SAVE if self.save is None else self.save
+            spikes, v_final = multistep_neuron(x_seq, v_init, save=save, **kwargs)
         else:
             spikes, v_final = multistep_autograd(x_seq, v_init, **kwargs)
         self.v = v_final
@@ -266,7 +268,10 @@ class IFNode(BaseNode):
             autograd through a Python loop (the oracle; keeps every step's intermediates).
         save: (backend "triton") what the op keeps for backward per neuron-step: ``"h"`` = H in fp32
             (4 bytes, exact gradients), ``"h_bf16"`` = H - v_threshold in bf16 (2 bytes, approximate
-            surrogate gradients), ``"input"`` = nothing beyond the input (the forward is recomputed in backward).
+            surrogate gradients), ``"input"`` = nothing beyond the input (the forward is recomputed in backward,
+            in registers for T <= 32; gradients bit-identical to ``"h"``'s). None (default): the op's default,
+            ``"input"`` (least memory and least memory traffic of the exact modes; see
+            :mod:`revsnn_triton.ops.neuron`). Backend "torch" keeps what autograd saves: only None or ``"h"``.
 
     Input: float32/float16/bfloat16. Output: spikes (0/1) in the input's dtype and shape. State ``v``: float32.
     Gradients flow to the input (and through the carried ``v`` to earlier calls).
@@ -274,7 +279,7 @@ class IFNode(BaseNode):
 
     def __init__(self, v_threshold: float = 1.0, v_reset: float | None = 0.0,
                  surrogate_function: Any = _DEFAULT_SURROGATE, detach_reset: bool = False, step_mode: str = "s",
-                 backend: str = "triton", save: str = "h") -> None:
+                 backend: str = "triton", save: str | None = None) -> None:
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, save)
         self._check_hyperparameters()
 
@@ -289,7 +294,7 @@ class LIFNode(BaseNode):
     def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: float | None = 0.0, surrogate_function: Any = _DEFAULT_SURROGATE,
                  detach_reset: bool = False, step_mode: str = "s", backend: str = "triton",
-                 save: str = "h") -> None:
+                 save: str | None = None) -> None:
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode, backend, save)
         self.tau = tau
         self.decay_input = decay_input
@@ -319,7 +324,7 @@ class ParametricLIFNode(BaseNode):
     def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: float | None = 0.0, surrogate_function: Any = _DEFAULT_SURROGATE,
                  detach_reset: bool = False, step_mode: str = "s", backend: str = "triton",
-                 save: str = "h") -> None:
+                 save: str | None = None) -> None:
         _check_real("init_tau", init_tau)
         if init_tau <= 1.0:
             raise ValueError(f"ParametricLIFNode: init_tau must be > 1, got {init_tau!r}")

@@ -276,3 +276,23 @@ def test_configs_from_tuning_cache_give_identical_results(tmp_path, monkeypatch)
     for res in results[1:]:
         for name in res:
             assert_equal(res[name], results[0][name], f"{name} with a tuned configuration vs the heuristic")
+
+
+@pytest.mark.skipif(not HAS_CUDA and not interpreter_enabled(), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_tuning_benchmarks_launch_every_tunable_kernel(kernel_device):
+    """Each kernel `tune` measures runs through its factory and gives identical results, without NaN, at two
+    configurations (the recompute kernel's factory refuses a T that kernel does not serve)."""
+    from revsnn_triton.bench.neurons import tuning_benchmarks
+    from revsnn_triton.kernels.neurons import MAX_RECOMPUTE_T
+    benches = tuning_benchmarks()
+    assert {"neuron_forward", "neuron_backward", "neuron_backward_recompute"} <= set(benches)
+    for name, factory in sorted(benches.items()):
+        torch.manual_seed(0)
+        run = factory(3, 200, torch.float32, torch.device(kernel_device))
+        first = [t.clone() for t in run(32, 1) if t is not None and t.numel()]
+        second = [t for t in run(128, 2) if t is not None and t.numel()]
+        for a, b in zip(first, second):
+            assert not torch.isnan(a).any(), name
+            assert_equal(b, a, f"{name}: block 128 vs 32")
+    with pytest.raises(ValueError, match="T <= "):
+        benches["neuron_backward_recompute"](MAX_RECOMPUTE_T + 1, 10, torch.float32, torch.device(kernel_device))

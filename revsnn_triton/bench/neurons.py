@@ -195,7 +195,7 @@ def _measure(provider: str, cases: Sequence[Case], device: torch.device, warmup:
         return [_row(c, provider, p, status=_error(exc)) for c in cases for p in PASSES]
     for case in cases:
         if provider.startswith("revsnn["):
-            detail = _launch_detail(case, device)
+            detail = _launch_detail(case, device, provider[len("revsnn["):-1])
         x, grad = _inputs(case, device)
         try:
             timings = _timed_passes(forward, x, grad, warmup, rep)
@@ -214,11 +214,13 @@ def _error(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {first[:300]}"
 
 
-def _launch_detail(case: Case, device: torch.device) -> str:
+def _launch_detail(case: Case, device: torch.device, save: str) -> str:
     """The launch configurations our kernels use for ``case`` and where they come from."""
+    from revsnn_triton.kernels.neurons import MAX_RECOMPUTE_T
     from revsnn_triton.tuning import lookup_config
     parts = []
-    for kernel in ("neuron_forward", "neuron_backward"):
+    fused = save == "input" and case.T <= MAX_RECOMPUTE_T
+    for kernel in ("neuron_forward", "neuron_backward_recompute" if fused else "neuron_backward"):
         cfg, source = lookup_config(kernel, case.n, case.T, case.dtype, device)
         parts.append(f"{kernel.removeprefix('neuron_')} {cfg.block_size}/{cfg.num_warps} warps ({source})")
     return "; ".join(parts)
@@ -431,11 +433,27 @@ def _tune_backward(T: int, n: int, dtype: torch.dtype, device: torch.device):
     return run
 
 
+def _tune_backward_recompute(T: int, n: int, dtype: torch.dtype, device: torch.device):
+    from revsnn_triton.kernels import neurons as k
+    if T > k.MAX_RECOMPUTE_T:
+        raise ValueError(f"neuron_backward_recompute runs for T <= {k.MAX_RECOMPUTE_T} only, got T={T}")
+    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
+    grad_s = torch.randn(T, n, device=device).to(dtype)
+    out = (torch.empty_like(grad_s), None, None)
+
+    def run(block_size: int, num_warps: int):  # as the benchmark's call: no v_init, v_final unused
+        return k.neuron_backward(grad_s, None, x.new_empty(0, dtype=torch.float32), x, None, None, **_TUNE_NEURON,
+                                 detach_reset=True, surrogate="atan", alpha=ALPHA, save="input",
+                                 need_grad_v_init=False, block_size=block_size, num_warps=num_warps, out=out)
+    return run
+
+
 def tuning_benchmarks() -> dict[str, Callable]:
     """Kernels :func:`revsnn_triton.tuning.tune` can measure, by the name the launchers pass to
     ``launch_config``: name -> factory(T, n, dtype, device) that prepares inputs and returns
     ``run(block_size, num_warps)`` launching that kernel once."""
-    return {"neuron_forward": _tune_forward, "neuron_backward": _tune_backward}
+    return {"neuron_forward": _tune_forward, "neuron_backward": _tune_backward,
+            "neuron_backward_recompute": _tune_backward_recompute}
 
 
 if __name__ == "__main__":

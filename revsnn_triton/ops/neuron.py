@@ -17,8 +17,16 @@ time outermost, inner dims in ``x``'s stride order).
 
 Memory kept for backward per neuron-step: ``save="h"`` 4 bytes (fp32 H), ``"h_bf16"`` 2 bytes (bf16
 ``H - v_threshold``; approximate gradients), ``"input"`` nothing beyond ``x`` itself (forward recomputed in
-backward). PLIF with ``decay_input`` also keeps ``x`` (its grad of ``w`` needs it); PLIF and ``"input"`` keep
-``v_init`` [*shape]. See ``revsnn_triton.kernels.neurons`` for details.
+backward, in registers for T <= 32; gradients bit-identical to ``"h"``'s). PLIF with ``decay_input`` also keeps
+``x`` (its grad of ``w`` needs it); PLIF and ``"input"`` keep a given ``v_init`` [*shape] (``v_init=None``, the
+constant initial state, is never materialized). Unused outputs cost nothing in backward: autograd passes None
+for an unused ``v_final`` (its zero gradient is not read), and no grad of ``v_init`` is written unless it
+requires one.
+
+Default ``save="input"`` (:data:`DEFAULT_SAVE`): of the exact modes it keeps the least (``x``, at most the
+4 bytes of ``"h"`` and nothing when ``x`` is alive anyway) and moves the fewest bytes (5 passes over the
+sequence: fp32 20 bytes per neuron-step instead of 24, bf16 10 instead of 16). See
+``revsnn_triton.kernels.neurons`` for the traffic table.
 """
 from __future__ import annotations
 
@@ -33,7 +41,9 @@ from revsnn_triton.ops.neuron_reference import (NeuronConfig, check_neuron_args,
                                                 neuron_forward_reference, plif_grad_w)
 from revsnn_triton.runtime import use_triton
 
-__all__ = ["multistep_neuron", "neuron_forward", "neuron_backward"]
+__all__ = ["multistep_neuron", "neuron_forward", "neuron_backward", "DEFAULT_SAVE"]
+
+DEFAULT_SAVE = "input"
 
 
 def _q(w: Optional[Tensor]) -> Optional[Tensor]:
@@ -174,7 +184,7 @@ neuron_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def multistep_neuron(x_seq, v_init=None, *, tau=None, w=None, decay_input=True, v_threshold=1.0, v_reset=0.0,
-                     detach_reset=False, surrogate="sigmoid", alpha=4.0, save="h"):
+                     detach_reset=False, surrogate="sigmoid", alpha=4.0, save=DEFAULT_SAVE):
     """Multi-step IF / LIF / PLIF neuron over ``x_seq [T, *shape]`` (spikingjelly 2.0 semantics, ``step_mode='m'``).
 
     - ``x_seq``: ``[T, *shape]`` with T >= 1 and at least 2 dims; float32, float16 or bfloat16 (no float64,
@@ -184,8 +194,9 @@ def multistep_neuron(x_seq, v_init=None, *, tau=None, w=None, decay_input=True, 
       else ``tau`` given -> LIF (finite, > 1); else IF.
     - ``v_reset=None`` -> soft reset (subtract ``v_threshold``); ``v_threshold`` and ``v_reset`` finite.
     - ``surrogate``: one of ``revsnn_triton.surrogate.SURROGATES`` (the fused ones), ``alpha`` its parameter (> 0).
-    - ``save``: ``"h"`` (4 bytes/neuron-step, exact), ``"h_bf16"`` (2 bytes, approximate gradients),
-      ``"input"`` (0 bytes, forward recomputed in backward; exact).
+    - ``save``: ``"input"`` (default: nothing beyond ``x``, forward recomputed in backward, in registers for
+      T <= 32; exact, least memory and traffic), ``"h"`` (4 bytes/neuron-step fp32 H, exact), ``"h_bf16"``
+      (2 bytes, approximate gradients).
 
     Returns ``(spikes [T, *shape] in x_seq's dtype, v_final [*shape] float32)``, differentiable w.r.t.
     ``x_seq``, ``v_init`` and ``w``. When no gradient can flow (grad mode off, or none of them requires grad)
