@@ -9,8 +9,9 @@ Memory design (what each piece keeps for backward; see ``revsnn_triton.bench.mem
 
 - :class:`SeqConvBN` with ``spike_input=True`` runs its convolution through :func:`spike_conv`, which keeps the
   binary input spikes as ``torch.bool`` (1 byte per element instead of 4 in fp32) and rebuilds them in backward;
-  an optional 3x3/stride-2 average pooling in front (the downsample layers) is fused the same way, so neither the
-  fp32 spikes nor the pooled map are kept. BatchNorm keeps its fp32 input as usual.
+  an optional 3x3/stride-2 pooling in front (average: the downsample layers; max: the transformer tokenizer) is
+  fused the same way, so neither the fp32 spikes, nor the pooled map, nor MaxPool's int64 argmax indices are
+  kept. BatchNorm keeps its fp32 input as usual.
 - Neurons keep what their ``save=`` option says (ours: ``"h"`` fp32 H, ``"h_bf16"``, or ``"input"``: nothing
   beyond the input that the producer keeps anyway); spikingjelly's nodes keep their own choice. Every neuron
   of the zoo is wrapped in :class:`SequenceNeuron`, which drops the final membrane tensor after each call.
@@ -125,11 +126,20 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _pool(x: torch.Tensor, pool: Optional[str]) -> torch.Tensor:
+    if pool == "avg":
+        return F.avg_pool2d(x, 3, 2, 1)
+    if pool == "max":
+        return F.max_pool2d(x, 3, 2, 1)
+    return x
+
+
 class _SpikeConv(torch.autograd.Function):
     """Convolution of a binary input that keeps the input as ``torch.bool`` for backward.
 
-    Forward: ``out = conv(pool(s), weight, bias)``; ``pool`` is an optional AvgPool(3, stride 2, padding 1).
-    Saved for backward: ``s != 0`` (bool, 1 byte per element) and the weight. The pooled map is recomputed.
+    Forward: ``out = conv(pool(s), weight, bias)``; ``pool`` is None, ``"avg"`` (AvgPool(3, 2, 1)) or ``"max"``
+    (MaxPool(3, 2, 1)). Saved for backward: ``s != 0`` (bool, 1 byte per element) and the weight. The pooled
+    map (and MaxPool's argmax indices, which are a deterministic function of the input) are recomputed.
     Under autocast the convolution runs in the autocast dtype (as ``F.conv*d`` would) and so does its backward.
     """
 
@@ -138,8 +148,7 @@ class _SpikeConv(torch.autograd.Function):
         dtype = _compute_dtype(spikes)
         x = spikes.to(dtype)
         with torch.autocast(spikes.device.type, enabled=False):
-            if pool:
-                x = F.avg_pool2d(x, 3, 2, 1)
+            x = _pool(x, pool)
             out = torch.ops.aten.convolution(
                 x, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding,
                 [1] * len(stride), False, [0] * len(stride), 1)
@@ -152,21 +161,29 @@ class _SpikeConv(torch.autograd.Function):
         mask, weight = ctx.saved_tensors
         stride, padding, pool, dtype, in_dtype, has_bias = ctx.conf
         x = mask.to(dtype)
-        pooled = F.avg_pool2d(x, 3, 2, 1) if pool else x
+        indices = None
+        if pool == "max":
+            pooled, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
+        else:
+            pooled = _pool(x, pool)
         nd = len(stride)
         g_in, g_w, g_b = torch.ops.aten.convolution_backward(
             grad_out.to(dtype), pooled, weight.to(dtype), [weight.shape[0]] if has_bias else None,
             stride, padding, [1] * nd, False, [0] * nd, 1,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
-        if g_in is not None and pool:
+        if g_in is not None and pool == "avg":
             g_in = torch.ops.aten.avg_pool2d_backward(g_in, x, [3, 3], [2, 2], [1, 1], False, True, None)
+        elif g_in is not None and pool == "max":
+            g_in = torch.ops.aten.max_pool2d_with_indices_backward(g_in, x, [3, 3], [2, 2], [1, 1], [1, 1],
+                                                                   False, indices)
         return (None if g_in is None else g_in.to(in_dtype),
                 None if g_w is None else g_w.to(weight.dtype),
                 None if g_b is None else g_b.to(weight.dtype), None, None, None)
 
 
-def spike_conv(spikes: torch.Tensor, conv: nn.Conv1d | nn.Conv2d, pool: bool = False) -> torch.Tensor:
-    """Apply ``conv`` (groups 1, dilation 1) to a 0/1 spike map, optionally after AvgPool(3, 2, 1).
+def spike_conv(spikes: torch.Tensor, conv: nn.Conv1d | nn.Conv2d, pool: Optional[str] = None) -> torch.Tensor:
+    """Apply ``conv`` (groups 1, dilation 1) to a 0/1 spike map, optionally after ``pool``: ``"avg"``
+    (AvgPool(3, 2, 1)) or ``"max"`` (MaxPool(3, 2, 1)).
 
     ``spikes``: ``[N, C, L]`` for Conv1d or ``[N, C, H, W]`` for Conv2d, float, values exactly 0 or 1 (a neuron's
     output; other values would make the saved bool copy wrong, so callers only pass neuron outputs).
@@ -177,13 +194,16 @@ def spike_conv(spikes: torch.Tensor, conv: nn.Conv1d | nn.Conv2d, pool: bool = F
     if spikes.dim() != conv.weight.dim() or spikes.shape[1] != conv.in_channels:
         raise ValueError(f"spike_conv: expected input [N, {conv.in_channels}, ...] with {conv.weight.dim()} dims, "
                          f"got {tuple(spikes.shape)}")
-    if pool and spikes.dim() != 4:
-        raise ValueError("spike_conv: pool=True needs a 2-D feature map [N, C, H, W]")
+    if pool not in (None, "avg", "max"):
+        raise ValueError(f"spike_conv: pool must be None, 'avg' or 'max', got {pool!r}")
+    if pool is not None and spikes.dim() != 4:
+        raise ValueError("spike_conv: pooling needs a 2-D feature map [N, C, H, W]")
     return _SpikeConv.apply(spikes, conv.weight, conv.bias, list(conv.stride), list(conv.padding), pool)
 
 
 class SeqConvBN(nn.Module):
-    """Convolution (+ optional AvgPool(3, 2, 1) in front) and BatchNorm over a ``[T, B, C, ...]`` sequence.
+    """Convolution (after an optional ``pool``: ``"avg"`` / ``"max"``, 3x3 stride 2 padding 1) and BatchNorm
+    over a ``[T, B, C, ...]`` sequence.
 
     ``dims=2``: Conv2d/BatchNorm2d on ``[T, B, C, H, W]``; ``dims=1``: Conv1d/BatchNorm1d (kernel 1) on tokens
     ``[T, B, C, N]``. ``spike_input=True`` declares that the input is a neuron's 0/1 output and runs the conv
@@ -192,12 +212,12 @@ class SeqConvBN(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, bias: bool = False,
-                 dims: int = 2, pool: bool = False, spike_input: bool = True, compact: bool = True):
+                 dims: int = 2, pool: Optional[str] = None, spike_input: bool = True, compact: bool = True):
         super().__init__()
         if dims not in (1, 2):
             raise ValueError(f"SeqConvBN: dims must be 1 or 2, got {dims}")
-        if pool and dims != 2:
-            raise ValueError("SeqConvBN: pool needs dims=2")
+        if pool not in (None, "avg", "max") or (pool is not None and dims != 2):
+            raise ValueError(f"SeqConvBN: pool must be None, or 'avg'/'max' with dims=2, got {pool!r}")
         conv_cls, bn_cls = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
         self.conv = conv_cls(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
         self.bn = bn_cls(out_ch)
@@ -209,9 +229,7 @@ class SeqConvBN(nn.Module):
         if self.use_spike_conv:
             y = spike_conv(y, self.conv, pool=self.pool)
         else:
-            if self.pool:
-                y = F.avg_pool2d(y, 3, 2, 1)
-            y = self.conv(y)
+            y = self.conv(_pool(y, self.pool))
         y = self.bn(y)
         return y.unflatten(0, x.shape[:2])
 
@@ -226,7 +244,8 @@ class Downsample(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, neuron: NeuronFactory, pool: bool, compact: bool = True):
         super().__init__()
         self.sn = neuron()
-        self.conv_bn = SeqConvBN(in_ch, out_ch, kernel_size=1, stride=1 if pool else 2, pool=pool, compact=compact)
+        self.conv_bn = SeqConvBN(in_ch, out_ch, kernel_size=1, stride=1 if pool else 2,
+                                 pool="avg" if pool else None, compact=compact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_bn(self.sn(x))
@@ -318,16 +337,14 @@ class SpikingTokenizer(nn.Module):
         self.stem = SeqConvBN(in_ch, embed_dim // 8, 3, spike_input=False)
         widths = [embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim, embed_dim]
         self.sns = nn.ModuleList(neuron() for _ in range(4))
-        self.pools = [i >= 4 - n_pool for i in range(4)]
-        self.convs = nn.ModuleList(SeqConvBN(widths[i], widths[i + 1], 3, compact=compact) for i in range(4))
+        # the max pooling of spikes is fused into the conv (bool input kept, argmax recomputed)
+        self.convs = nn.ModuleList(SeqConvBN(widths[i], widths[i + 1], 3, pool="max" if i >= 4 - n_pool else None,
+                                             compact=compact) for i in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = first_conv_bn(self.stem, x)
-        for sn, pool, conv in zip(self.sns, self.pools, self.convs):
-            y = sn(y)
-            if pool:
-                y = F.max_pool2d(y.flatten(0, 1), 3, 2, 1).unflatten(0, y.shape[:2])
-            y = conv(y)
+        for sn, conv in zip(self.sns, self.convs):
+            y = conv(sn(y))
         return y.flatten(3)
 
 

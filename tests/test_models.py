@@ -149,16 +149,17 @@ def test_reversible_gradients_equal_ordinary_autograd(name, kernel_device):
 
 
 # ------------------------------------------------------------------------------------------------ shared layers
-@pytest.mark.parametrize("pool,stride,dims", [(False, 1, 2), (True, 1, 2), (False, 2, 2), (False, 1, 1)])
+@pytest.mark.parametrize("pool,stride,dims", [(None, 1, 2), ("avg", 1, 2), ("max", 1, 2), (None, 2, 2),
+                                             (None, 1, 1)])
 def test_spike_conv_matches_plain_conv(pool, stride, dims):
     torch.manual_seed(0)
-    conv = (nn.Conv2d(6, 5, 3 if not pool else 1, stride=stride, padding=1 if not pool else 0, bias=dims == 1)
-            if dims == 2 else nn.Conv1d(6, 5, 1, bias=True))
+    conv = (nn.Conv2d(6, 5, 1 if pool == "avg" else 3, stride=stride, padding=0 if pool == "avg" else 1,
+                      bias=dims == 1) if dims == 2 else nn.Conv1d(6, 5, 1, bias=True))
     shape = (3, 6, 9, 7) if dims == 2 else (3, 6, 11)
-    spikes = (torch.rand(shape) > 0.6).float().requires_grad_()
+    spikes = (torch.rand(shape) > 0.6).float().requires_grad_()   # many ties inside MaxPool windows
     out = L.spike_conv(spikes, conv, pool=pool)
     ref_in = spikes.detach().clone().requires_grad_()
-    ref = conv(F.avg_pool2d(ref_in, 3, 2, 1) if pool else ref_in)
+    ref = conv({"avg": F.avg_pool2d, "max": F.max_pool2d}[pool](ref_in, 3, 2, 1) if pool else ref_in)
     assert_close(out, ref, "forward")
     g = torch.randn_like(ref)
     grads = torch.autograd.grad(out, [spikes, conv.weight, conv.bias] if conv.bias is not None else
@@ -196,6 +197,8 @@ def test_spike_conv_rejects_bad_arguments():
         L.spike_conv(torch.zeros(1, 4, 4, 4), nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="expected input"):
         L.spike_conv(torch.zeros(1, 3, 4, 4), nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="pool must be"):
+        L.spike_conv(torch.zeros(1, 4, 4, 4), nn.Conv2d(4, 4, 3), pool="min")
 
 
 def test_stem_runs_once_on_an_expanded_input():
