@@ -449,15 +449,18 @@ def test_opcheck_kernel_path(kernel_device: str) -> None:
 # and inspects the PTX: no fused multiply-add and no approximate division in the forward (so fp32 spikes and
 # membranes round exactly as the PyTorch reference), 128-bit vector loads/stores for a contiguous input.
 _COMPILE_SCRIPT = r"""
-import json, re, sys
+import json, os, re, subprocess, sys, tempfile
 import triton
+import triton.backends.nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from revsnn_triton.kernels import neurons as K
 
 FLOATS = ("tau", "v_threshold", "v_reset", "v_fill", "sg_a", "sg_b")
 report = []
+PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
 for name, ptr_types, consts in json.loads(sys.argv[1]):
+    num_warps = consts.pop("num_warps", 4)
     fn = getattr(K, name)
     names = fn.arg_names
     sig = {n: ptr_types.get(n) or ("constexpr" if n in consts else "fp32" if n in FLOATS else "i32") for n in names}
@@ -466,9 +469,19 @@ for name, ptr_types, consts in json.loads(sys.argv[1]):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options=dict(num_warps=4, enable_fp_fusion=False)).asm["ptx"]
-    report.append(dict(fma=len(re.findall(r"\bfma\.", ptx)), approx_div=len(re.findall(r"div\.(approx|full)", ptx)),
-                       v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx))))
+                         options=dict(num_warps=num_warps, enable_fp_fusion=False)).asm["ptx"]
+    r = dict(fma=len(re.findall(r"\bfma\.", ptx)), approx_div=len(re.findall(r"div\.(approx|full)", ptx)),
+             v4_loads=len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)))
+    if consts.get("RECOMPUTE_T"):  # registers and spills as ptxas reports them for sm_90
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            log = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True, check=True).stderr
+        r["registers"] = int(re.search(r"Used (\d+) registers", log).group(1))
+        r["spill_bytes"] = sum(int(b) for b in re.findall(r"(\d+) bytes spill", log))
+    report.append(r)
 print(json.dumps(report))
 """
 
@@ -495,19 +508,25 @@ _COMPILE_VARIANTS = [
                                      w_partial_ptr=_F32),
      dict(KIND=2, DECAY_INPUT=True, HARD_RESET=False, DETACH_RESET=False, SURROGATE=0, H_BF16=True, NDIMS=3,
           V_INIT_CONST=True, LOAD_GRAD_V=False, STORE_GRAD_V_INIT=False, RECOMPUTE_T=0, BLOCK=512)),
-    # the fused save="input" backward: H recomputed into a register tile (the benchmark's LIF, T=4 and T=16)
-    ("_neuron_backward_kernel", dict(grad_s_ptr=_F32, grad_v_ptr=_F32, h_ptr=_F32, x_ptr=_F32, v_init_ptr=_F32,
-                                     q_ptr=_F32, grad_x_ptr=_F32, grad_v_init_ptr=_F32, w_partial_ptr=_F32),
-     dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, DETACH_RESET=True, SURROGATE=1, H_BF16=False, NDIMS=1,
-          V_INIT_CONST=True, LOAD_GRAD_V=False, STORE_GRAD_V_INIT=False, RECOMPUTE_T=4, BLOCK=1024,
-          stride2=1)),
-    ("_neuron_backward_kernel", dict(grad_s_ptr="*bf16", grad_v_ptr=_F32, h_ptr=_F32, x_ptr="*bf16",
-                                     v_init_ptr=_F32, q_ptr=_F32, grad_x_ptr="*bf16", grad_v_init_ptr=_F32,
-                                     w_partial_ptr=_F32),
-     dict(KIND=2, DECAY_INPUT=True, HARD_RESET=False, DETACH_RESET=False, SURROGATE=0, H_BF16=False, NDIMS=1,
-          V_INIT_CONST=False, LOAD_GRAD_V=True, STORE_GRAD_V_INIT=True, RECOMPUTE_T=16, BLOCK=512,
-          stride2=1)),
 ]
+
+
+def _recompute_variant(T: int, kind: int, surrogate: int, dtype: str) -> tuple:
+    """The fused save="input" backward (H recomputed in registers) at the heuristic's configuration for a large
+    layer (the test checks that ptxas fits it in registers without spills)."""
+    from revsnn_triton.tuning import heuristic
+    cfg = heuristic(8_388_608, T, on_gpu=True, kernel="neuron_backward_recompute")
+    ptrs = dict(grad_s_ptr=dtype, grad_v_ptr=_F32, h_ptr=_F32, x_ptr=dtype, v_init_ptr=_F32, q_ptr=_F32,
+                grad_x_ptr=dtype, grad_v_init_ptr=_F32, w_partial_ptr=_F32)
+    return ("_neuron_backward_kernel", ptrs,
+            dict(KIND=kind, DECAY_INPUT=True, HARD_RESET=True, DETACH_RESET=kind == 1, SURROGATE=surrogate,
+                 H_BF16=False, NDIMS=1, V_INIT_CONST=kind == 1, LOAD_GRAD_V=kind == 2, STORE_GRAD_V_INIT=kind == 2,
+                 RECOMPUTE_T=T, BLOCK=cfg.block_size, num_warps=cfg.num_warps, stride2=1))
+
+
+# The benchmark's LIF (ATan) at T = 4, 16, 32, and PLIF (sigmoid, bf16, every gradient) at T = 16.
+_COMPILE_VARIANTS += [_recompute_variant(4, 1, 1, _F32), _recompute_variant(16, 1, 1, _F32),
+                      _recompute_variant(32, 1, 1, _F32), _recompute_variant(16, 2, 0, "*bf16")]
 
 
 def test_kernels_compile_for_h100_without_contraction() -> None:
@@ -524,4 +543,8 @@ def test_kernels_compile_for_h100_without_contraction() -> None:
         assert r["fma"] == 0, (name, consts, r)
         if name == "_neuron_forward_kernel":
             assert r["approx_div"] == 0, (name, consts, r)
+        if consts.get("RECOMPUTE_T"):
+            # H for all T steps stays in registers: no spills (ptxas measured 48-80 registers for LIF at T=4..32,
+            # 162 for PLIF at T=16, whose unrolled reverse loop also reloads X)
+            assert r["spill_bytes"] == 0, (consts, r)
     assert report[0]["v4_loads"] > 0, report[0]
