@@ -13,8 +13,8 @@ RevSResNet37 <= 6 MiB per image, fp32, T=4, CIFAR 32x32; the original code needs
 1. One block's recomputation graph, alive only while the engine walks that block in backward; stage 1's is the
    largest and sets the peak. Its conv inputs are spikes kept as 1-byte bools (``compact_spikes=True``,
    :func:`~revsnn_triton.models.layers.spike_conv`) instead of fp32; BN inputs and the neurons' saved state
-   (``neuron_save``, default fp32 H) stay. ``neuron_save="input"`` only pays where the neuron's input is kept
-   anyway; in these branches it is not (it is a BN output), so it is not the default.
+   stay (``neuron_save``: the neuron op's default unless set; keeping the input or H costs the same here, as
+   the input is a BN output that nothing else keeps, and ``"h_bf16"`` halves it at approximate gradients).
 2. Stored stage outputs: one int32 stream per stage, kept by the engine -- nothing per block.
 3. Neuron state: every neuron is a :class:`~revsnn_triton.models.layers.SequenceNeuron`, which drops its final
    membrane tensor after each call. Without that, each F and G of every block holds one ``[B, C, H, W]`` tensor

@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"wrote {png}")
     if not args.no_ablation:
         variants = ((None, {}), ("compact_spikes=False", {"compact_spikes": False}),
-                    ("neuron_save=input", {"neuron_save": "input"}),
+                    ("neuron_save=h", {"neuron_save": "h"}), ("neuron_save=h_bf16", {"neuron_save": "h_bf16"}),
                     ("spikingjelly neurons", {"neuron_impl": "spikingjelly"}))
         run([model_case(n, args.cpu_small) for n in ("RevSResNet37", "MS-ResNet34")], "memory_ablation",
             "Training memory per image: what each option buys (empty variant: the defaults)", variants)
