@@ -87,15 +87,19 @@ def test_traffic_bytes():
     # the minimum: X, S, V | dS, X, dX (5 passes, DESIGN.md §6)
     assert bn.traffic_bytes(case, "forward", None) == 8 * steps + 4 * n
     assert bn.traffic_bytes(case, "forward+backward", None) == 20 * steps + 4 * n
-    # our kernels, H in fp32: read X, V0; write S, H, V | read dS, H, dV; write dX, dV0
-    assert bn.traffic_bytes(case, "forward", "h") == 12 * steps + 8 * n
-    assert bn.traffic_bytes(case, "forward+backward", "h") == 24 * steps + 16 * n
-    # nothing saved: the backward first re-runs the forward kernel into a transient fp32 H
-    assert bn.traffic_bytes(case, "forward", "input") == 8 * steps + 8 * n
-    assert bn.traffic_bytes(case, "forward+backward", "input") == (8 + 8 + 12) * steps + 24 * n
+    # our kernels, H in fp32: read X (the constant initial V is not read); write S, H, V | read dS, H;
+    # write dX (the unused V_final's zero gradient is not read, no grad of V_init is written)
+    assert bn.traffic_bytes(case, "forward", "h") == 12 * steps + 4 * n
+    assert bn.traffic_bytes(case, "forward+backward", "h") == 24 * steps + 4 * n
+    # nothing saved, T <= 32: the backward reads dS and X and recomputes H in registers -- the floor
+    assert bn.traffic_bytes(case, "forward", "input") == 8 * steps + 4 * n
+    assert bn.traffic_bytes(case, "forward+backward", "input") == 20 * steps + 4 * n
+    # nothing saved, T > 32: the forward kernel is re-run into a transient fp32 H (+ scratch V) first
+    long = bn.Case("T40", T=40, n=1000, dtype=torch.float32)
+    assert bn.traffic_bytes(long, "forward+backward", "input") == (8 + 8 + 12) * 40 * 1000 + 8 * 1000
     bf16 = bn.CASES["T4-8.39M-bf16"]
-    assert bn.traffic_bytes(bf16, "forward", "h_bf16") == 6 * steps + 8 * n
-    assert bn.traffic_bytes(bf16, "forward+backward", "h_bf16") == 12 * steps + 16 * n
+    assert bn.traffic_bytes(bf16, "forward", "h_bf16") == 6 * steps + 4 * n
+    assert bn.traffic_bytes(bf16, "forward+backward", "h_bf16") == 12 * steps + 4 * n
     assert bn.traffic_bytes(bf16, "forward+backward", None) == 10 * steps + 4 * n
     with pytest.raises(ValueError, match="pass_"):
         bn.traffic_bytes(case, "backward", "h")
