@@ -197,7 +197,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    f"{' '.join(ALL_MODELS)})")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=None,
                    help="default: fp32 bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch-sizes", nargs=2, type=int, default=None, help="default 16 64 (CUDA), 2 4 (CPU), 4 8 (--cpu-small)")
+    p.add_argument("--batch-sizes", nargs=2, type=int, default=None,
+                   help="default 16 64 (CUDA), 2 4 (CPU), 4 8 (--cpu-small)")
     p.add_argument("--T", type=int, default=None, help="time steps (default: each model's: 4 CIFAR, 10 DVS)")
     p.add_argument("--image-size", type=int, default=None, help="default 32 (CIFAR) / 128 (DVS)")
     p.add_argument("--neuron-impl", choices=("triton", "torch", "spikingjelly"), default="triton")
