@@ -66,7 +66,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(ALL_MODELS))
     p.add_argument("--compile-models", nargs="*", default=list(DEFAULT_COMPILE),
                    help="models also timed under torch.compile (each in a subprocess)")
-    p.add_argument("--compile-timeout", type=float, default=150.0, help="seconds per compiled case (CPU: a tiny RevSResNet21 took 3 min to compile)")
+    p.add_argument("--compile-timeout", type=float, default=150.0,
+                   help="seconds per compiled case, compilation included")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--T", type=int, default=None, help="default: each model's (4 CIFAR, 10 DVS)")
