@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .layers import (CIFAR_RESNET_NEURON, DVS_NEURON, Downsample, NeuronFactory, SpikingHead, SpikingModel,
                      SpikingResidualBranch, Stem, check_widths_blocks, init_conv_bn, neuron_factory)
-from .registry import register_model
+from .registry import register_model, register_variants
 
 
 class MSBasicBlock(nn.Module):
@@ -75,21 +75,10 @@ CONFIGS = {
 }
 
 
-def _register_cifar(name: str) -> None:
-    config = CONFIGS[name]
-
-    @register_model(name)
-    def factory(num_classes: int = 100, T: int = 4, neuron_impl: str = "triton", **overrides) -> MSResNet:
-        kw = dict(config, neuron=CIFAR_RESNET_NEURON, in_channels=3, event_input=False)
-        kw.update(overrides)
-        return MSResNet(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name=name, **kw)
-
-    factory.__doc__ = (f"{name} (CIFAR, images [B, 3, H, W]): widths {list(config['widths'])}, blocks "
-                       f"{list(config['blocks'])}, IF neurons, ATan(2), detach_reset. Overrides: see MSResNet.")
-
-
-for _name in CONFIGS:
-    _register_cifar(_name)
+register_variants(MSResNet, CONFIGS, num_classes=100, T=4, neuron=CIFAR_RESNET_NEURON, in_channels=3,
+                  event_input=False,
+                  doc="{name} (CIFAR, images [B, 3, H, W]): widths {widths}, blocks {blocks}, IF neurons, "
+                      "ATan(2), detach_reset. Overrides: see MSResNet.")
 
 
 @register_model("MS-ResNet20")

@@ -20,6 +20,26 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return decorator
 
 
+def register_variants(model_cls: Callable[..., nn.Module], configs: dict[str, dict], *, num_classes: int, T: int,
+                      doc: str, **common) -> None:
+    """Register one factory per entry of ``configs`` (name -> keyword arguments of ``model_cls``).
+
+    Each factory takes ``(num_classes=num_classes, T=T, neuron_impl="triton", **overrides)`` and builds
+    ``model_cls(name=name, **common, **config, **overrides)``; ``doc`` is formatted with the config's keys.
+    """
+    for name, config in configs.items():
+        _register_variant(model_cls, name, {**common, **config}, num_classes, T, doc)
+
+
+def _register_variant(model_cls, name: str, config: dict, default_classes: int, default_T: int, doc: str) -> None:
+    @register_model(name)
+    def factory(num_classes: int = default_classes, T: int = default_T, neuron_impl: str = "triton", **overrides):
+        kw = {**config, **overrides}
+        return model_cls(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name=name, **kw)
+
+    factory.__doc__ = doc.format(name=name, **{k: list(v) if isinstance(v, tuple) else v for k, v in config.items()})
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(_REGISTRY)

@@ -39,7 +39,7 @@ import torch
 
 from .layers import (CIFAR_RESNET_NEURON, DVS_NEURON, Downsample, SpikingHead, SpikingModel, SpikingResidualBranch,
                      Stem, check_widths_blocks, init_conv_bn, neuron_factory)
-from .registry import register_model
+from .registry import register_model, register_variants
 
 
 class RevSResNet(SpikingModel):
@@ -102,21 +102,10 @@ CONFIGS = {
 }
 
 
-def _register_cifar(name: str) -> None:
-    config = CONFIGS[name]
-
-    @register_model(name)
-    def factory(num_classes: int = 100, T: int = 4, neuron_impl: str = "triton", **overrides) -> RevSResNet:
-        kw = dict(config, neuron=CIFAR_RESNET_NEURON, in_channels=3, event_input=False)
-        kw.update(overrides)
-        return RevSResNet(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name=name, **kw)
-
-    factory.__doc__ = (f"{name} (CIFAR, images [B, 3, H, W]): widths per half {list(config['widths'])}, blocks "
-                       f"{list(config['blocks'])}, IF neurons, ATan(2), detach_reset. Overrides: see RevSResNet.")
-
-
-for _name in CONFIGS:
-    _register_cifar(_name)
+register_variants(RevSResNet, CONFIGS, num_classes=100, T=4, neuron=CIFAR_RESNET_NEURON, in_channels=3,
+                  event_input=False,
+                  doc="{name} (CIFAR, images [B, 3, H, W]): widths per half {widths}, blocks {blocks}, IF neurons, "
+                      "ATan(2), detach_reset. Overrides: see RevSResNet.")
 
 
 @register_model("RevSResNet24")
