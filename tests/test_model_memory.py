@@ -17,15 +17,6 @@ from revsnn_triton.bench import memory as bench_memory
 from revsnn_triton.bench import train_step as bench_train_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tests run many tiny ops, for which a second OpenMP thread only adds
-    synchronisation, and on a loaded 2-core machine (xdist, other jobs) spinning threads slow them ~10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 TINY = {"RevSResNet": dict(widths=(4, 8, 16, 28)), "MS-ResNet": dict(widths=(4, 8, 16, 32))}
 
 

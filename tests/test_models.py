@@ -16,15 +16,6 @@ from revsnn_triton.models import layers as L
 from revsnn_triton.testing import assert_close, assert_equal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tests run many tiny ops, for which a second OpenMP thread only adds
-    synchronisation, and on a loaded 2-core machine (xdist, other jobs) spinning threads slow them ~10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 ZOO = ["RevSResNet21", "RevSResNet37", "RevSResNet109", "RevSResNet24", "RevSFormer-2-384", "RevSFormer-4-384",
        "RevSFormer-2-256", "MS-ResNet18", "MS-ResNet34", "MS-ResNet104", "MS-ResNet20", "Spikingformer-2-384",
        "Spikingformer-4-384", "Spikingformer-2-256"]

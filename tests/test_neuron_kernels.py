@@ -12,7 +12,6 @@ Outputs of the launchers are pre-filled with NaN, so an element a kernel fails t
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import pytest

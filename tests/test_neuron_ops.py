@@ -13,7 +13,6 @@ import contextlib
 import pytest
 import torch
 from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 from revsnn_triton.ops.neuron import multistep_neuron, neuron_backward, neuron_forward
 from revsnn_triton.ops.neuron_reference import multistep_autograd

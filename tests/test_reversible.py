@@ -20,15 +20,6 @@ from revsnn_triton.testing import assert_close, assert_equal
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def single_cpu_thread():
-    """These tests run thousands of tiny ops: intra-op threads only add synchronization, and on a busy
-    2-core machine OpenMP's spinning made them 10-20x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class SeqToANN(nn.Module):
     """Apply a per-frame module to ``[T, B, ...]`` by merging T and B."""

@@ -11,7 +11,6 @@ import torch.nn as nn
 
 from revsnn_triton.testing import assert_close, assert_equal
 from test_reversible import DEVICE, SeqToANN, check_grads, input_for, make_sequence, record_streams
-from test_reversible import single_cpu_thread  # noqa: F401 (autouse fixture)
 
 
 class Net(nn.Module):

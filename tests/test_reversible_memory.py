@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from revsnn_triton.memory import measure_memory, measure_peak_bytes, memory_per_image
-from test_reversible import input_for, make_sequence, single_cpu_thread  # noqa: F401 (autouse fixture)
+from test_reversible import input_for, make_sequence
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MIB = 1 << 20
