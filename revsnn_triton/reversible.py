@@ -7,9 +7,15 @@ outputs are quantized before they are added, in integer arithmetic that wraps mo
 ``X1 = Y1 - q(F(X2))`` is exact for every input as long as F (and G) are recomputed bit-identically.
 
 Forward (``reversible=True``) runs under ``torch.no_grad`` and keeps, for backward, only the last
-block's int32 output halves, the RNG state (CPU, and CUDA when the input is on a GPU) before each branch
+block's output stream, the RNG state (CPU, and CUDA when the input is on a GPU) before each branch
 call that drew random numbers (none for branches without dropout), the autocast state and, with
-``check=True``, two int64 checksums per block. Backward walks the blocks
+``check=True``, two int64 checksums per block (and two for the output). The output stream is kept as the
+float32/float64 output tensor itself whenever that decodes it exactly (float64: always; float32: every
+``|y_q| < 2**24``, i.e. ``|value| < 2**(24 - frac_bits)``, 256 at frac_bits=16) and the output is finite:
+an output saved by its own function costs no memory (the layer after the sequence usually keeps it for
+its own backward anyway), and backward re-encodes it to the int32 stream bit for bit. Otherwise (float16/
+bfloat16 output, values beyond that range, or an output made NaN by a non-finite branch output) the int32
+output halves are kept. Backward walks the blocks
 in reverse: for each branch it resets the neuron state, recomputes the branch with gradients under the
 forward's autocast state and RNG state (equal dropout masks), takes the vector-Jacobian product with
 ``torch.autograd.grad`` (never ``.backward()``), and rebuilds the block input exactly with one fused
@@ -184,9 +190,14 @@ class RevSequence(nn.Module):
     wraps around (the coupling stays exactly invertible, but the decoded values are wrong). A branch
     output with NaN/inf cannot be carried by the stream (the quantizer maps NaN to 0 and saturates inf),
     so the whole output becomes NaN, as float arithmetic would make it. ``forward`` of a sequence in
-    training mode with gradients enabled keeps for backward the int32 output stream (the same bytes as
-    the float32 output), per branch that drew random numbers one RNG state, and 16 bytes of checksums
-    per block; nothing else. Double backward is not supported.
+    training mode with gradients enabled keeps for backward the output stream, per branch that drew
+    random numbers one RNG state, and 16 bytes of checksums per block (plus 16 for the output); nothing
+    else. The stream is kept as the returned output tensor itself (no extra memory) when it decodes the
+    stream exactly (float64 always; float32 when every ``|value| < 2**(24 - frac_bits)``), else as int32
+    halves (the same bytes as a float32 output). Modifying the output in place before backward is then
+    an error (autograd's version check; with ``check=True`` the output checksum catches writes through
+    ``.data`` too). Deciding costs one host synchronization per forward (float32/float64 only).
+    Double backward is not supported.
     """
 
     def __init__(self, blocks: Iterable[RevBlock], frac_bits: int = 16, reversible: bool = True,
@@ -397,7 +408,9 @@ def _reversible_apply(seq: RevSequence, d: int, x: Tensor, params: list[nn.Param
 
 
 class _ReversibleFunction(torch.autograd.Function):
-    """Forward without a graph; backward by exact reconstruction. Saves the int32 output halves."""
+    """Forward without a graph; backward by exact reconstruction. Saves the output stream: the float
+    output tensor itself where it decodes the int32 stream exactly (see :func:`_output_is_exact`), else the
+    int32 output halves."""
 
     @staticmethod
     def forward(ctx, x: Tensor, seq: RevSequence, d: int, *params: nn.Parameter) -> Tensor:
@@ -405,6 +418,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.autocast = _AutocastState(x.device.type)
         ctx.rng = []
         ctx.checksums = [] if seq.check else None
+        ctx.output_sum = None
         with torch.no_grad():
             q, xf = C.encode_ste(x, seq.frac_bits, False)
             x1, x2 = seq._split(q, d)
@@ -412,8 +426,19 @@ class _ReversibleFunction(torch.autograd.Function):
             del q, xf
             finite: list[Tensor] = []
             y1, y1f, y2, y2f = seq._run_blocks(x1, x1f, x2, x2f, ctx.rng, ctx.checksums, finite)
-            out = _poison_if_not_finite(torch.cat([y1f, y2f], d), finite)
-        ctx.save_for_backward(y1, y2)
+            out = torch.cat([y1f, y2f], d)
+            del y1f, y2f
+            ctx.from_output = _output_is_exact(out.dtype, y1, y2, finite)
+            if ctx.from_output:
+                if seq.check:
+                    ctx.output_sum = _checksum(y1, y2)
+                del y1, y2
+            else:
+                out = _poison_if_not_finite(out, finite)
+        if ctx.from_output:
+            ctx.save_for_backward(out)  # the returned tensor: no extra memory
+        else:
+            ctx.save_for_backward(y1, y2)
         return out
 
     @staticmethod
@@ -421,7 +446,11 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         seq: RevSequence = ctx.seq
         d, dtype, R = ctx.d, ctx.x_dtype, seq.frac_bits
-        y1, y2 = ctx.saved_tensors
+        if ctx.from_output:
+            y1, y2 = _reencode_output(seq, ctx.saved_tensors[0], d)
+        else:
+            y1, y2 = ctx.saved_tensors
+        output_sums = None if ctx.output_sum is None else (ctx.output_sum, _checksum(y1, y2))
         slot = {id(p): k for k, p in enumerate(ctx.params)}  # the parameters given to forward, in order
         param_grads: list[Tensor | None] = [None] * len(ctx.params)
         dy1, dy2 = seq._split(grad_out.to(dtype), d)
@@ -442,9 +471,43 @@ class _ReversibleFunction(torch.autograd.Function):
                 rebuilt_sums.append(_checksum(x1, x2))
             y1, y2, y1f = x1, x2, x1f
         if ctx.checksums is not None:
-            _compare_checksums(seq, ctx.checksums, rebuilt_sums[::-1])
+            _compare_checksums(seq, ctx.checksums, rebuilt_sums[::-1], output_sums)
         grad_x = torch.cat([dy1, dy2], d) if ctx.needs_input_grad[0] else None
         return (grad_x, None, None, *param_grads)
+
+
+# float32 holds every integer of magnitude below 2**24 exactly, so decode (int32 -> float32, then an exact
+# scale by a power of two) loses nothing there and encode(decode(y_q)) == y_q.
+_FLOAT32_EXACT = 2 ** 24
+
+
+def _output_is_exact(dtype: torch.dtype, y1: Tensor, y2: Tensor, finite: list[Tensor]) -> bool:
+    """Whether the float output ``decode(y_q, dtype)`` determines the int32 stream ``y_q`` bit for bit and is
+    the plain decode (no branch output was non-finite, so the output was not replaced by NaN). float16/
+    bfloat16: never (no synchronization). float32: every ``|y_q| < 2**24``; float64: always. This reads the
+    answer on the host: one synchronization per sequence forward, the price of saving the output instead
+    of a second copy of the stream."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    flags = [torch.stack(finite).all()]
+    if dtype == torch.float32:
+        for y in (y1, y2):
+            lo, hi = torch.aminmax(y)
+            flags.append((lo > -_FLOAT32_EXACT) & (hi < _FLOAT32_EXACT))
+    return bool(torch.stack(flags).all())
+
+
+def _reencode_output(seq: RevSequence, out: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """The int32 output halves, re-encoded from the saved float output (exact, see :func:`_output_is_exact`).
+    Half by half, so only the two int32 halves are allocated. (encode checks its input: one more host
+    synchronization per sequence backward.)"""
+    h = out.shape[d] // 2
+    try:
+        return tuple(C.encode(out.narrow(d, k * h, h), seq.frac_bits).contiguous() for k in (0, 1))
+    except ValueError as e:  # only if the output was overwritten (e.g. through .data) with unencodable values
+        raise ReconstructionError(
+            f"RevSequence output: the float output kept for backward no longer encodes the output stream "
+            f"({e}); was it modified after the forward?") from e
 
 
 def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, x: Tensor, grad: Tensor,
@@ -470,12 +533,23 @@ def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, 
     return out.detach(), gx.to(x.dtype)
 
 
-def _compare_checksums(seq: RevSequence, forward: list[Tensor], rebuilt: list[Tensor]) -> None:
-    """One synchronization for the whole sequence. The faulty block is the last one (in forward order)
-    whose rebuilt input differs: every earlier block is rebuilt from its wrong output."""
+def _compare_checksums(seq: RevSequence, forward: list[Tensor], rebuilt: list[Tensor],
+                       output: tuple[Tensor, Tensor] | None = None) -> None:
+    """One synchronization for the whole sequence. ``output``: the checksums of the output stream in
+    forward and as re-encoded from the saved float output; if they differ, everything rebuilt from it is
+    wrong and the output is named. Otherwise the faulty block is the last one (in forward order) whose
+    rebuilt input differs: every earlier block is rebuilt from its wrong output."""
+    if output is not None:
+        forward, rebuilt = [*forward, output[0]], [*rebuilt, output[1]]
     bad = (torch.stack(forward) != torch.stack(rebuilt)).cpu()
     if not bool(bad.any()):
         return
+    if output is not None:
+        if bool(bad[-1].any()):
+            raise ReconstructionError(
+                "RevSequence output: the float output kept for backward does not re-encode to the output "
+                "stream of the forward (was it modified after the forward, e.g. through .data?)")
+        bad = bad[:-1]
     i = int(bad.any(dim=1).nonzero().max())
     block = seq.blocks[i]
     # Backward rebuilds X2 first (from the verified outputs and G), then X1 from F(X2): a wrong X2 is

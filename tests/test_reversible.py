@@ -145,7 +145,8 @@ def run_steps(seq: RevSequence, case: dict, steps: int, rec: dict | None = None)
     out = []
     for step in range(steps):
         x = input_for(case["kind"], case["T"], case["B"], case["width"], case["size"], case["scale"],
-                      case["seed"] + step).to(DEVICE).requires_grad_()
+                      case["seed"] + step) + case.get("offset", 0.0)
+        x = x.to(DEVICE).requires_grad_()
         w = torch.randn(x.shape, generator=torch.Generator().manual_seed(step)).to(DEVICE)
         torch.manual_seed(1000 + step)  # same dropout masks in both modes
         y = seq(x)
@@ -163,6 +164,12 @@ def run_steps(seq: RevSequence, case: dict, steps: int, rec: dict | None = None)
 @example(dict(kind="conv", depth=1, T=1, B=2, width=1, size=2, scale=1e-3, frac_bits=8, neuron="if", bn=True,
               dropout=0.0, seed=0))
 def test_reconstruction_exact_and_gradients_match_autograd(case):
+    check_engine_case(case)
+
+
+def check_engine_case(case: dict) -> list:
+    """Run ``case`` reversible and with ``reversible=False``; outputs, gradients, every rebuilt block input
+    and the BatchNorm statistics must agree (bit for bit on CPU). Returns the reversible run's steps."""
     kw = dict(neuron=case["neuron"], bn=case["bn"], dropout=case["dropout"], frac_bits=case["frac_bits"],
               seed=case["seed"])
     rev = make_sequence(case["kind"], case["depth"], case["width"], **kw).to(DEVICE)
@@ -194,6 +201,71 @@ def test_reconstruction_exact_and_gradients_match_autograd(case):
                 assert_equal(a, b, f"{name} after 2 steps")
             else:
                 assert_close(a, b, f"{name} after 2 steps", rtol=grad_tolerance([b])[0], atol=1e-6)
+    return got
+
+
+# ------------------------------------------------------------------ which form the output stream is kept in
+
+def kept_as_float(y: torch.Tensor) -> bool:
+    """Whether the reversible forward that made ``y`` kept the float output for backward (instead of the
+    int32 halves). ``y.grad_fn`` of a custom autograd Function is its context."""
+    return y.grad_fn.from_output
+
+
+@pytest.mark.parametrize("offset", [0.0, 512.0])
+def test_output_kept_as_float_only_when_it_decodes_exactly(offset):
+    # float32 decodes the stream exactly iff every |value| < 2**(24 - frac_bits) (256 at frac_bits=16).
+    # offset=512 puts every value beyond that (the spiking conv + BN branches add far less than 256):
+    # the int32 halves are kept. Either way the engine is exact (check_engine_case).
+    case = dict(kind="conv", depth=3, T=2, B=2, width=2, size=3, scale=3.0, frac_bits=16, neuron="if", bn=True,
+                dropout=0.0, seed=4, offset=offset)
+    steps = check_engine_case(case)
+    seq = make_sequence("conv", 3, 2, seed=4)
+    y = seq((input_for("conv", 2, 2, 2, 3, 3.0, 0) + offset).requires_grad_())
+    big = offset > 0
+    assert kept_as_float(y) != big
+    for out, *_ in steps:
+        assert (float(out.abs().min()) >= 256) == big
+        assert (float(out.abs().max()) < 256) != big
+
+
+def test_output_kept_as_float64_and_never_as_low_precision():
+    seq = make_sequence("linear", 2, 3, seed=2, neuron="none", bn=False)
+    for dtype, expect in ((torch.float64, True), (torch.bfloat16, False), (torch.float16, False)):
+        m = copy.deepcopy(seq).to(dtype)
+        base = copy.deepcopy(m)
+        base.reversible = False
+        x = input_for("linear", 2, 2, 3, 2, 3.0 if dtype == torch.float64 else 1.0, 0).to(dtype)
+        if dtype == torch.float64:
+            x = x + 1000.0  # beyond float32's exact range (256 at frac_bits=16): float64 still decodes exactly
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [m(xs[0]), base(xs[1])]
+        assert kept_as_float(ys[0]) == expect, dtype
+        if dtype == torch.float64:
+            assert float(ys[0].detach().abs().max()) >= 256  # float32 would not decode this stream exactly
+        for y, xi in zip(ys, xs):
+            (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape)).sum().backward()
+        assert_equal(ys[0], ys[1], f"output {dtype}")
+        if dtype == torch.float64:  # float64, no neurons: both runs do the same float64 operations
+            assert_equal(xs[0].grad, xs[1].grad, "input grad float64")
+            for a, b in zip(m.parameters(), base.parameters()):
+                assert_equal(a.grad, b.grad, "param grad float64")
+
+
+def test_output_modified_before_backward_is_an_error():
+    seq = make_sequence("conv", 2, 2, seed=5)
+    x = input_for("conv", 2, 2, 2, 3, 3.0, 0).requires_grad_()
+    y = seq(x)
+    assert kept_as_float(y)
+    y.mul_(2)  # in place on the saved output: autograd's version counter refuses
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    # behind autograd's back (.data): the output checksum of the exactness guard catches it
+    for change in (lambda t: t.add_(2.0 ** -16), lambda t: t.fill_(float("nan"))):
+        y = seq(x)
+        change(y.data)
+        with pytest.raises(ReconstructionError, match="RevSequence output"):
+            y.sum().backward()
 
 
 @given(engine_cases())
@@ -392,6 +464,8 @@ def test_non_finite_branch_output_makes_the_output_nan(reversible):
     x = torch.randn(2, 3, 4, device=DEVICE, requires_grad=True)
     y = seq(x)
     assert torch.isnan(y).all()
+    if reversible:
+        assert not kept_as_float(y)  # a NaN output cannot re-encode the stream: the int32 halves are kept
     y.sum().backward()  # still differentiable (gradients are whatever the NaN loss gives)
     ok = RevSequence([RevBlock(nn.Identity(), nn.Tanh(), -1)], reversible=reversible)
     assert torch.isfinite(ok(x)).all()
