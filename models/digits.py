@@ -9,29 +9,15 @@ CIFAR ResNets. Overrides (``widths``, ``blocks``, ``neuron``, ``reversible``, ..
 """
 from __future__ import annotations
 
-import torch.nn as nn
-
 from .layers import CIFAR_RESNET_NEURON
-from .registry import register_model
+from .ms_resnet import MSResNet
+from .registry import register_variants
+from .revs_resnet import RevSResNet
 
 DIGITS_WIDTHS = (16, 32)
+_DIGITS = dict(num_classes=10, T=4, neuron=CIFAR_RESNET_NEURON, in_channels=1, event_input=False)
 
-
-@register_model("RevSResNet-digits")
-def revs_resnet_digits(num_classes: int = 10, T: int = 4, neuron_impl: str = "triton", **overrides) -> nn.Module:
-    """Reversible spiking ResNet for ``[B, 1, 8, 8]`` digits: per-half widths [16, 32], blocks [2, 2]."""
-    from .revs_resnet import RevSResNet  # imported on use: the reversible engine is only needed to build it
-
-    kw = dict(widths=DIGITS_WIDTHS, blocks=(2, 2), neuron=CIFAR_RESNET_NEURON, in_channels=1, event_input=False)
-    kw.update(overrides)
-    return RevSResNet(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name="RevSResNet-digits", **kw)
-
-
-@register_model("MS-ResNet-digits")
-def ms_resnet_digits(num_classes: int = 10, T: int = 4, neuron_impl: str = "triton", **overrides) -> nn.Module:
-    """Non-reversible counterpart of RevSResNet-digits: MS-ResNet, widths [16, 32], blocks [4, 4]."""
-    from .ms_resnet import MSResNet
-
-    kw = dict(widths=DIGITS_WIDTHS, blocks=(4, 4), neuron=CIFAR_RESNET_NEURON, in_channels=1, event_input=False)
-    kw.update(overrides)
-    return MSResNet(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name="MS-ResNet-digits", **kw)
+register_variants(RevSResNet, {"RevSResNet-digits": dict(widths=DIGITS_WIDTHS, blocks=(2, 2))}, **_DIGITS,
+                  doc="Reversible spiking ResNet for [B, 1, 8, 8] digits: per-half widths {widths}, blocks {blocks}.")
+register_variants(MSResNet, {"MS-ResNet-digits": dict(widths=DIGITS_WIDTHS, blocks=(4, 4))}, **_DIGITS,
+                  doc="Non-reversible counterpart of RevSResNet-digits: MS-ResNet, widths {widths}, blocks {blocks}.")

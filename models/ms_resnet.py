@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .layers import (CIFAR_RESNET_NEURON, DVS_NEURON, Downsample, NeuronFactory, SpikingHead, SpikingModel,
                      SpikingResidualBranch, Stem, check_widths_blocks, init_conv_bn, neuron_factory)
-from .registry import register_model, register_variants
+from .registry import register_variants
 
 
 class MSBasicBlock(nn.Module):
@@ -81,10 +81,7 @@ register_variants(MSResNet, CONFIGS, num_classes=100, T=4, neuron=CIFAR_RESNET_N
                       "ATan(2), detach_reset. Overrides: see MSResNet.")
 
 
-@register_model("MS-ResNet20")
-def ms_resnet20(num_classes: int = 10, T: int = 10, neuron_impl: str = "triton", **overrides) -> MSResNet:
-    """MS-ResNet20 (DVS, event frames [B, T, 2, 128, 128]): widths [16, 32, 64], blocks [3, 3, 3], LIF tau=1.5
-    with Sigmoid(4), detach_reset; stem conv stride 2 + MaxPool. Overrides: see MSResNet."""
-    kw = dict(widths=(16, 32, 64), blocks=(3, 3, 3), neuron=DVS_NEURON, in_channels=2, event_input=True)
-    kw.update(overrides)
-    return MSResNet(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name="MS-ResNet20", **kw)
+register_variants(MSResNet, {"MS-ResNet20": dict(widths=(16, 32, 64), blocks=(3, 3, 3))}, num_classes=10, T=10,
+                  neuron=DVS_NEURON, in_channels=2, event_input=True,
+                  doc="{name} (DVS, event frames [B, T, 2, 128, 128]): widths {widths}, blocks {blocks}, LIF "
+                      "tau=1.5 with Sigmoid(4), detach_reset; stem conv stride 2 + MaxPool. Overrides: see MSResNet.")

@@ -39,7 +39,7 @@ import torch
 
 from .layers import (CIFAR_RESNET_NEURON, DVS_NEURON, Downsample, SpikingHead, SpikingModel, SpikingResidualBranch,
                      Stem, check_widths_blocks, init_conv_bn, neuron_factory)
-from .registry import register_model, register_variants
+from .registry import register_variants
 
 
 class RevSResNet(SpikingModel):
@@ -108,10 +108,8 @@ register_variants(RevSResNet, CONFIGS, num_classes=100, T=4, neuron=CIFAR_RESNET
                       "ATan(2), detach_reset. Overrides: see RevSResNet.")
 
 
-@register_model("RevSResNet24")
-def revs_resnet24(num_classes: int = 10, T: int = 10, neuron_impl: str = "triton", **overrides) -> RevSResNet:
-    """RevSResNet24 (DVS, event frames [B, T, 2, 128, 128]): widths per half [16, 32, 48], blocks [1, 2, 2],
-    LIF tau=1.5 with Sigmoid(4), detach_reset; stem conv stride 2 + AvgPool. Overrides: see RevSResNet."""
-    kw = dict(widths=(16, 32, 48), blocks=(1, 2, 2), neuron=DVS_NEURON, in_channels=2, event_input=True)
-    kw.update(overrides)
-    return RevSResNet(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name="RevSResNet24", **kw)
+register_variants(RevSResNet, {"RevSResNet24": dict(widths=(16, 32, 48), blocks=(1, 2, 2))}, num_classes=10, T=10,
+                  neuron=DVS_NEURON, in_channels=2, event_input=True,
+                  doc="{name} (DVS, event frames [B, T, 2, 128, 128]): widths per half {widths}, blocks {blocks}, "
+                      "LIF tau=1.5 with Sigmoid(4), detach_reset; stem conv stride 2 + AvgPool. Overrides: see "
+                      "RevSResNet.")
