@@ -5,9 +5,12 @@ The tokenizer output ``X`` is duplicated into the two streams (``X1 = X2 = X``, 
 Spikingformer's, acting on one E-channel half), one :class:`revsnn_triton.reversible.RevSequence`, the mean over
 tokens and time of both streams, and a Linear head on 2E features.
 
-Memory per image: the tokenizer (non-reversible, its convs keep bool spikes), the stored output stream of the
-sequence, and one block's recomputation graph during backward (its attention products ``Q K^T`` per head are the
-largest part at 64 tokens); nothing grows with ``depth`` (target: RevSFormer-4-384 <= 16 MiB/image, fp32, T=4).
+Memory per image: the stored output stream of the sequence and one block's recomputation graph during backward
+(its attention products ``Q K^T`` per head are the largest part at 64 tokens), or the tokenizer's recomputation,
+whichever is larger; nothing grows with ``depth`` (target: RevSFormer-4-384 <= 16 MiB/image, fp32, T=4). The
+tokenizer is non-reversible: kept with its graph (``recompute_tokenizer=False``), its BatchNorm and neuron inputs
+and spikes at full resolution would be held from the forward until the end of backward, on top of the blocks'
+backward peak. By default it is recomputed instead (see :class:`RevSFormer`).
 """
 from __future__ import annotations
 
@@ -19,19 +22,26 @@ from .spikingformer import SpikingTransformerBase, register_family
 
 class RevSFormer(SpikingTransformerBase):
     """RevSFormer-``depth``-``embed_dim``; arguments as :class:`SpikingTransformerBase` plus ``reversible`` and
-    ``frac_bits`` (passed to the ``RevSequence``)."""
+    ``frac_bits`` (passed to the ``RevSequence``).
 
-    def __init__(self, *, reversible: bool = True, frac_bits: int = 16, **kwargs):
+    ``recompute_tokenizer`` defaults to True here: the reversible blocks keep almost nothing, so the tokenizer's
+    graph (about half of the training memory per image of RevSFormer-4-384 when kept) would otherwise dominate;
+    recomputed in backward, it costs one extra tokenizer forward per step and its memory no longer adds to the
+    blocks' backward peak. Gradients are the same either way, and so are the state_dict keys.
+    """
+
+    def __init__(self, *, reversible: bool = True, frac_bits: int = 16, recompute_tokenizer: bool = True,
+                 **kwargs):
         from revsnn_triton.reversible import RevBlock, RevSequence  # the engine; imported when a model is built
 
-        super().__init__(**kwargs)
+        super().__init__(recompute_tokenizer=recompute_tokenizer, **kwargs)
         blocks = [RevBlock(self.make_attention(), self.make_mlp(), split_dim=2) for _ in range(self.depth)]
         self.blocks = RevSequence(blocks, frac_bits=frac_bits, reversible=reversible)
         self.head = nn.Linear(2 * self.embed_dim, self.num_classes)
         self.init_weights()
 
     def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.tokenizer(x)
+        tokens = self.tokenize(x)
         x = self.blocks(torch.cat([tokens, tokens], dim=2))
         return self.head(x.mean(dim=(0, 3)))
 

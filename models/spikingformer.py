@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from revsnn_triton.recompute import recompute
+
 from .layers import (CIFAR_TRANSFORMER_NEURON, DVS_NEURON, SpikingMLP, SpikingModel,
                      SpikingSelfAttention, SpikingTokenizer, init_conv_bn, init_transformer, neuron_factory)
 from .registry import register_model
@@ -44,16 +46,22 @@ class SpikingTransformerBase(SpikingModel):
     Args: ``embed_dim`` (E, tokens per stream), ``depth``, ``num_heads``, ``mlp_ratio``, ``patch`` (2**k, the
     tokenizer's total pooling), ``attn_threshold`` (threshold of the neuron after Q K^T V), ``num_classes``,
     ``T``, ``neuron_impl``, ``neuron`` (kind and parameters), ``in_channels``, ``event_input`` (False: images
-    ``[B, C, H, W]`` repeated over T; True: frames ``[B, T, C, H, W]``), ``compact_spikes``, ``neuron_save``.
+    ``[B, C, H, W]`` repeated over T; True: frames ``[B, T, C, H, W]``), ``compact_spikes``, ``neuron_save``,
+    ``recompute_tokenizer`` (True: the tokenizer runs through :func:`revsnn_triton.recompute.recompute` when
+    gradients are needed: it keeps no graph in forward, only its input, and is run once more in backward;
+    ``self.tokenizer`` stays the :class:`SpikingTokenizer` itself, so state_dict keys do not depend on it).
     H and W must be multiples of ``patch``.
     """
 
     def __init__(self, *, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, patch: int,
                  num_classes: int, T: int, neuron_impl: str, neuron: dict, in_channels: int, event_input: bool,
                  attn_threshold: float = 0.5, compact_spikes: bool = True, neuron_save: Optional[str] = None,
-                 name: str):
+                 recompute_tokenizer: bool = False, name: str):
         super().__init__()
         _check_transformer_args(name, embed_dim, depth, num_heads, mlp_ratio)
+        if not isinstance(recompute_tokenizer, bool):
+            raise TypeError(f"{name}: recompute_tokenizer must be a bool, got {type(recompute_tokenizer).__name__}")
+        self.recompute_tokenizer = recompute_tokenizer
         self.setup_input(name, num_classes, T, in_channels, event_input, min_size=patch, multiple=patch)
         kw = dict(neuron)
         self.neuron = neuron_factory(neuron_impl, kw.pop("kind"), save=neuron_save, **kw)
@@ -62,6 +70,15 @@ class SpikingTransformerBase(SpikingModel):
         self._attn_kwargs = dict(num_heads=num_heads, neuron=self.neuron, attn_threshold=attn_threshold,
                                  compact=compact_spikes)
         self._mlp_kwargs = dict(hidden=int(embed_dim * mlp_ratio), neuron=self.neuron, compact=compact_spikes)
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, B, C, H, W]`` -> tokens ``[T, B, E, N]`` (recomputed in backward with ``recompute_tokenizer``)."""
+        if self.recompute_tokenizer:
+            return recompute(self.tokenizer, x)
+        return self.tokenizer(x)
+
+    def extra_repr(self) -> str:
+        return f"recompute_tokenizer={self.recompute_tokenizer}"
 
     def make_attention(self) -> SpikingSelfAttention:
         """A fresh spiking self-attention on E channels."""
@@ -87,7 +104,7 @@ class Spikingformer(SpikingTransformerBase):
         self.init_weights()
 
     def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.tokenizer(x))
+        x = self.blocks(self.tokenize(x))
         return self.head(x.mean(dim=(0, 3)))
 
 
