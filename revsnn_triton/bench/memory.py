@@ -9,8 +9,9 @@ CPU allocator recorded by the profiler (:mod:`revsnn_triton.memory`) -- real all
 Output (``--out``): ``memory.{csv,json,md}`` (every model, fp32 and bf16 autocast), ``memory_depth.{csv,json,md}``
 and ``memory_depth.png`` (memory per image against depth, reversible and non-reversible side by side; ResNets
 and transformers in two panels), then ``memory_ablation.{csv,json,md}`` (RevSResNet37 and MS-ResNet34 with each
-memory option of the zoo switched, and on spikingjelly's neurons). Rows are written after every measurement,
-so an interrupted run keeps what it had.
+memory option of the zoo switched, and on spikingjelly's neurons; RevSFormer-4-384 and Spikingformer-4-384 with
+the tokenizer recomputation switched from their defaults). Rows are written after every measurement, so an
+interrupted run keeps what it had.
 
     python -m revsnn_triton.bench.memory --out benchmarks/results            # GPU: every model, 16 vs 64
     python -m revsnn_triton.bench.memory --cpu-small --out /tmp/mem          # CPU: tiny widths, shape of curve
@@ -40,6 +41,19 @@ ALL_MODELS = ("RevSResNet37", "MS-ResNet34", "RevSResNet21", "RevSResNet109", "R
               "Spikingformer-4-384", "MS-ResNet18", "MS-ResNet104", "RevSFormer-2-384", "Spikingformer-2-384",
               "RevSResNet24", "MS-ResNet20", "RevSFormer-2-256", "Spikingformer-2-256")
 TRANSFORMER_SWEEP = (2, 4, 8)
+
+Variants = tuple  # ((variant label or None for the defaults, model overrides), ...)
+_RESNET_ABLATION: Variants = (
+    (None, {}), ("compact_spikes=False", {"compact_spikes": False}), ("neuron_save=h", {"neuron_save": "h"}),
+    ("neuron_save=h_bf16", {"neuron_save": "h_bf16"}), ("spikingjelly neurons", {"neuron_impl": "spikingjelly"}))
+# model -> its ablation variants. The transformers switch the tokenizer recomputation away from their default
+# (on for RevSFormer, off for Spikingformer), so each side shows what it buys.
+ABLATION: dict[str, Variants] = {
+    "RevSResNet37": _RESNET_ABLATION,
+    "MS-ResNet34": _RESNET_ABLATION,
+    "RevSFormer-4-384": ((None, {}), ("recompute_tokenizer=False", {"recompute_tokenizer": False})),
+    "Spikingformer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True})),
+}
 
 # --cpu-small: the zoo's block counts at 1/8 of the widths (transformers: E=48 with 12 heads), so the depth
 # dependence is that of the real models while a step costs well under a second on a CPU.
@@ -208,7 +222,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-sweep", action="store_true", help="skip the depth sweep")
     p.add_argument("--no-models", action="store_true", help="skip the per-model table")
     p.add_argument("--no-ablation", action="store_true",
-                   help="skip RevSResNet37 / MS-ResNet34 with each memory option switched (run last; default on)")
+                   help="skip the ablation: each model of --ablation-models with each of its memory options "
+                   "switched (run last; default on)")
+    p.add_argument("--ablation-models", nargs="+", choices=tuple(ABLATION), default=None,
+                   help=f"models of the ablation table (default: all: {' '.join(ABLATION)})")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this")
     args = p.parse_args(argv)
     if args.device is None:
@@ -231,6 +248,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.T is not None and args.T < 1:
         p.error(f"--T must be >= 1, got {args.T}")
     args.models = args.models or list(ALL_MODELS)
+    args.ablation_models = args.ablation_models or list(ABLATION)
     return args
 
 
@@ -251,11 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     measured: dict[tuple, dict] = {}     # (case, dtype, variant) -> row: the sweep reuses the per-model rows
 
-    def run(cases, stem, title, variants=((None, {}),)) -> list[dict]:
+    def run(cases, stem, title, variants_of: Callable[[Case], Variants] = lambda case: ((None, {}),)) -> list[dict]:
         rows: list[dict] = []
         for case in cases:
             for dtype in args.dtypes:
-                for variant, extra in variants:
+                for variant, extra in variants_of(case):
                     key = (case.label, case.name, tuple(sorted(case.overrides.items())), dtype, variant)
                     if key in measured:
                         rows.append(measured[key])
@@ -293,11 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if png:
                 print(f"wrote {png}")
     if not args.no_ablation:
-        variants = ((None, {}), ("compact_spikes=False", {"compact_spikes": False}),
-                    ("neuron_save=h", {"neuron_save": "h"}), ("neuron_save=h_bf16", {"neuron_save": "h_bf16"}),
-                    ("spikingjelly neurons", {"neuron_impl": "spikingjelly"}))
-        run([model_case(n, args.cpu_small) for n in ("RevSResNet37", "MS-ResNet34")], "memory_ablation",
-            "Training memory per image: what each option buys (empty variant: the defaults)", variants)
+        run([model_case(n, args.cpu_small) for n in args.ablation_models], "memory_ablation",
+            "Training memory per image: what each option buys (empty variant: the defaults)",
+            lambda case: ABLATION[case.name])
     return 0
 
 
