@@ -13,13 +13,17 @@ call that drew random numbers (none for branches without dropout), the autocast 
 float32/float64 output tensor itself whenever that decodes it exactly (float64: always; float32: every
 ``|y_q| < 2**24``, i.e. ``|value| < 2**(24 - frac_bits)``, 256 at frac_bits=16) and the output is finite:
 an output saved by its own function costs no memory (the layer after the sequence usually keeps it for
-its own backward anyway), and backward re-encodes it to the int32 stream bit for bit. Otherwise (float16/
+its own backward anyway), and backward re-encodes it to the int32 stream bit for bit (float32: into the
+output's own memory, whose float values are written back before backward returns). Otherwise (float16/
 bfloat16 output, values beyond that range, or an output made NaN by a non-finite branch output) the int32
 output halves are kept. Backward walks the blocks
 in reverse: for each branch it resets the neuron state, recomputes the branch with gradients under the
 forward's autocast state and RNG state (equal dropout masks), takes the vector-Jacobian product with
 ``torch.autograd.grad`` (never ``.backward()``), and rebuilds the block input exactly with one fused
-pass that also accumulates the gradient. Parameters are inputs of the autograd function, so their
+pass that also accumulates the gradient. Forward and backward drop every tensor as soon as nothing reads it:
+besides one branch's work space, the forward holds two int32 halves and one decoded half, and backward, while
+F is recomputed, the output, Y1, the rebuilt X2 with its decode (F's input) and the two stream gradients (the
+incoming gradient's halves are read in place). Parameters are inputs of the autograd function, so their
 gradients reach ``.grad`` (and DDP's hooks) the ordinary way. BatchNorm running statistics are updated
 once per step: a recomputation restores them afterwards, and it normalizes with the same batch
 statistics as the forward because its input is bit-identical.
@@ -313,6 +317,33 @@ class RevSequence(nn.Module):
             x1, x1f, x2, x2f = y1, y1f, y2, y2f
         return x1, x1f, x2, x2f
 
+    def _run_blocks_no_grad(self, x1: Tensor, x2: Tensor, dtype: torch.dtype, rng: list | None = None,
+                            checksums: list | None = None, finite: list | None = None):
+        """The same arithmetic as :meth:`_run_blocks` without gradients, from the int32 input halves only, keeping
+        as little alive as it can: a block holds its two int32 halves, the decoded half its branch reads and
+        the branch's own work space (the coupling writes the new half and its decode in one pass, and every
+        tensor is dropped as soon as nothing reads it). Returns ``(y1, decode(y1), y2, decode(y2))``."""
+        R = self.frac_bits
+        x2f = self.decode(x2, dtype)
+        for i, block in enumerate(self.blocks):
+            self._call_hooks("forward", i, x1, x2)
+            if checksums is not None:
+                checksums.append(_checksum(x1, x2))
+            f = self._branch(i, "F", block.f, x2f, rng)
+            del x2f
+            if finite is not None:
+                finite.append(torch.isfinite(f).all())
+            x1, y1f = C.couple_decode(x1, f, R, dtype)
+            del f
+            g = self._branch(i, "G", block.g, y1f, rng)
+            if finite is not None:
+                finite.append(torch.isfinite(g).all())
+            if i + 1 < len(self.blocks):
+                del y1f
+            x2, x2f = C.couple_decode(x2, g, R, dtype)
+            del g
+        return x1, y1f, x2, x2f
+
     def forward_fixed(self, q: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """int32 stream -> int32 stream through all blocks (no gradients). F and G see halves decoded to
         ``dtype``. A bijection of the int32 stream: :meth:`inverse_fixed` undoes it bit for bit."""
@@ -321,7 +352,7 @@ class RevSequence(nn.Module):
         d = self._dim(q, "q")
         x1, x2 = self._split(q, d)
         with torch.no_grad():
-            y1, _, y2, _ = self._run_blocks(x1, self.decode(x1, dtype), x2, self.decode(x2, dtype))
+            y1, _, y2, _ = self._run_blocks_no_grad(x1, x2, dtype)
         return torch.cat([y1, y2], d)
 
     def inverse_fixed(self, q: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -420,20 +451,19 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.checksums = [] if seq.check else None
         ctx.output_sum = None
         with torch.no_grad():
-            q, xf = C.encode_ste(x, seq.frac_bits, False)
-            x1, x2 = seq._split(q, d)
-            x1f, x2f = seq._split(xf, d)
-            del q, xf
+            h = x.shape[d] // 2
+            x1, x2 = (seq.encode(x.narrow(d, k * h, h)).contiguous() for k in (0, 1))
             finite: list[Tensor] = []
-            y1, y1f, y2, y2f = seq._run_blocks(x1, x1f, x2, x2f, ctx.rng, ctx.checksums, finite)
-            out = torch.cat([y1f, y2f], d)
-            del y1f, y2f
-            ctx.from_output = _output_is_exact(out.dtype, y1, y2, finite)
+            y1, y1f, y2, y2f = seq._run_blocks_no_grad(x1, x2, x.dtype, ctx.rng, ctx.checksums, finite)
+            del x1, x2
+            ctx.from_output = _output_is_exact(x.dtype, y1, y2, finite)
             if ctx.from_output:
                 if seq.check:
                     ctx.output_sum = _checksum(y1, y2)
-                del y1, y2
-            else:
+                del y1, y2  # before the output is assembled: the float output re-encodes to them
+            out = torch.cat([y1f, y2f], d)
+            del y1f, y2f
+            if not ctx.from_output:
                 out = _poison_if_not_finite(out, finite)
         if ctx.from_output:
             ctx.save_for_backward(out)  # the returned tensor: no extra memory
@@ -444,32 +474,46 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        if not ctx.from_output:
+            y1, y2 = ctx.saved_tensors
+            return _ReversibleFunction._walk_back(ctx, grad_out, y1, y2, None)
+        with _output_stream(ctx.seq, ctx.saved_tensors[0], ctx.d) as (y1, y2, output_sum):
+            output_sums = None if ctx.output_sum is None else (ctx.output_sum, output_sum)
+            return _ReversibleFunction._walk_back(ctx, grad_out, y1, y2, output_sums)
+
+    @staticmethod
+    def _walk_back(ctx, grad_out: Tensor, y1: Tensor, y2: Tensor, output_sums: tuple[Tensor, Tensor] | None):
+        """Backward through the blocks from the int32 output halves ``y1``, ``y2`` (not modified)."""
         seq: RevSequence = ctx.seq
         d, dtype, R = ctx.d, ctx.x_dtype, seq.frac_bits
-        if ctx.from_output:
-            y1, y2 = _reencode_output(seq, ctx.saved_tensors[0], d)
-        else:
-            y1, y2 = ctx.saved_tensors
-        output_sums = None if ctx.output_sum is None else (ctx.output_sum, _checksum(y1, y2))
         slot = {id(p): k for k, p in enumerate(ctx.params)}  # the parameters given to forward, in order
         param_grads: list[Tensor | None] = [None] * len(ctx.params)
-        dy1, dy2 = seq._split(grad_out.to(dtype), d)
+        # Views of the incoming gradient, not copies: autograd holds grad_out for the whole call anyway.
+        grad_out = grad_out.to(dtype)
+        h = grad_out.shape[d] // 2
+        dy1, dy2 = grad_out.narrow(d, 0, h), grad_out.narrow(d, h, h)
         y1f = C.decode(y1, R, dtype)
         rebuilt_sums = []
+        # Every tensor is dropped as soon as nothing reads it: while F is recomputed, the engine holds Y1,
+        # the rebuilt X2 (int32), X2's decode (F's input) and the two stream gradients -- not Y2 or Y1's decode.
         for i in reversed(range(len(seq.blocks))):
             block = seq.blocks[i]
             g, gy1 = _recompute_vjp(seq, i, "G", block.g, y1f, dy2, ctx.rng[2 * i + 1], ctx.autocast,
-                                       slot, param_grads)
+                                    slot, param_grads)
+            del y1f
             x2, x2f, dy1 = C.uncouple_step(y2, g, dy1, gy1, R, dtype)
-            del g, gy1
+            del g, gy1, y2
             f, gx2 = _recompute_vjp(seq, i, "F", block.f, x2f, dy1, ctx.rng[2 * i], ctx.autocast,
-                                       slot, param_grads)
-            x1, x1f, dy2 = C.uncouple_step(y1, f, dy2, gx2, R, dtype)
-            del f, gx2
+                                    slot, param_grads)
+            del x2f
+            x1, y1f, dy2 = C.uncouple_step(y1, f, dy2, gx2, R, dtype)
+            del f, gx2, y1
             seq._call_hooks("backward", i, x1, x2)
             if ctx.checksums is not None:
                 rebuilt_sums.append(_checksum(x1, x2))
-            y1, y2, y1f = x1, x2, x1f
+            y1, y2 = x1, x2
+            del x1, x2
+        del y1f
         if ctx.checksums is not None:
             _compare_checksums(seq, ctx.checksums, rebuilt_sums[::-1], output_sums)
         grad_x = torch.cat([dy1, dy2], d) if ctx.needs_input_grad[0] else None
@@ -497,17 +541,45 @@ def _output_is_exact(dtype: torch.dtype, y1: Tensor, y2: Tensor, finite: list[Te
     return bool(torch.stack(flags).all())
 
 
-def _reencode_output(seq: RevSequence, out: Tensor, d: int) -> tuple[Tensor, Tensor]:
-    """The int32 output halves, re-encoded from the saved float output (exact, see :func:`_output_is_exact`).
-    Half by half, so only the two int32 halves are allocated. (encode checks its input: one more host
-    synchronization per sequence backward.)"""
+@contextlib.contextmanager
+def _output_stream(seq: RevSequence, out: Tensor, d: int) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """The int32 output halves re-encoded from the saved float output (exact, see :func:`_output_is_exact`), and
+    their checksum (None without ``check``).
+
+    float32: the output's own memory holds them while backward runs (an int32 view of it, written half by
+    half through ``.data``, so autograd's version counter is untouched), and the float values are written back
+    bit for bit on exit, also when backward fails; nothing reads the output meanwhile (the layers after the
+    sequence have finished their backward; a second backward with ``retain_graph`` finds it restored). The
+    stream thus costs no memory beyond the output. float64: two new int32 halves. (encode checks its input:
+    one more host synchronization per sequence backward.)"""
     h = out.shape[d] // 2
+    halves = [out.narrow(d, k * h, h) for k in (0, 1)]
+    in_place = out.dtype == torch.float32
+    stream = [None, None]
+    sums = []
+    written = []
     try:
-        return tuple(C.encode(out.narrow(d, k * h, h), seq.frac_bits).contiguous() for k in (0, 1))
-    except ValueError as e:  # only if the output was overwritten (e.g. through .data) with unencodable values
-        raise ReconstructionError(
-            f"RevSequence output: the float output kept for backward no longer encodes the output stream "
-            f"({e}); was it modified after the forward?") from e
+        for k in (0, 1):
+            try:
+                q = C.encode(halves[k], seq.frac_bits).contiguous()
+            except ValueError as e:  # only if the output was overwritten (e.g. through .data) with unencodable values
+                raise ReconstructionError(
+                    f"RevSequence output: the float output kept for backward no longer encodes the output stream "
+                    f"({e}); was it modified after the forward?") from e
+            if seq.check:
+                sums.append(_stream_sum(q))
+            if in_place:
+                view = halves[k].data.view(torch.int32)
+                view.copy_(q)
+                written.append(k)
+                stream[k] = view
+            else:
+                stream[k] = q
+            del q
+        yield stream[0], stream[1], torch.stack(sums) if sums else None
+    finally:
+        for k in written:
+            halves[k].data.copy_(C.decode(stream[k], seq.frac_bits, out.dtype))
 
 
 def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, x: Tensor, grad: Tensor,
@@ -524,7 +596,11 @@ def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, 
             out = seq._branch(index, which, module, x)
         if not out.requires_grad:
             return out.detach(), torch.zeros_like(x)
-        grads = torch.autograd.grad(out, [x, *params], grad.to(out.dtype), allow_unused=True)
+        # A contiguous gradient, as ordinary autograd would pass: some backward kernels (e.g. oneDNN's) sum in
+        # another order for other layouts, and the gradients must be bit-identical to reversible=False's.
+        grad = grad.to(out.dtype).contiguous()
+        grads = torch.autograd.grad(out, [x, *params], grad, allow_unused=True)
+        del grad
     for p, gp in zip(params, grads[1:]):
         if gp is not None:
             k = slot[id(p)]

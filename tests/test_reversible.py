@@ -347,6 +347,34 @@ def test_triton_interpreter_engine_equals_reference_engine(neuron):
             assert_close(a, b, "gradient", atol=1e-5 * scale)
 
 
+def test_output_memory_holds_the_stream_during_backward_and_is_restored():
+    # float32: backward keeps the int32 output stream in the output's own memory and writes the float values
+    # back when it returns -- also when it fails, and in time for a second backward (retain_graph).
+    seq = make_sequence("conv", 3, 2, seed=6)
+    x = input_for("conv", 2, 2, 2, 3, 3.0, 0).requires_grad_()
+    y = seq(x)
+    assert kept_as_float(y)
+    before = y.detach().clone()
+    seen = []
+    seq.register_stream_hook(lambda phase, i, a, b: seen.append(y.detach().clone()) if phase == "backward" else None)
+    w = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    (y * w).sum().backward(retain_graph=True)
+    assert not torch.equal(seen[0], before)  # during backward the memory held the stream ...
+    assert_equal(y.detach(), before, "output after backward")  # ... and afterwards the output again
+    first = x.grad.clone()
+    x.grad = None
+    (y * w).sum().backward()
+    assert_equal(x.grad, first, "input grad of a second backward")
+    assert_equal(y.detach(), before, "output after the second backward")
+    # a failing backward (nondeterministic branch) restores the output too
+    seq.blocks[1].f = CallCounter(seq.blocks[1].f)
+    y = seq(x)
+    before = y.detach().clone()
+    with pytest.raises(ReconstructionError, match="block 1"):
+        y.sum().backward()
+    assert_equal(y.detach(), before, "output after a failed backward")
+
+
 # ------------------------------------------------------------------------------------------- guard
 
 class CallCounter(nn.Module):

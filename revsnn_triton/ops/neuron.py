@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from revsnn_triton.kernels import neurons as K
-from revsnn_triton.ops.neuron_reference import (NeuronConfig, check_neuron_args, decode_saved, encode_saved,
+from revsnn_triton.ops.neuron_reference import (NeuronConfig, check_neuron_args, decode_saved,
                                                 initial_membrane, neuron_backward_reference,
                                                 neuron_forward_reference, plif_grad_w)
 from revsnn_triton.runtime import use_triton
@@ -74,16 +74,14 @@ def neuron_forward(x: Tensor, v_init: Optional[Tensor], w: Optional[Tensor], kin
                                 v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset, save=save)
     cfg = _cfg(kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha)
     v0 = initial_membrane(x, v_reset) if v_init is None else v_init
-    spikes, v_final, h = neuron_forward_reference(x, v0, None if q is None else q.reshape(()), cfg)
+    # Step by step into the outputs: no stacked copies of the spikes or of H.
     out_s = K.empty_neuron_layout(x, x.dtype)
-    out_s.copy_(spikes)
+    out_h = None if save == "input" else K.empty_neuron_layout(x, _saved_dtype(save))
+    _, v_final, _ = neuron_forward_reference(x, v0, None if q is None else q.reshape(()), cfg, spikes_out=out_s,
+                                             saved_out=out_h, save=save)
     out_v = K.empty_neuron_layout(x, torch.float32, with_time=False)
     out_v.copy_(v_final)
-    if save == "input":
-        return out_s, out_v, x.new_empty(0, dtype=torch.float32)
-    out_h = K.empty_neuron_layout(x, _saved_dtype(save))
-    out_h.copy_(encode_saved(h, save, v_threshold))
-    return out_s, out_v, out_h
+    return out_s, out_v, x.new_empty(0, dtype=torch.float32) if out_h is None else out_h
 
 
 @neuron_forward.register_fake
@@ -119,14 +117,20 @@ def neuron_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: 
             v_init = initial_membrane(template, v_reset)
         if grad_v_final is None:
             grad_v_final = torch.zeros(template.shape[1:], dtype=torch.float32, device=template.device)
+        grad_x = K.empty_neuron_layout(template, grad_spikes.dtype)
         if save == "input":
-            _, _, h = neuron_forward_reference(x, v_init, q0, cfg)
-            h, spikes = decode_saved(h, "h", v_threshold)
+            # H is recomputed into one fp32 buffer (the kernel keeps it in registers); the spikes are taken
+            # from it step by step.
+            h = K.empty_neuron_layout(template, torch.float32)
+            neuron_forward_reference(x, v_init, q0, cfg, saved_out=h)
+            spikes = None
+        elif save == "h":
+            h, spikes = saved, None  # S = (H >= v_threshold), step by step
         else:
             h, spikes = decode_saved(saved, save, v_threshold)
-        gx, gv, w_partial = neuron_backward_reference(grad_spikes, grad_v_final, h, spikes, x, v_init, q0, cfg)
-        grad_x = K.empty_neuron_layout(template, grad_spikes.dtype)
-        grad_x.copy_(gx)
+        _, gv, w_partial = neuron_backward_reference(grad_spikes, grad_v_final, h, spikes, x, v_init, q0, cfg,
+                                                     grad_x_out=grad_x)
+        del h
         grad_v_init = K.empty_neuron_layout(template, torch.float32, with_time=False)
         grad_v_init.copy_(gv)
     if grad_v_init is None or not need_grad_v_init:

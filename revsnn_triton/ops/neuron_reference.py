@@ -201,38 +201,60 @@ def decode_saved(saved: torch.Tensor, save: str, v_threshold: float) -> tuple[to
 
 
 def neuron_forward_reference(x_seq: torch.Tensor, v_init: torch.Tensor, q: torch.Tensor | None,
-                             cfg: NeuronConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             cfg: NeuronConfig, *, spikes_out: torch.Tensor | None = None,
+                             saved_out: torch.Tensor | None = None, save: str = "h"
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward. ``x_seq [T, *shape]`` (fp32/fp16/bf16, any strides), ``v_init [*shape]`` fp32, ``q`` the 0-dim
-    fp32 ``sigmoid(w)`` for PLIF else None. Returns ``(spikes [T, *shape] x's dtype, v_final fp32, H fp32)``."""
+    fp32 ``sigmoid(w)`` for PLIF else None. Returns ``(spikes [T, *shape] x's dtype, v_final fp32, H fp32)``.
+
+    With ``spikes_out`` or ``saved_out`` (``[T, *shape]`` tensors) the steps are written into them instead of
+    being stacked: ``spikes_out`` (x's dtype) receives the spikes, ``saved_out`` ``encode_saved(H, save)``;
+    what is not given is not kept (returned as None). The op's CPU path uses this to allocate no more than
+    its outputs."""
+    stacked = spikes_out is None and saved_out is None
     spikes, charged = [], []
     v = v_init
-    for x in x_seq.float():
-        h = _charge(x, v, cfg, q)
+    for t in range(x_seq.shape[0]):
+        h = _charge(x_seq[t].float(), v, cfg, q)
         spike = (h >= cfg.v_threshold).to(torch.float32)
         v = _reset(h, spike, cfg)
-        spikes.append(spike.to(x_seq.dtype))
-        charged.append(h)
-    return torch.stack(spikes), v, torch.stack(charged)
+        if stacked:
+            spikes.append(spike.to(x_seq.dtype))
+            charged.append(h)
+        else:
+            if spikes_out is not None:
+                spikes_out[t].copy_(spike)
+            if saved_out is not None:
+                saved_out[t].copy_(encode_saved(h, save, cfg.v_threshold))
+    if stacked:
+        return torch.stack(spikes), v, torch.stack(charged)
+    return spikes_out, v, saved_out
 
 
 def neuron_backward_reference(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, h_seq: torch.Tensor,
-                              spike_seq: torch.Tensor, x_seq: torch.Tensor | None, v_init: torch.Tensor | None,
-                              q: torch.Tensor | None, cfg: NeuronConfig
+                              spike_seq: torch.Tensor | None, x_seq: torch.Tensor | None, v_init: torch.Tensor | None,
+                              q: torch.Tensor | None, cfg: NeuronConfig, grad_x_out: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Hand-written backward through time.
 
-    ``grad_spikes [T, *shape]``, ``grad_v_final [*shape]``, ``h_seq``/``spike_seq`` fp32 ``[T, *shape]``;
+    ``grad_spikes [T, *shape]``, ``grad_v_final [*shape]``, ``h_seq`` fp32 ``[T, *shape]``, ``spike_seq`` fp32
+    ``[T, *shape]`` or None (then ``S[t] = (H[t] >= v_threshold)``, taken step by step, as the forward fired);
     ``x_seq`` and ``v_init`` are only read for PLIF (the grad of ``w`` needs ``V[t-1]`` and ``X[t]``).
-    Returns ``(grad_x fp32, grad_v_init fp32, w_partial)``: ``w_partial [*shape]`` fp32 is, per neuron,
+    Returns ``(grad_x, grad_v_init fp32, w_partial)``: ``grad_x`` is fp32, or ``grad_x_out`` (any dtype,
+    ``[T, *shape]``) into which each step was written; ``w_partial [*shape]`` fp32 is, per neuron,
     ``sum_t dL/dH[t] * dH[t]/dq`` (summed from t = T-1 down to 0), or None when not PLIF. The grad of ``w`` is
     ``sum(w_partial) * q * (1 - q)`` (see :func:`plif_grad_w`).
     """
     T = h_seq.shape[0]
-    grad_x = torch.empty_like(h_seq)
+
+    def spike_at(t: int) -> torch.Tensor:
+        return (h_seq[t] >= cfg.v_threshold).float() if spike_seq is None else spike_seq[t]
+
+    grad_x = torch.empty_like(h_seq) if grad_x_out is None else grad_x_out
     carry = grad_v_final.float()
     w_partial = torch.zeros_like(carry) if cfg.kind == "plif" else None
     for t in range(T - 1, -1, -1):
-        h, spike = h_seq[t], spike_seq[t]
+        h, spike = h_seq[t], spike_at(t)
         sg = surrogate_derivative(cfg.surrogate, h - cfg.v_threshold, cfg.alpha)
         if cfg.hard_reset:
             dv_dh = 1.0 - spike
@@ -251,7 +273,7 @@ def neuron_backward_reference(grad_spikes: torch.Tensor, grad_v_final: torch.Ten
             grad_x[t] = grad_h * q if cfg.decay_input else grad_h
             carry = grad_h - grad_h * q
             if t > 0:
-                v_prev = _reset(h_seq[t - 1], spike_seq[t - 1], cfg)
+                v_prev = _reset(h_seq[t - 1], spike_at(t - 1), cfg)
             else:
                 v_prev = v_init
             dh_dq = x_seq[t].float() - (v_prev - cfg.v_reset) if cfg.decay_input else -(v_prev - cfg.v_reset)
