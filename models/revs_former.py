@@ -6,11 +6,10 @@ Spikingformer's, acting on one E-channel half), one :class:`revsnn_triton.revers
 tokens and time of both streams, and a Linear head on 2E features.
 
 Memory per image: the stored output stream of the sequence and one block's recomputation graph during backward
-(its attention products ``Q K^T`` per head are the largest part at 64 tokens), or the tokenizer's recomputation,
+(its attention products ``Q K^T`` per head are the largest part at 64 tokens), or the tokenizer's backward,
 whichever is larger; nothing grows with ``depth`` (target: RevSFormer-4-384 <= 16 MiB/image, fp32, T=4). The
-tokenizer is non-reversible: kept with its graph (``recompute_tokenizer=False``), its BatchNorm and neuron inputs
-and spikes at full resolution would be held from the forward until the end of backward, on top of the blocks'
-backward peak. By default it is recomputed instead (see :class:`RevSFormer`).
+tokenizer is non-reversible and works at full resolution; by default it is recomputed stage by stage (see
+:class:`RevSFormer`).
 """
 from __future__ import annotations
 
@@ -24,13 +23,15 @@ class RevSFormer(SpikingTransformerBase):
     """RevSFormer-``depth``-``embed_dim``; arguments as :class:`SpikingTransformerBase` plus ``reversible`` and
     ``frac_bits`` (passed to the ``RevSequence``).
 
-    ``recompute_tokenizer`` defaults to True here: the reversible blocks keep almost nothing, so the tokenizer's
-    graph (about half of the training memory per image of RevSFormer-4-384 when kept) would otherwise dominate;
-    recomputed in backward, it costs one extra tokenizer forward per step and its memory no longer adds to the
-    blocks' backward peak. Gradients are the same either way, and so are the state_dict keys.
+    ``recompute_tokenizer`` defaults to ``"stages"`` here. The reversible blocks keep almost nothing, so the
+    training-memory peak is the tokenizer's own backward (its 32x32 maps with up to E/2 channels), not the
+    blocks'. Recomputing the whole tokenizer in backward (``True``) rebuilds that same graph and barely lowers
+    the peak; recomputing it one stage at a time keeps only one stage's graph (plus the stage inputs, which the
+    neurons keep anyway) alive during its backward. Cost: one extra tokenizer forward per training step.
+    Gradients, BatchNorm statistics and state_dict keys are the same in every mode.
     """
 
-    def __init__(self, *, reversible: bool = True, frac_bits: int = 16, recompute_tokenizer: bool = True,
+    def __init__(self, *, reversible: bool = True, frac_bits: int = 16, recompute_tokenizer: bool | str = "stages",
                  **kwargs):
         from revsnn_triton.reversible import RevBlock, RevSequence  # the engine; imported when a model is built
 

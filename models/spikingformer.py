@@ -14,7 +14,8 @@ import torch.nn as nn
 from revsnn_triton.recompute import recompute
 
 from .layers import (CIFAR_TRANSFORMER_NEURON, DVS_NEURON, SpikingMLP, SpikingModel,
-                     SpikingSelfAttention, SpikingTokenizer, init_conv_bn, init_transformer, neuron_factory)
+                     SpikingSelfAttention, SpikingTokenizer, first_conv_bn, init_conv_bn, init_transformer,
+                     neuron_factory)
 from .registry import register_model
 
 
@@ -26,6 +27,49 @@ def _check_transformer_args(name: str, embed_dim: int, depth: int, num_heads: in
         raise ValueError(f"{name}: embed_dim {embed_dim} must be divisible by num_heads {num_heads} and by 8")
     if not mlp_ratio > 0:
         raise ValueError(f"{name}: mlp_ratio must be > 0, got {mlp_ratio!r}")
+
+
+RECOMPUTE_MODES = (False, True, "stages")
+
+
+def _check_recompute_mode(name: str, mode: object) -> bool | str:
+    if isinstance(mode, bool) or mode == "stages":
+        return mode
+    if not isinstance(mode, str):
+        raise TypeError(f"{name}: recompute_tokenizer must be a bool or 'stages', got {type(mode).__name__}")
+    raise ValueError(f"{name}: recompute_tokenizer must be one of {RECOMPUTE_MODES}, got {mode!r}")
+
+
+class _TokenizerStem(nn.Module):
+    """The tokenizer's first conv -> BN, once per image on an expanded input: ``[T, B, C, H, W]`` ->
+    ``[T, B, E/8, H, W]``."""
+
+    def __init__(self, conv_bn: nn.Module):
+        super().__init__()
+        self.conv_bn = conv_bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return first_conv_bn(self.conv_bn, x)
+
+
+class _TokenizerStage(nn.Module):
+    """One tokenizer stage: neuron -> [MaxPool] conv -> BN on ``[T, B, C, H, W]``."""
+
+    def __init__(self, sn: nn.Module, conv_bn: nn.Module):
+        super().__init__()
+        self.sn, self.conv_bn = sn, conv_bn
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.conv_bn(self.sn(y))
+
+
+def tokenizer_stages(tokenizer: SpikingTokenizer) -> list[nn.Module]:
+    """The tokenizer as a chain of modules (sharing its submodules, built on each call, never registered, so no
+    state_dict key changes): ``tokenizer(x) == chain(x).flatten(3)``. The segments of ``recompute_tokenizer=
+    "stages"``; each cut is where a neuron reads its (fp32) input, which that neuron keeps anyway."""
+    if not isinstance(tokenizer, SpikingTokenizer):
+        raise TypeError(f"tokenizer_stages: expected a SpikingTokenizer, got {type(tokenizer).__name__}")
+    return [_TokenizerStem(tokenizer.stem), *map(_TokenizerStage, tokenizer.sns, tokenizer.convs)]
 
 
 class SpikingTransformerBlock(nn.Module):
@@ -47,21 +91,29 @@ class SpikingTransformerBase(SpikingModel):
     tokenizer's total pooling), ``attn_threshold`` (threshold of the neuron after Q K^T V), ``num_classes``,
     ``T``, ``neuron_impl``, ``neuron`` (kind and parameters), ``in_channels``, ``event_input`` (False: images
     ``[B, C, H, W]`` repeated over T; True: frames ``[B, T, C, H, W]``), ``compact_spikes``, ``neuron_save``,
-    ``recompute_tokenizer`` (True: the tokenizer runs through :func:`revsnn_triton.recompute.recompute` when
-    gradients are needed: it keeps no graph in forward, only its input, and is run once more in backward;
-    ``self.tokenizer`` stays the :class:`SpikingTokenizer` itself, so state_dict keys do not depend on it).
-    H and W must be multiples of ``patch``.
+    ``recompute_tokenizer`` (see below). H and W must be multiples of ``patch``.
+
+    ``recompute_tokenizer`` (gradient checkpointing of the non-reversible tokenizer, through
+    :func:`revsnn_triton.recompute.recompute`; only when gradients are needed; one extra tokenizer forward per
+    training step; gradients, BatchNorm statistics and state_dict keys are the same in every mode):
+
+    - ``False``: ordinary autograd; the tokenizer's graph lives from the forward to the end of backward.
+    - ``True``: the whole tokenizer is one segment: the forward keeps only its input (the image view), and its
+      whole graph is rebuilt at the end of backward. Best when the peak is reached while the tokenizer's graph
+      waits underneath the blocks' backward (Spikingformer: the blocks keep their whole graph).
+    - ``"stages"``: each stage of the tokenizer (:func:`tokenizer_stages`) is its own segment: the forward keeps
+      each stage's input (the stem's output as a stride-0 view, then the BatchNorm outputs that the next neuron
+      would keep anyway), and backward rebuilds one stage's graph at a time. Best when the peak is the
+      tokenizer's own backward (RevSFormer: the reversible blocks keep almost nothing).
     """
 
     def __init__(self, *, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, patch: int,
                  num_classes: int, T: int, neuron_impl: str, neuron: dict, in_channels: int, event_input: bool,
                  attn_threshold: float = 0.5, compact_spikes: bool = True, neuron_save: Optional[str] = None,
-                 recompute_tokenizer: bool = False, name: str):
+                 recompute_tokenizer: bool | str = False, name: str):
         super().__init__()
         _check_transformer_args(name, embed_dim, depth, num_heads, mlp_ratio)
-        if not isinstance(recompute_tokenizer, bool):
-            raise TypeError(f"{name}: recompute_tokenizer must be a bool, got {type(recompute_tokenizer).__name__}")
-        self.recompute_tokenizer = recompute_tokenizer
+        self.recompute_tokenizer = _check_recompute_mode(name, recompute_tokenizer)
         self.setup_input(name, num_classes, T, in_channels, event_input, min_size=patch, multiple=patch)
         kw = dict(neuron)
         self.neuron = neuron_factory(neuron_impl, kw.pop("kind"), save=neuron_save, **kw)
@@ -72,13 +124,17 @@ class SpikingTransformerBase(SpikingModel):
         self._mlp_kwargs = dict(hidden=int(embed_dim * mlp_ratio), neuron=self.neuron, compact=compact_spikes)
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, B, C, H, W]`` -> tokens ``[T, B, E, N]`` (recomputed in backward with ``recompute_tokenizer``)."""
+        """``[T, B, C, H, W]`` -> tokens ``[T, B, E, N]``, recomputed in backward as ``recompute_tokenizer`` says."""
+        if self.recompute_tokenizer == "stages":
+            for stage in tokenizer_stages(self.tokenizer):
+                x = recompute(stage, x)
+            return x.flatten(3)
         if self.recompute_tokenizer:
             return recompute(self.tokenizer, x)
         return self.tokenizer(x)
 
     def extra_repr(self) -> str:
-        return f"recompute_tokenizer={self.recompute_tokenizer}"
+        return f"recompute_tokenizer={self.recompute_tokenizer!r}"
 
     def make_attention(self) -> SpikingSelfAttention:
         """A fresh spiking self-attention on E channels."""
