@@ -10,7 +10,7 @@ Output (``--out``): ``memory.{csv,json,md}`` (every model, fp32 and bf16 autocas
 and ``memory_depth.png`` (memory per image against depth, reversible and non-reversible side by side; ResNets
 and transformers in two panels), then ``memory_ablation.{csv,json,md}`` (RevSResNet37 and MS-ResNet34 with each
 memory option of the zoo switched, and on spikingjelly's neurons; RevSFormer-4-384 and Spikingformer-4-384 with
-the tokenizer recomputation switched from their defaults). Rows are written after every measurement, so an
+each tokenizer recomputation mode). Rows are written after every measurement, so an
 interrupted run keeps what it had.
 
     python -m revsnn_triton.bench.memory --out benchmarks/results            # GPU: every model, 16 vs 64
@@ -46,13 +46,15 @@ Variants = tuple  # ((variant label or None for the defaults, model overrides), 
 _RESNET_ABLATION: Variants = (
     (None, {}), ("compact_spikes=False", {"compact_spikes": False}), ("neuron_save=h", {"neuron_save": "h"}),
     ("neuron_save=h_bf16", {"neuron_save": "h_bf16"}), ("spikingjelly neurons", {"neuron_impl": "spikingjelly"}))
-# model -> its ablation variants. The transformers switch the tokenizer recomputation away from their default
-# (on for RevSFormer, off for Spikingformer), so each side shows what it buys.
+# model -> its ablation variants. The transformers run the tokenizer recomputation modes other than their default
+# ("stages" for RevSFormer, False for Spikingformer), so each side shows what each mode buys.
 ABLATION: dict[str, Variants] = {
     "RevSResNet37": _RESNET_ABLATION,
     "MS-ResNet34": _RESNET_ABLATION,
-    "RevSFormer-4-384": ((None, {}), ("recompute_tokenizer=False", {"recompute_tokenizer": False})),
-    "Spikingformer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True})),
+    "RevSFormer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True}),
+                         ("recompute_tokenizer=False", {"recompute_tokenizer": False})),
+    "Spikingformer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True}),
+                            ("recompute_tokenizer=stages", {"recompute_tokenizer": "stages"})),
 }
 
 # --cpu-small: the zoo's block counts at 1/8 of the widths (transformers: E=48 with 12 heads), so the depth
