@@ -1,5 +1,5 @@
 """Recompute (gradient checkpointing of non-reversible parts): exact gradients, BatchNorm statistics updated
-once, RNG and autocast state restored, what the forward keeps, the transformers' ``recompute_tokenizer`` switch,
+once, RNG and autocast state restored, what the forward keeps, the transformers' ``recompute_tokenizer`` modes,
 measured memory, and bad input.
 
 The reference is always the same module run without recomputation (ordinary autograd), from a deep copy with
@@ -19,6 +19,7 @@ from revsnn_triton.bench import memory as bench_memory
 from revsnn_triton.memory import measure_memory, memory_per_image
 from revsnn_triton.models import create_model
 from revsnn_triton.models import layers as L
+from revsnn_triton.models.spikingformer import tokenizer_stages
 from revsnn_triton.recompute import Recompute, recompute
 from revsnn_triton.testing import assert_equal
 
@@ -195,21 +196,36 @@ def test_neuron_state_reset_before_each_call():
 
 
 # -------------------------------------------------------------------------------------------------- models
-def _former(recompute_tokenizer: bool) -> nn.Module:
+def _former(recompute_tokenizer: bool | str) -> nn.Module:
     torch.manual_seed(0)
     return create_model("RevSFormer-2-384", embed_dim=48, T=2, recompute_tokenizer=recompute_tokenizer).train()
 
 
-def test_model_defaults():
-    assert create_model("RevSFormer-4-384").recompute_tokenizer is True
+def test_model_defaults_and_bad_modes():
+    assert create_model("RevSFormer-4-384").recompute_tokenizer == "stages"
     assert create_model("Spikingformer-4-384").recompute_tokenizer is False
     assert create_model("RevSFormer-2-384", recompute_tokenizer=False).recompute_tokenizer is False
+    assert create_model("Spikingformer-2-384", recompute_tokenizer=True).recompute_tokenizer is True
     with pytest.raises(TypeError, match="recompute_tokenizer"):
         create_model("Spikingformer-2-384", embed_dim=48, recompute_tokenizer=1)
+    with pytest.raises(ValueError, match="recompute_tokenizer"):
+        create_model("RevSFormer-2-384", embed_dim=48, recompute_tokenizer="stage")
+    with pytest.raises(TypeError, match="SpikingTokenizer"):
+        tokenizer_stages(nn.Linear(2, 2))
 
 
-def test_revsformer_recompute_on_off_identical():
-    on, off = _former(True), _former(False)
+def test_tokenizer_stages_compose_to_the_tokenizer():
+    tokenizer = _tokenizer().eval()
+    x = L.image_sequence(torch.randn(2, 3, 16, 16) * 3, 3)
+    y = x
+    for stage in tokenizer_stages(tokenizer):
+        y = stage(y)
+    assert_equal(y.flatten(3), tokenizer(x), "tokens")
+
+
+@pytest.mark.parametrize("mode", [True, "stages"])
+def test_revsformer_recompute_modes_identical(mode):
+    on, off = _former(mode), _former(False)
     assert on.state_dict().keys() == off.state_dict().keys()
     images = torch.rand(2, 3, 32, 32)
     labels = torch.tensor([3, 7])
@@ -227,7 +243,7 @@ def test_revsformer_recompute_on_off_identical():
     assert tokenizer_grads > 0
     _assert_same_buffers(on, off)
     # a checkpoint of one loads into the other (strict), both ways
-    fresh_off, fresh_on = _former(False), _former(True)
+    fresh_off, fresh_on = _former(False), _former(mode)
     fresh_off.load_state_dict(on.state_dict())
     fresh_on.load_state_dict(off.state_dict())
     for name, tensor in on.state_dict().items():
@@ -251,22 +267,30 @@ def test_forward_keeps_no_tokenizer_graph():
     assert on < 0.25 * off, (on / 2**20, off / 2**20)
 
 
-def test_memory_per_image_lower_with_recompute():
-    """Memory per image of a training step (real CPU allocations, slope between batches 2 and 4), Spikingformer at
-    E=48, T=2, 32x32. Measured: 2.75 MiB/image with recomputation, 3.68 without (-25%): in the non-reversible
-    model the tokenizer's graph sits under the blocks' whole graph, so dropping it lowers the peak.
-    (RevSFormer at the same width shows no gain on the CPU: its peak is the tokenizer's own backward, which the
-    recomputation re-creates, enlarged by the CPU neuron path's work buffers.) Threshold 0.85: about half the
-    measured margin."""
-    def per_image(recompute_tokenizer: bool) -> float:
-        torch.manual_seed(0)
-        model = create_model("Spikingformer-2-384", embed_dim=48, T=2,
-                             recompute_tokenizer=recompute_tokenizer).train()
-        step = bench_memory.training_step_fn(model, 32, torch.device("cpu"), "fp32", (2, 4))
-        return memory_per_image(step, (2, 4), "cpu")
+def _per_image(name: str, mode: bool | str, batches: tuple[int, int], **overrides) -> float:
+    """Memory per image of a training step: real CPU allocations, slope between ``batches``, 32x32 images."""
+    torch.manual_seed(0)
+    model = create_model(name, recompute_tokenizer=mode, **overrides).train()
+    step = bench_memory.training_step_fn(model, 32, torch.device("cpu"), "fp32", batches)
+    return memory_per_image(step, batches, "cpu")
 
-    on, off = per_image(True), per_image(False)
+
+def test_memory_per_image_spikingformer_whole_tokenizer():
+    """Spikingformer at E=48, T=2, batches 2/4. Measured: 2.66 MiB/image with the whole tokenizer recomputed,
+    3.59 without (-26%): in the non-reversible model the tokenizer's graph otherwise sits under the blocks'
+    whole graph. Threshold 0.85: about half the measured margin."""
+    on = _per_image("Spikingformer-2-384", True, (2, 4), embed_dim=48, T=2)
+    off = _per_image("Spikingformer-2-384", False, (2, 4), embed_dim=48, T=2)
     assert on < 0.85 * off, (on / 2**20, off / 2**20)
+
+
+def test_memory_per_image_revsformer_stages():
+    """RevSFormer-2-384 at full width, T=1, batches 1/2. Measured: 6.87 MiB/image with the tokenizer recomputed
+    stage by stage, 9.08 without (-24%); the whole tokenizer recomputed gives no gain here (11.2), because the
+    peak is the tokenizer's own backward, which it rebuilds whole. Threshold 0.85: about half the measured margin."""
+    stages = _per_image("RevSFormer-2-384", "stages", (1, 2), T=1)
+    off = _per_image("RevSFormer-2-384", False, (1, 2), T=1)
+    assert stages < 0.85 * off, (stages / 2**20, off / 2**20)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
