@@ -15,7 +15,8 @@ RevSResNet37 <= 6 MiB per image, fp32, T=4, CIFAR 32x32; the original code needs
    :func:`~revsnn_triton.models.layers.spike_conv`) instead of fp32; BN inputs and the neurons' saved state
    stay (``neuron_save``: the neuron op's default unless set; keeping the input or H costs the same here, as
    the input is a BN output that nothing else keeps, and ``"h_bf16"`` halves it at approximate gradients).
-2. Stored stage outputs: one int32 stream per stage, kept by the engine -- nothing per block.
+2. Stored stage outputs: one stream per stage, kept by the engine as the stage's float output itself (which the
+   next layer keeps anyway) -- nothing per block.
 3. Neuron state: every neuron is a :class:`~revsnn_triton.models.layers.SequenceNeuron`, which drops its final
    membrane tensor after each call. Without that, each F and G of every block holds one ``[B, C, H, W]`` tensor
    from its forward until its recomputation, and memory grows with depth.
@@ -24,8 +25,10 @@ RevSResNet37 <= 6 MiB per image, fp32, T=4, CIFAR 32x32; the original code needs
    peak only the stem's saved BN input (one copy per image, not T) is left of them. The stem runs once per
    image and is repeated over T by ``expand`` (the original repeats with a copy).
 
-Beyond this, the remaining per-image memory is the engine's and the neurons' backward work space during the
-stage-1 recomputation (decoded halves, gradients of the stream, neuron-backward temporaries); see
+Beyond this, the remaining per-image memory is the engine's backward work space during the stage-1
+recomputation: the stage output (whose memory holds the re-encoded int32 stream meanwhile), the incoming
+gradient (held by autograd for the whole call), the rebuilt X2 with its decode and the new stream gradient,
+i.e. about six half-streams (1 MiB per image each in stage 1, fp32, T=4) next to the branch's graph. See
 ``revsnn_triton.bench.memory`` for the measurement.
 
 ``reversible=False`` builds the same network with ordinary autograd through every block (same parameters, same
