@@ -61,9 +61,10 @@ def recompute(module: nn.Module, x: Tensor) -> Tensor:
     ``expand`` view: no copy), the RNG state (CPU, plus the CUDA device of ``x``) if the call drew random numbers,
     and the autocast state. Backward runs the module once more with gradients (one extra forward of the module,
     under the same RNG and autocast state, BatchNorm running statistics left as the forward set them) and takes
-    the vector-Jacobian product for ``x`` and every parameter that requires grad. Double backward is not
-    supported. Otherwise (inference, no grad) it is a plain ``module(x)`` call from reset neuron state.
-    ``torch.compile`` runs the recomputed call eagerly (one graph break).
+    the vector-Jacobian product for ``x`` and every parameter that requires grad. Modifying ``x`` in place
+    before backward is an error (autograd's version check); forward hooks inside ``module`` run twice; double
+    backward is not supported. Otherwise (inference, no grad) it is a plain ``module(x)`` call from reset neuron
+    state. ``torch.compile`` runs the recomputed call eagerly (one graph break).
     """
     _check_module(module, "recompute")
     if not isinstance(x, Tensor):

@@ -169,6 +169,15 @@ def test_forward_keeps_only_the_input_view():
     assert all(p.grad is not None for p in module.parameters())
 
 
+def test_input_modified_before_backward_is_an_error():
+    module = Recompute(_tokenizer().train())
+    images = torch.randn(2, 3, 16, 16)
+    out = module(L.image_sequence(images, 2))
+    images.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_no_grad_and_eval_run_plainly():
     module = Recompute(_tokenizer().eval())
     x = L.image_sequence(torch.randn(2, 3, 16, 16), 2)
