@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["MemoryUse", "measure_memory", "measure_peak_bytes", "memory_per_image"]
+__all__ = ["MemoryUse", "measure_memory", "measure_peak_bytes", "memory_per_image", "peak_breakdown"]
 
 
 def _device(device: torch.device | str) -> torch.device:
@@ -32,30 +32,42 @@ def _device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _cpu_allocation_events(prof) -> list[tuple[int, int]]:
-    """(time in ns, bytes: + allocation, - free) of the CPU allocator's events in time order, keeping
-    only frees of blocks allocated inside the profiled region (the profiler reports frees of older
-    blocks only when it happened to see their allocation in an earlier session; ignoring all of them
-    keeps the count independent of what was profiled before)."""
+def _cpu_allocation_events(prof) -> list[tuple[int, int, int, tuple[str, ...]]]:
+    """(time in ns, bytes: + allocation, - free, pointer, names of the operators around it, outermost first) of
+    the CPU allocator's events in time order, keeping only frees of blocks allocated inside the profiled
+    region (the profiler reports frees of older blocks only when it happened to see their allocation in an
+    earlier session; ignoring all of them keeps the count independent of what was profiled before)."""
     from torch._C._profiler import _EventType
 
-    raw: list[tuple[int, int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    raw: list[tuple[int, int, int, tuple[str, ...]]] = []
+    stack = [(node, ()) for node in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            raw.append((node.start_time_ns, int(node.extra_fields.alloc_size), int(node.extra_fields.ptr)))
-        stack.extend(node.children)
+        node, path = stack.pop()
+        if node.tag == _EventType.Allocation:
+            if node.extra_fields.device.type == "cpu":
+                raw.append((node.start_time_ns, int(node.extra_fields.alloc_size), int(node.extra_fields.ptr), path))
+            continue
+        stack.extend((child, path + (node.name,)) for child in node.children)
     raw.sort(key=lambda e: e[0])
     live: dict[int, int] = {}
     events = []
-    for t, nbytes, ptr in raw:
+    for t, nbytes, ptr, path in raw:
         if nbytes > 0:
             live[ptr] = nbytes
         elif live.pop(ptr, None) is None:
             continue
-        events.append((t, nbytes))
+        events.append((t, nbytes, ptr, path))
     return events
+
+
+def _profile_cpu(fn: Callable[[], object]):
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            fn()
+    return _cpu_allocation_events(prof)
 
 
 class MemoryUse(NamedTuple):
@@ -86,17 +98,41 @@ def measure_memory(fn: Callable[[], object], device: torch.device | str) -> Memo
         torch.cuda.synchronize(device)
         return MemoryUse(int(torch.cuda.max_memory_allocated(device) - start),
                          int(torch.cuda.memory_allocated(device) - start))
-    from torch.profiler import ProfilerActivity, profile
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-            fn()
     total = peak = 0
-    for _, nbytes in _cpu_allocation_events(prof):
+    for _, nbytes, _, _ in _profile_cpu(fn):
         total += nbytes
         peak = max(peak, total)
     return MemoryUse(int(peak), int(total))
+
+
+def peak_breakdown(fn: Callable[[], object], depth: int = 3) -> tuple[int, list[tuple[str, int]]]:
+    """CPU only: run ``fn()`` once and say what was allocated at its peak (as :func:`measure_memory` counts it).
+
+    Returns ``(peak_bytes, rows)``; ``rows`` are ``(operators, bytes)`` for the blocks alive at the peak, grouped
+    by the innermost ``depth`` operator names around their allocation (``"a > b > c"``, outermost first; e.g.
+    ``"_ReversibleFunctionBackward > revsnn::fixed_uncouple_step > aten::add"``), largest first. For CUDA,
+    PyTorch's own ``torch.cuda.memory._record_memory_history`` / ``_snapshot`` give the same picture."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+    gc.collect()
+    live: dict[int, tuple[int, tuple[str, ...]]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, tuple[str, ...]]] = {}
+    for _, nbytes, ptr, path in _profile_cpu(fn):
+        if nbytes > 0:
+            live[ptr] = (nbytes, path)
+        else:
+            live.pop(ptr)
+        total += nbytes
+        if total > peak:
+            peak, at_peak = total, dict(live)
+    groups: dict[str, int] = {}
+    for nbytes, path in at_peak.values():
+        key = " > ".join(path[-depth:]) or "(outside any operator)"
+        groups[key] = groups.get(key, 0) + nbytes
+    return int(peak), sorted(groups.items(), key=lambda kv: -kv[1])
 
 
 def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int:

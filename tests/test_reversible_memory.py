@@ -3,7 +3,7 @@ activations, which must not grow with depth (real allocator accounting, not shap
 import pytest
 import torch
 
-from revsnn_triton.memory import measure_memory, measure_peak_bytes, memory_per_image
+from revsnn_triton.memory import measure_memory, measure_peak_bytes, memory_per_image, peak_breakdown
 from test_reversible import input_for, make_sequence
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,6 +36,31 @@ def test_measure_memory_known_allocations():
     use = measure_memory(swap, DEVICE)
     assert use == ((MIB, MIB) if DEVICE == "cuda" else (2 * MIB, 2 * MIB))
     assert measure_peak_bytes(lambda: torch.ones(1000, dtype=torch.float64, device=DEVICE), DEVICE) >= 8000
+
+
+def test_peak_breakdown_names_what_is_alive_at_the_peak():
+    def fn():
+        a = torch.zeros(MIB, dtype=torch.uint8)
+        b = torch.ones(3 * MIB, dtype=torch.uint8)
+        del a
+        c = torch.full((MIB // 2,), 7, dtype=torch.uint8)  # allocated after the peak: not part of it
+        del b, c
+
+    peak, rows = peak_breakdown(fn, depth=1)
+    assert peak == 4 * MIB
+    by_op = dict(rows)
+    assert sum(by_op.values()) == peak
+    assert rows == [("aten::empty", 4 * MIB)]  # depth 1: the innermost operator, which allocated both
+    peak2, rows2 = peak_breakdown(fn, depth=3)
+    assert peak2 == peak and sum(n for _, n in rows2) == peak
+    ones = [n for k, n in rows2 if "aten::ones" in k]
+    zeros = [n for k, n in rows2 if "aten::zeros" in k]
+    assert ones == [3 * MIB] and zeros == [MIB]
+    assert not any("aten::full" in k for k, _ in rows2)
+    with pytest.raises(ValueError, match="depth must be an int >= 1"):
+        peak_breakdown(fn, depth=0)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        peak_breakdown(None)
 
 
 def test_memory_per_image_is_the_slope():
