@@ -10,8 +10,8 @@ Output (``--out``): ``memory.{csv,json,md}`` (every model, fp32 and bf16 autocas
 and ``memory_depth.png`` (memory per image against depth, reversible and non-reversible side by side; ResNets
 and transformers in two panels), then ``memory_ablation.{csv,json,md}`` (RevSResNet37 and MS-ResNet34 with each
 memory option of the zoo switched, and on spikingjelly's neurons; RevSFormer-4-384 and Spikingformer-4-384 with
-each tokenizer recomputation mode). Rows are written after every measurement, so an
-interrupted run keeps what it had.
+each tokenizer recomputation mode). Rows are written after every measurement, so an interrupted run keeps what
+it had.
 
     python -m revsnn_triton.bench.memory --out benchmarks/results            # GPU: every model, 16 vs 64
     python -m revsnn_triton.bench.memory --cpu-small --out /tmp/mem          # CPU: tiny widths, shape of curve
