@@ -13,7 +13,9 @@ import contextlib
 import pytest
 import torch
 from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from revsnn_triton.ops import neuron as neuron_ops
 from revsnn_triton.ops.neuron import multistep_neuron, neuron_backward, neuron_forward
 from revsnn_triton.ops.neuron_reference import multistep_autograd
 from revsnn_triton.surrogate import SURROGATES
@@ -91,6 +93,23 @@ def test_explicit_backward_equals_autograd_oracle(case: Case) -> None:
             assert_close(got, ref, "grad w", rtol=1.3e-6, atol=bound)
         else:
             assert_close(got, ref, f"grad {what}", dtype=ref.dtype)
+
+
+@given(case=cases(), save=st.sampled_from(["input", "h", "h_bf16"]), chunk=st.sampled_from([1, 2, 5, 16]))
+@example(case=Case(kind="plif", T=4, shape=(2, 3, 4), layout="channels_last", w=0.7), save="input", chunk=5)
+def test_cpu_path_gives_the_same_bits_chunk_by_chunk(case: Case, save: str, chunk: int) -> None:
+    # The CPU path works through the neurons in chunks of ops.neuron.CPU_CHUNK to bound its work space; with
+    # tiny chunks (many slices along the outermost neuron dim, in every layout) nothing may change, not even
+    # PLIF's grad of w (per-neuron partials, then one sum over the whole tensor).
+    whole = run(multistep_neuron, case, save)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(neuron_ops, "CPU_CHUNK", chunk)
+        if chunk == 1 and torch.Size(case.shape).numel() > 1:
+            assert len(neuron_ops._cpu_chunks(make_inputs(case)[0])) > 1
+        chunked = run(multistep_neuron, case, save)
+    for got, ref, what in zip(chunked, whole, ("spikes", "v_final", "grad x", "grad v_init", "grad w")):
+        if ref is not None:
+            assert_equal(got, ref, f"{what}, chunks of {chunk}")
 
 
 def run_w_scale(case: Case) -> float:

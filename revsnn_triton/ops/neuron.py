@@ -30,7 +30,8 @@ sequence: fp32 20 bytes per neuron-step instead of 24, bf16 10 instead of 16). S
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -61,6 +62,27 @@ def _saved_dtype(save: str) -> torch.dtype:
     return torch.bfloat16 if save == "h_bf16" else torch.float32
 
 
+# Neurons per chunk of the CPU path: its work space (the recomputed H, per-step temporaries) is bounded by the
+# chunk, as a kernel's is by its block, instead of growing with the tensor. Results do not depend on it.
+CPU_CHUNK = 1 << 16
+
+
+def _cpu_chunks(x: Tensor) -> list[Callable[..., Tensor]]:
+    """Slicers ``chunk(t, with_time=True)`` cutting ``[T, *shape]`` (or, ``with_time=False``, ``[*shape]``) tensors
+    into views of about :data:`CPU_CHUNK` neurons (at least one slice) along the outermost dim of ``x``'s neuron
+    layout. Elementwise over neurons, the reference gives the same bits chunk by chunk."""
+    perm = K.neuron_perm(x)
+    if not perm or x.numel() == 0:
+        return [lambda t, with_time=True: t]
+    d = perm[0]
+    size = x.shape[1 + d]
+    step = max(1, CPU_CHUNK // max(1, math.prod(x.shape[1:]) // size))
+
+    def slicer(start: int, length: int) -> Callable[..., Tensor]:
+        return lambda t, with_time=True: t.narrow(d + int(with_time), start, length)
+    return [slicer(start, min(step, size - start)) for start in range(0, size, step)]
+
+
 @torch.library.custom_op("revsnn::neuron_forward", mutates_args=())
 def neuron_forward(x: Tensor, v_init: Optional[Tensor], w: Optional[Tensor], kind: str, tau: float, decay_input: bool,
                    v_threshold: float, hard_reset: bool, v_reset: float, detach_reset: bool, surrogate: str,
@@ -73,14 +95,16 @@ def neuron_forward(x: Tensor, v_init: Optional[Tensor], w: Optional[Tensor], kin
         return K.neuron_forward(x, v_init, q, kind=kind, tau=tau, decay_input=decay_input,
                                 v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset, save=save)
     cfg = _cfg(kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha)
-    v0 = initial_membrane(x, v_reset) if v_init is None else v_init
-    # Step by step into the outputs: no stacked copies of the spikes or of H.
+    q0 = None if q is None else q.reshape(())
     out_s = K.empty_neuron_layout(x, x.dtype)
     out_h = None if save == "input" else K.empty_neuron_layout(x, _saved_dtype(save))
-    _, v_final, _ = neuron_forward_reference(x, v0, None if q is None else q.reshape(()), cfg, spikes_out=out_s,
-                                             saved_out=out_h, save=save)
     out_v = K.empty_neuron_layout(x, torch.float32, with_time=False)
-    out_v.copy_(v_final)
+    for chunk in _cpu_chunks(x):  # step by step into the outputs, chunk by chunk: no copies beyond the outputs
+        xc = chunk(x)
+        v0 = initial_membrane(xc, v_reset) if v_init is None else chunk(v_init, False)
+        _, v_final, _ = neuron_forward_reference(xc, v0, q0, cfg, spikes_out=chunk(out_s),
+                                                 saved_out=None if out_h is None else chunk(out_h), save=save)
+        chunk(out_v, False).copy_(v_final)
     return out_s, out_v, x.new_empty(0, dtype=torch.float32) if out_h is None else out_h
 
 
@@ -113,26 +137,31 @@ def neuron_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: 
     else:
         cfg = _cfg(kind, tau, decay_input, v_threshold, hard_reset, v_reset, detach_reset, surrogate, alpha)
         q0 = None if q is None else q.reshape(())
-        if v_init is None and (kind == "plif" or save == "input"):
-            v_init = initial_membrane(template, v_reset)
-        if grad_v_final is None:
-            grad_v_final = torch.zeros(template.shape[1:], dtype=torch.float32, device=template.device)
         grad_x = K.empty_neuron_layout(template, grad_spikes.dtype)
-        if save == "input":
-            # H is recomputed into one fp32 buffer (the kernel keeps it in registers); the spikes are taken
-            # from it step by step.
-            h = K.empty_neuron_layout(template, torch.float32)
-            neuron_forward_reference(x, v_init, q0, cfg, saved_out=h)
-            spikes = None
-        elif save == "h":
-            h, spikes = saved, None  # S = (H >= v_threshold), step by step
-        else:
-            h, spikes = decode_saved(saved, save, v_threshold)
-        _, gv, w_partial = neuron_backward_reference(grad_spikes, grad_v_final, h, spikes, x, v_init, q0, cfg,
-                                                     grad_x_out=grad_x)
-        del h
         grad_v_init = K.empty_neuron_layout(template, torch.float32, with_time=False)
-        grad_v_init.copy_(gv)
+        w_partial = None if kind != "plif" else K.empty_neuron_layout(template, torch.float32, with_time=False)
+        for chunk in _cpu_chunks(template):
+            xc = None if x is None else chunk(x)
+            vc = None if v_init is None else chunk(v_init, False)
+            if vc is None and (kind == "plif" or save == "input"):
+                vc = initial_membrane(chunk(template), v_reset)
+            gvc = (torch.zeros(chunk(template).shape[1:], dtype=torch.float32, device=template.device)
+                   if grad_v_final is None else chunk(grad_v_final, False))
+            if save == "input":
+                # H recomputed into a buffer of the chunk (the kernel keeps it in registers); the spikes are
+                # taken from it step by step.
+                h = torch.empty(chunk(template).shape, dtype=torch.float32, device=template.device)
+                neuron_forward_reference(xc, vc, q0, cfg, saved_out=h)
+                spikes = None
+            elif save == "h":
+                h, spikes = chunk(saved), None  # S = (H >= v_threshold), step by step
+            else:
+                h, spikes = decode_saved(chunk(saved), save, v_threshold)
+            _, gv, wp = neuron_backward_reference(chunk(grad_spikes), gvc, h, spikes, xc, vc, q0, cfg,
+                                                  grad_x_out=chunk(grad_x))
+            chunk(grad_v_init, False).copy_(gv)
+            if wp is not None:
+                chunk(w_partial, False).copy_(wp)
     if grad_v_init is None or not need_grad_v_init:
         grad_v_init = grad_x.new_empty(0, dtype=torch.float32)
     if w is None:
