@@ -73,6 +73,19 @@ def test_memory_main_writes_tables(tmp_path):
     assert "MS-ResNet18" in (tmp_path / "memory.md").read_text()
 
 
+def test_memory_explain_lists_what_is_alive_at_the_peak(tmp_path, capsys):
+    rc = bench_memory.main(["--device", "cpu", "--cpu-small", "--models", "RevSResNet21", "--T", "1",
+                            "--explain", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    text = (tmp_path / "memory_explain.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 4 and "RevSResNet21: peak" in text
+    assert "_ReversibleFunction" in text  # the engine's tensors are among the largest at the peak
+    assert not (tmp_path / "memory.json").exists()  # no tables in this mode
+    with pytest.raises(SystemExit):
+        bench_memory.main(["--device", "cpu", "--explain", "-1"])
+
+
 def test_memory_main_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         bench_memory.main(["--batch-sizes", "4", "4", "--device", "cpu"])

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from revsnn_triton.memory import measure_peak_bytes
+from revsnn_triton.memory import measure_peak_bytes, peak_breakdown
 from revsnn_triton.models import create_model
 
 MiB = float(1 << 20)
@@ -205,6 +205,35 @@ def plot_depth(rows: Sequence[dict], path: Path, title: str) -> Path | None:
     return path
 
 
+def explain(args: argparse.Namespace, note: str) -> None:
+    """``--explain N``: what is alive at the peak of one CPU training step of each model of ``--models``."""
+    lines = ["# What is alive at the peak of a training step", "",
+             f"CPU; batch {max(args.batch_sizes)}; fp32; groups of allocations by the innermost three operators "
+             f"around them (`revsnn_triton.memory.peak_breakdown`). Command: `python -m revsnn_triton.bench.memory "
+             f"{' '.join(sys.argv[1:])}`", ""]
+    big = max(args.batch_sizes)
+    for name in args.models:
+        torch.manual_seed(0)
+        kw = dict(model_case(name, args.cpu_small).overrides)
+        if args.T is not None:
+            kw["T"] = args.T
+        model = create_model(name, neuron_impl=args.neuron_impl, **kw).train()
+        step = training_step_fn(model, args.image_size or (128 if model.event_input else 32), torch.device("cpu"),
+                                "fp32", (big,))
+        step(big)
+        peak, rows = peak_breakdown(lambda: step(big), depth=3)
+        head = f"{name}: peak {peak / MiB:.1f} MiB above the step's start, batch {big}"
+        print(head)
+        lines += [f"## {head}", "", "| MiB | share | allocated in |", "|---|---|---|"]
+        for ops, nbytes in rows[:args.explain]:
+            print(f"  {nbytes / MiB:9.2f} MiB  {ops}")
+            lines.append(f"| {nbytes / MiB:.2f} | {nbytes / peak:.0%} | `{ops}` |")
+        lines.append("")
+        del model, step
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "memory_explain.md").write_text("\n".join(lines))
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="revsnn bench memory", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
@@ -229,12 +258,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ablation-models", nargs="+", choices=tuple(ABLATION), default=None,
                    help=f"models of the ablation table (default: all: {' '.join(ABLATION)})")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this")
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="CPU only: instead of the tables, print for each of --models the N largest groups of "
+                   "allocations alive at the peak of a training step at the larger batch size "
+                   "(revsnn_triton.memory.peak_breakdown) and write them to memory_explain.md")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     cpu = args.device == "cpu"
+    if args.explain < 0 or (args.explain and not cpu):
+        p.error("--explain N: N >= 1, and only with --device cpu (on CUDA use torch.cuda.memory._snapshot)")
     if args.cpu_small:
         args.T = args.T or 2
         args.image_size = args.image_size or 32
@@ -302,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rows
 
     from revsnn_triton.bench import write_results
+    if args.explain:
+        explain(args, note)
+        return 0
     if not args.no_models:
         run([model_case(n, args.cpu_small) for n in args.models], "memory", "Training memory per image")
     if not args.no_sweep:
