@@ -318,12 +318,35 @@ class SpikingMLP(nn.Module):
         return self.fc2(self.sn2(self.fc1(self.sn1(x))))
 
 
+class _TokenizerStem(nn.Module):
+    """The tokenizer's first conv -> BN, once per image on an expanded input (:func:`first_conv_bn`)."""
+
+    def __init__(self, conv_bn: SeqConvBN):
+        super().__init__()
+        self.conv_bn = conv_bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return first_conv_bn(self.conv_bn, x)
+
+
+class _TokenizerStage(nn.Module):
+    """One tokenizer stage: neuron -> [MaxPool] conv -> BN on ``[T, B, C, H, W]``."""
+
+    def __init__(self, sn: nn.Module, conv_bn: SeqConvBN):
+        super().__init__()
+        self.sn, self.conv_bn = sn, conv_bn
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.conv_bn(self.sn(y))
+
+
 class SpikingTokenizer(nn.Module):
     """Spikingformer's convolutional tokenizer: ``[T, B, C_in, H, W]`` -> tokens ``[T, B, E, H*W/patch^2]``.
 
     conv3x3 -> BN (E/8 channels), then four stages neuron -> [MaxPool(3, 2, 1)] -> conv3x3 -> BN with E/4, E/2,
     E, E channels; the last ``log2(patch)`` stages pool. ``x`` may be a stride-0 ``expand`` over T (CIFAR): the
-    first conv then runs once per image (see :func:`first_conv_bn`).
+    first conv then runs once per image (see :func:`first_conv_bn`). :meth:`stages` gives the same computation
+    as a chain of modules (the segments of a stage-by-stage recomputation).
     """
 
     def __init__(self, in_ch: int, embed_dim: int, patch: int, neuron: NeuronFactory, compact: bool = True):
@@ -341,11 +364,16 @@ class SpikingTokenizer(nn.Module):
         self.convs = nn.ModuleList(SeqConvBN(widths[i], widths[i + 1], 3, pool="max" if i >= 4 - n_pool else None,
                                              compact=compact) for i in range(4))
 
+    def stages(self) -> list[nn.Module]:
+        """The stem and the four stages as modules that share this tokenizer's submodules (built on each call and
+        never registered, so the state_dict keys stay those of the tokenizer); chained, then ``flatten(3)``, they
+        are :meth:`forward`."""
+        return [_TokenizerStem(self.stem), *map(_TokenizerStage, self.sns, self.convs)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = first_conv_bn(self.stem, x)
-        for sn, conv in zip(self.sns, self.convs):
-            y = conv(sn(y))
-        return y.flatten(3)
+        for stage in self.stages():
+            x = stage(x)
+        return x.flatten(3)
 
 
 def first_conv_bn(conv_bn: SeqConvBN, x: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,7 @@ import torch.nn as nn
 from revsnn_triton.recompute import recompute
 
 from .layers import (CIFAR_TRANSFORMER_NEURON, DVS_NEURON, SpikingMLP, SpikingModel,
-                     SpikingSelfAttention, SpikingTokenizer, first_conv_bn, init_conv_bn, init_transformer,
-                     neuron_factory)
+                     SpikingSelfAttention, SpikingTokenizer, init_conv_bn, init_transformer, neuron_factory)
 from .registry import register_model
 
 
@@ -38,38 +37,6 @@ def _check_recompute_mode(name: str, mode: object) -> bool | str:
     if not isinstance(mode, str):
         raise TypeError(f"{name}: recompute_tokenizer must be a bool or 'stages', got {type(mode).__name__}")
     raise ValueError(f"{name}: recompute_tokenizer must be one of {RECOMPUTE_MODES}, got {mode!r}")
-
-
-class _TokenizerStem(nn.Module):
-    """The tokenizer's first conv -> BN, once per image on an expanded input: ``[T, B, C, H, W]`` ->
-    ``[T, B, E/8, H, W]``."""
-
-    def __init__(self, conv_bn: nn.Module):
-        super().__init__()
-        self.conv_bn = conv_bn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return first_conv_bn(self.conv_bn, x)
-
-
-class _TokenizerStage(nn.Module):
-    """One tokenizer stage: neuron -> [MaxPool] conv -> BN on ``[T, B, C, H, W]``."""
-
-    def __init__(self, sn: nn.Module, conv_bn: nn.Module):
-        super().__init__()
-        self.sn, self.conv_bn = sn, conv_bn
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.conv_bn(self.sn(y))
-
-
-def tokenizer_stages(tokenizer: SpikingTokenizer) -> list[nn.Module]:
-    """The tokenizer as a chain of modules (sharing its submodules, built on each call, never registered, so no
-    state_dict key changes): ``tokenizer(x) == chain(x).flatten(3)``. The segments of ``recompute_tokenizer=
-    "stages"``; each cut is where a neuron reads its (fp32) input, which that neuron keeps anyway."""
-    if not isinstance(tokenizer, SpikingTokenizer):
-        raise TypeError(f"tokenizer_stages: expected a SpikingTokenizer, got {type(tokenizer).__name__}")
-    return [_TokenizerStem(tokenizer.stem), *map(_TokenizerStage, tokenizer.sns, tokenizer.convs)]
 
 
 class SpikingTransformerBlock(nn.Module):
@@ -101,7 +68,7 @@ class SpikingTransformerBase(SpikingModel):
     - ``True``: the whole tokenizer is one segment: the forward keeps only its input (the image view), and its
       whole graph is rebuilt at the end of backward. Best when the peak is reached while the tokenizer's graph
       waits underneath the blocks' backward (Spikingformer: the blocks keep their whole graph).
-    - ``"stages"``: each stage of the tokenizer (:func:`tokenizer_stages`) is its own segment: the forward keeps
+    - ``"stages"``: each stage of the tokenizer (``SpikingTokenizer.stages()``) is its own segment: the forward keeps
       each stage's input (the stem's output as a stride-0 view, then the BatchNorm outputs that the next neuron
       would keep anyway), and backward rebuilds one stage's graph at a time. Best when the peak is the
       tokenizer's own backward (RevSFormer: the reversible blocks keep almost nothing).
@@ -126,7 +93,7 @@ class SpikingTransformerBase(SpikingModel):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, C, H, W]`` -> tokens ``[T, B, E, N]``, recomputed in backward as ``recompute_tokenizer`` says."""
         if self.recompute_tokenizer == "stages":
-            for stage in tokenizer_stages(self.tokenizer):
+            for stage in self.tokenizer.stages():
                 x = recompute(stage, x)
             return x.flatten(3)
         if self.recompute_tokenizer:
