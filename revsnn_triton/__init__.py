@@ -3,12 +3,13 @@
 Layers, bottom to top: ``revsnn_triton.kernels`` (Triton kernels and launchers) -> ``revsnn_triton.ops``
 (``torch.library`` custom ops in the ``revsnn`` namespace, with plain-PyTorch reference implementations) ->
 modules (:class:`IFNode`, :class:`LIFNode`, :class:`ParametricLIFNode`, :class:`RevBlock`,
-:class:`RevSequence`) -> ``revsnn_triton.models`` (``create_model``) -> the ``revsnn`` command line.
+:class:`RevSequence`, :class:`Recompute`) -> ``revsnn_triton.models`` (``create_model``) -> the ``revsnn`` command line.
 """
 from . import functional, surrogate
 from .convert import convert_spikingjelly
 from .neuron import IFNode, LIFNode, ParametricLIFNode
 from .ops.neuron import multistep_neuron
+from .recompute import Recompute, recompute
 from .reversible import ReconstructionError, RevBlock, RevSequence
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "IFNode", "LIFNode", "ParametricLIFNode", "RevBlock", "RevSequence", "ReconstructionError",
+    "IFNode", "LIFNode", "ParametricLIFNode", "RevBlock", "RevSequence", "ReconstructionError", "Recompute",
+    "recompute",
     "convert_spikingjelly", "create_model", "list_models", "multistep_neuron", "functional", "surrogate",
 ]
