@@ -160,6 +160,8 @@ class _SpikeConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         mask, weight = ctx.saved_tensors
         stride, padding, pool, dtype, in_dtype, has_bias = ctx.conf
+        if pool is None:
+            return _SpikeConv._backward_unpooled(ctx, grad_out, mask, weight)
         x = mask.to(dtype)
         indices = None
         if pool == "max":
@@ -176,6 +178,33 @@ class _SpikeConv(torch.autograd.Function):
         elif g_in is not None and pool == "max":
             g_in = torch.ops.aten.max_pool2d_with_indices_backward(g_in, x, [3, 3], [2, 2], [1, 1], [1, 1],
                                                                    False, indices)
+        return (None if g_in is None else g_in.to(in_dtype),
+                None if g_w is None else g_w.to(weight.dtype),
+                None if g_b is None else g_b.to(weight.dtype), None, None, None)
+
+
+    @staticmethod
+    def _backward_unpooled(ctx, grad_out, mask, weight):
+        """Without pooling, the rebuilt spikes are needed only for the weight (and bias) gradient: compute that
+        first and free them before the input gradient is allocated, so the two never coexist (the same two
+        convolutions as a joint call, one transient input-sized tensor less at the peak)."""
+        stride, padding, _, dtype, in_dtype, has_bias = ctx.conf
+        nd = len(stride)
+        grad_out = grad_out.to(dtype)
+        w = weight.to(dtype)
+        args = (stride, padding, [1] * nd, False, [0] * nd, 1)
+        bias_sizes = [weight.shape[0]] if has_bias else None
+        g_w = g_b = g_in = None
+        if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
+            x = mask.to(dtype)
+            _, g_w, g_b = torch.ops.aten.convolution_backward(
+                grad_out, x, w, bias_sizes, *args,
+                [False, ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
+            del x
+        if ctx.needs_input_grad[0]:
+            # the input only lends its shape to the input gradient
+            x_shape = mask.new_empty((1,) * mask.dim(), dtype=dtype).expand(mask.shape)
+            g_in, _, _ = torch.ops.aten.convolution_backward(grad_out, x_shape, w, None, *args, [True, False, False])
         return (None if g_in is None else g_in.to(in_dtype),
                 None if g_w is None else g_w.to(weight.dtype),
                 None if g_b is None else g_b.to(weight.dtype), None, None, None)

@@ -161,6 +161,17 @@ def test_spike_conv_matches_plain_conv(pool, stride, dims):
         assert_close(a, e, f"grad {what}")
 
 
+def test_spike_conv_frozen_weight_gives_only_the_input_grad():
+    conv = nn.Conv2d(4, 3, 3, padding=1, bias=True).requires_grad_(False)
+    spikes = (torch.rand(2, 4, 6, 6) > 0.5).float().requires_grad_()
+    out = L.spike_conv(spikes, conv)
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, [spikes], g)
+    ref_in = spikes.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(conv(ref_in), [ref_in], g)
+    assert_equal(got, want, "input grad with a frozen conv")
+
+
 def test_spike_conv_keeps_one_byte_per_spike():
     conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
     spikes = (torch.rand(2, 4, 8, 8) > 0.5).float().requires_grad_()
