@@ -158,56 +158,52 @@ class _SpikeConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Ordered so that no two input-sized tensors coexist needlessly: the rebuilt spikes live only until they
+        # are pooled (MaxPool's indices kept), the pooled map only until the weight gradient is taken, and the
+        # input gradients are allocated after both are gone (the backward calls get a stride-0 stand-in that
+        # lends them its shape). The same convolutions and pooling backward as one joint call: identical bits.
         mask, weight = ctx.saved_tensors
         stride, padding, pool, dtype, in_dtype, has_bias = ctx.conf
-        if pool is None:
-            return _SpikeConv._backward_unpooled(ctx, grad_out, mask, weight)
-        x = mask.to(dtype)
-        indices = None
-        if pool == "max":
-            pooled, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
-        else:
-            pooled = _pool(x, pool)
+        need_in, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = has_bias and ctx.needs_input_grad[2]
         nd = len(stride)
-        g_in, g_w, g_b = torch.ops.aten.convolution_backward(
-            grad_out.to(dtype), pooled, weight.to(dtype), [weight.shape[0]] if has_bias else None,
-            stride, padding, [1] * nd, False, [0] * nd, 1,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
-        if g_in is not None and pool == "avg":
-            g_in = torch.ops.aten.avg_pool2d_backward(g_in, x, [3, 3], [2, 2], [1, 1], False, True, None)
-        elif g_in is not None and pool == "max":
-            g_in = torch.ops.aten.max_pool2d_with_indices_backward(g_in, x, [3, 3], [2, 2], [1, 1], [1, 1],
-                                                                   False, indices)
-        return (None if g_in is None else g_in.to(in_dtype),
-                None if g_w is None else g_w.to(weight.dtype),
-                None if g_b is None else g_b.to(weight.dtype), None, None, None)
-
-
-    @staticmethod
-    def _backward_unpooled(ctx, grad_out, mask, weight):
-        """Without pooling, the rebuilt spikes are needed only for the weight (and bias) gradient: compute that
-        first and free them before the input gradient is allocated, so the two never coexist (the same two
-        convolutions as a joint call, one transient input-sized tensor less at the peak)."""
-        stride, padding, _, dtype, in_dtype, has_bias = ctx.conf
-        nd = len(stride)
-        grad_out = grad_out.to(dtype)
-        w = weight.to(dtype)
         args = (stride, padding, [1] * nd, False, [0] * nd, 1)
-        bias_sizes = [weight.shape[0]] if has_bias else None
-        g_w = g_b = g_in = None
-        if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-            x = mask.to(dtype)
-            _, g_w, g_b = torch.ops.aten.convolution_backward(
-                grad_out, x, w, bias_sizes, *args,
-                [False, ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
-            del x
-        if ctx.needs_input_grad[0]:
-            # the input only lends its shape to the input gradient
-            x_shape = mask.new_empty((1,) * mask.dim(), dtype=dtype).expand(mask.shape)
-            g_in, _, _ = torch.ops.aten.convolution_backward(grad_out, x_shape, w, None, *args, [True, False, False])
+        grad_out, w = grad_out.to(dtype), weight.to(dtype)
+        g_in = g_w = g_b = indices = None
+        pooled_shape = None
+        if need_w or need_b or (need_in and pool == "max"):
+            pooled = mask.to(dtype)
+            if pool == "max":
+                pooled, indices = torch.ops.aten.max_pool2d_with_indices(pooled, [3, 3], [2, 2], [1, 1])
+            elif pool == "avg":
+                pooled = _pool(pooled, pool)
+            pooled_shape = pooled.shape
+            if need_w or need_b:
+                _, g_w, g_b = torch.ops.aten.convolution_backward(
+                    grad_out, pooled, w, [weight.shape[0]] if has_bias else None, *args, [False, need_w, need_b])
+            del pooled
+        if need_in:
+            if pooled_shape is None:  # (not "max": its indices were computed above)
+                # AvgPool(3, 2, 1) maps a size d to (d - 1) // 2 + 1
+                pooled_shape = mask.shape if pool is None else (*mask.shape[:2], *((d - 1) // 2 + 1
+                                                                                    for d in mask.shape[2:]))
+            g_in, _, _ = torch.ops.aten.convolution_backward(grad_out, _shape_only(pooled_shape, grad_out), w, None,
+                                                             *args, [True, False, False])
+            if pool == "avg":
+                g_in = torch.ops.aten.avg_pool2d_backward(g_in, _shape_only(mask.shape, g_in), [3, 3], [2, 2],
+                                                          [1, 1], False, True, None)
+            elif pool == "max":
+                g_in = torch.ops.aten.max_pool2d_with_indices_backward(
+                    g_in, _shape_only(mask.shape, g_in), [3, 3], [2, 2], [1, 1], [1, 1], False, indices)
         return (None if g_in is None else g_in.to(in_dtype),
                 None if g_w is None else g_w.to(weight.dtype),
                 None if g_b is None else g_b.to(weight.dtype), None, None, None)
+
+
+def _shape_only(shape, like: torch.Tensor) -> torch.Tensor:
+    """A stride-0 tensor of ``shape`` (one element of memory): the input argument of a backward call that reads
+    only its shape."""
+    return like.new_empty((1,) * len(shape)).expand(shape)
 
 
 def spike_conv(spikes: torch.Tensor, conv: nn.Conv1d | nn.Conv2d, pool: Optional[str] = None) -> torch.Tensor:
