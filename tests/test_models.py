@@ -161,15 +161,23 @@ def test_spike_conv_matches_plain_conv(pool, stride, dims):
         assert_close(a, e, f"grad {what}")
 
 
-def test_spike_conv_frozen_weight_gives_only_the_input_grad():
-    conv = nn.Conv2d(4, 3, 3, padding=1, bias=True).requires_grad_(False)
-    spikes = (torch.rand(2, 4, 6, 6) > 0.5).float().requires_grad_()
-    out = L.spike_conv(spikes, conv)
-    g = torch.randn_like(out)
-    (got,) = torch.autograd.grad(out, [spikes], g)
+@pytest.mark.parametrize("pool", [None, "avg", "max"])
+@pytest.mark.parametrize("bias,frozen", [(False, False), (True, False), (True, True)])
+def test_spike_conv_gradients_are_bit_identical_to_plain_autograd(pool, bias, frozen):
+    # The backward reorders the work to keep fewer input-sized tensors alive (rebuilt spikes, pooled map and
+    # input gradients never together); the results must stay exactly those of conv(pool(x)) under autograd.
+    torch.manual_seed(1)
+    k = 1 if pool == "avg" else 3
+    conv = nn.Conv2d(6, 5, k, padding=k // 2, bias=bias).requires_grad_(not frozen)
+    spikes = (torch.rand(3, 6, 9, 7) > 0.6).float().requires_grad_()
+    out = L.spike_conv(spikes, conv, pool=pool)
     ref_in = spikes.detach().clone().requires_grad_()
-    (want,) = torch.autograd.grad(conv(ref_in), [ref_in], g)
-    assert_equal(got, want, "input grad with a frozen conv")
+    ref = conv({"avg": F.avg_pool2d, "max": F.max_pool2d}[pool](ref_in, 3, 2, 1) if pool else ref_in)
+    params = [] if frozen else [p for p in conv.parameters()]
+    g = torch.randn_like(ref)
+    for got, want, what in zip(torch.autograd.grad(out, [spikes, *params], g),
+                               torch.autograd.grad(ref, [ref_in, *params], g), ("input", "weight", "bias")):
+        assert_equal(got, want, f"grad {what} (pool={pool}, bias={bias}, frozen={frozen})")
 
 
 def test_spike_conv_keeps_one_byte_per_spike():
