@@ -354,6 +354,17 @@ class _TokenizerStem(nn.Module):
         return first_conv_bn(self.conv_bn, x)
 
 
+class _TokenizerStage(nn.Module):
+    """One tokenizer stage: neuron -> [MaxPool] conv -> BN on ``[T, B, C, H, W]``."""
+
+    def __init__(self, sn: nn.Module, conv_bn: SeqConvBN):
+        super().__init__()
+        self.sn, self.conv_bn = sn, conv_bn
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.conv_bn(self.sn(y))
+
+
 class SpikingTokenizer(nn.Module):
     """Spikingformer's convolutional tokenizer: ``[T, B, C_in, H, W]`` -> tokens ``[T, B, E, H*W/patch^2]``.
 
@@ -379,12 +390,10 @@ class SpikingTokenizer(nn.Module):
                                              compact=compact) for i in range(4))
 
     def stages(self) -> list[nn.Module]:
-        """The tokenizer as five segments, cut where a neuron's spikes leave it: [stem conv -> BN -> neuron],
-        three times [conv -> BN -> neuron], [conv -> BN]; every segment but the first starts from spikes (0/1).
-        Built on each call from this tokenizer's submodules and never registered, so the state_dict keys stay
-        the tokenizer's; chained, then ``flatten(3)``, they are :meth:`forward`."""
-        convs = [_TokenizerStem(self.stem), *self.convs]
-        return [nn.Sequential(conv, sn) for conv, sn in zip(convs, self.sns)] + [nn.Sequential(convs[-1])]
+        """The stem and the four stages as modules that share this tokenizer's submodules (built on each call and
+        never registered, so the state_dict keys stay those of the tokenizer); chained, then ``flatten(3)``, they
+        are :meth:`forward`."""
+        return [_TokenizerStem(self.stem), *map(_TokenizerStage, self.sns, self.convs)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages():

@@ -68,10 +68,10 @@ class SpikingTransformerBase(SpikingModel):
     - ``True``: the whole tokenizer is one segment: the forward keeps only its input (the image view), and its
       whole graph is rebuilt at the end of backward. Best when the peak is reached while the tokenizer's graph
       waits underneath the blocks' backward (Spikingformer: the blocks keep their whole graph).
-    - ``"stages"``: each segment of the tokenizer (``SpikingTokenizer.stages()``, cut where a neuron's spikes
-      leave it) is recomputed on its own: the forward keeps the image view and each segment's input spikes as
-      ``torch.bool`` (1 byte per element), and backward rebuilds one segment's graph at a time, so neither the
-      whole tokenizer graph nor any full-precision activation waits under the blocks' backward.
+    - ``"stages"``: each stage of the tokenizer (``SpikingTokenizer.stages()``) is its own segment: the forward keeps
+      each stage's input (the stem's output as a stride-0 view, then the BatchNorm outputs that the next neuron
+      would keep anyway), and backward rebuilds one stage's graph at a time. Best when the peak is the
+      tokenizer's own backward (RevSFormer: the reversible blocks keep almost nothing).
     """
 
     def __init__(self, *, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, patch: int,
@@ -93,8 +93,8 @@ class SpikingTransformerBase(SpikingModel):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, C, H, W]`` -> tokens ``[T, B, E, N]``, recomputed in backward as ``recompute_tokenizer`` says."""
         if self.recompute_tokenizer == "stages":
-            for i, stage in enumerate(self.tokenizer.stages()):
-                x = recompute(stage, x, spikes=i > 0)  # a segment's input spikes are kept as bool
+            for stage in self.tokenizer.stages():
+                x = recompute(stage, x)
             return x.flatten(3)
         if self.recompute_tokenizer:
             return recompute(self.tokenizer, x)

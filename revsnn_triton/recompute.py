@@ -45,7 +45,7 @@ def _run(module: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
-def recompute(module: nn.Module, x: Tensor, *, spikes: bool = False) -> Tensor:
+def recompute(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)`` without keeping its graph when gradients are needed; recomputed in backward.
 
     Args:
@@ -53,9 +53,6 @@ def recompute(module: nn.Module, x: Tensor, *, spikes: bool = False) -> Tensor:
             Its neuron state is reset before and after every call (so it must process whole sequences), and it
             must be a deterministic function of its input, its parameters and the RNG state.
         x: the input Tensor, any shape and dtype the module accepts.
-        spikes: declare that ``x`` holds only 0s and 1s (a neuron's spikes): it is then kept for backward as
-            ``torch.bool`` (1 byte per element instead of 4 in fp32) and rebuilt exactly. Checked in the forward
-            (one reduction and a host synchronization): other values raise ``ValueError``.
 
     Returns ``module(x)`` (same shape and dtype as the module's own output).
 
@@ -72,14 +69,9 @@ def recompute(module: nn.Module, x: Tensor, *, spikes: bool = False) -> Tensor:
     _check_module(module, "recompute")
     if not isinstance(x, Tensor):
         raise TypeError(f"recompute: x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(spikes, bool):
-        raise TypeError(f"recompute: spikes must be a bool, got {type(spikes).__name__}")
     params = [p for p in module.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (x.requires_grad or bool(params)):
-        if spikes and not bool(((x == 0) | (x == 1)).all()):
-            raise ValueError("recompute: spikes=True but x holds values other than 0 and 1 (it is kept as bool "
-                             "for backward, which would change them)")
-        return _recompute_apply(module, x, spikes, params)
+        return _recompute_apply(module, x, params)
     return _run(module, x)
 
 
@@ -91,53 +83,48 @@ class Recompute(nn.Module):
     a model's keys unchanged, call :func:`recompute` in its forward instead.
     """
 
-    def __init__(self, module: nn.Module, spikes: bool = False) -> None:
+    def __init__(self, module: nn.Module) -> None:
         _check_module(module, "Recompute")
-        if not isinstance(spikes, bool):
-            raise TypeError(f"Recompute: spikes must be a bool, got {type(spikes).__name__}")
         super().__init__()
         self.module = module
-        self.spikes = spikes
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"Recompute: input must be a torch.Tensor, got {type(x).__name__}")
-        return recompute(self.module, x, spikes=self.spikes)
+        return recompute(self.module, x)
 
 
 @torch.compiler.disable
-def _recompute_apply(module: nn.Module, x: Tensor, spikes: bool, params: list[nn.Parameter]) -> Tensor:
+def _recompute_apply(module: nn.Module, x: Tensor, params: list[nn.Parameter]) -> Tensor:
     # Backward drives a Python-level recomputation (neuron resets, RNG/autocast restore, autograd.grad) that
     # Dynamo cannot trace: it runs eagerly, one graph break. The wrapped module may itself be compiled.
-    return _RecomputeFunction.apply(x, module, spikes, *params)
+    return _RecomputeFunction.apply(x, module, *params)
 
 
 class _RecomputeFunction(torch.autograd.Function):
     """Forward without a graph; backward by recomputation. Saves the input tensor only."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, module: nn.Module, spikes: bool, *params: nn.Parameter) -> Tensor:
-        ctx.module, ctx.params, ctx.x_dtype = module, params, (x.dtype if spikes else None)
+    def forward(ctx, x: Tensor, module: nn.Module, *params: nn.Parameter) -> Tensor:
+        ctx.module, ctx.params = module, params
         ctx.autocast = _AutocastState(x.device.type)
         rng = _RngState(x.device)
         with torch.no_grad():
             out = _run(module, x)
         ctx.rng = None if rng.unchanged() else rng
-        ctx.save_for_backward(x != 0 if spikes else x)
+        ctx.save_for_backward(x)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         (x,) = ctx.saved_tensors
-        if ctx.x_dtype is not None:  # spikes kept as bool: rebuilt exactly
-            x = x.to(ctx.x_dtype)
         module: nn.Module = ctx.module
         want_x = ctx.needs_input_grad[0]
-        slots = [k for k, want in enumerate(ctx.needs_input_grad[3:]) if want]
+        slots = [k for k, want in enumerate(ctx.needs_input_grad[2:]) if want]
         param_grads: list[Tensor | None] = [None] * len(ctx.params)
         if not want_x and not slots:
-            return (None, None, None, *param_grads)
+            return (None, None, *param_grads)
         x = x.detach().requires_grad_(want_x)
         inputs = ([x] if want_x else []) + [ctx.params[k] for k in slots]
         # Running statistics are restored only after the vjp: BatchNorm's backward checks the versions of
@@ -146,9 +133,9 @@ class _RecomputeFunction(torch.autograd.Function):
             with torch.enable_grad(), _RngState.restore(ctx.rng), ctx.autocast.restored():
                 out = _run(module, x)
             if not out.requires_grad:  # the output does not depend on x or any parameter
-                return (None, None, None, *param_grads)
+                return (None, None, *param_grads)
             grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
         grad_x = grads[0] if want_x else None
         for k, g in zip(slots, grads[1:] if want_x else grads):
             param_grads[k] = g
-        return (grad_x, None, None, *param_grads)
+        return (grad_x, None, *param_grads)

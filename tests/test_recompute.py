@@ -168,30 +168,6 @@ def test_forward_keeps_only_the_input_view():
     assert all(p.grad is not None for p in module.parameters())
 
 
-def test_spike_input_kept_as_bool_and_rebuilt_exactly():
-    torch.manual_seed(3)
-    module = nn.Sequential(L.SeqConvBN(4, 6, 3), _neuron()())
-    spikes = (torch.rand(2, 3, 4, 8, 8) > 0.6).float().requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = recompute(module, spikes, spikes=True)
-    assert [t.dtype for t in saved] == [torch.bool] and saved[0].shape == spikes.shape
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, [spikes, *module.parameters()], g)
-    plain = copy.deepcopy(module)
-    ref_in = spikes.detach().clone().requires_grad_()
-    # the plain copy starts from the same running statistics (recompute's forward already updated them once)
-    for a, b in zip(plain.buffers(), module.buffers()):
-        a.copy_(b)
-    want = torch.autograd.grad(plain(ref_in), [ref_in, *plain.parameters()], g)
-    for a, b in zip(got, want):
-        assert_equal(a, b, "gradient with the input kept as bool")
-    with pytest.raises(ValueError, match="values other than 0 and 1"):
-        recompute(module, spikes * 0.5, spikes=True)
-    with pytest.raises(TypeError, match="spikes must be a bool"):
-        Recompute(module, spikes=1)
-
-
 def test_input_modified_before_backward_is_an_error():
     module = Recompute(_tokenizer().train())
     images = torch.randn(2, 3, 16, 16)
