@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from revsnn_triton.functional import reset_net
-from revsnn_triton.reversible import _AutocastState, _frozen_running_stats, _RngState
+from revsnn_triton.reversible import _AutocastState, _RngState, _vjp_of_recomputation
 
 __all__ = ["Recompute", "recompute"]
 
@@ -125,16 +125,10 @@ class _RecomputeFunction(torch.autograd.Function):
         param_grads: list[Tensor | None] = [None] * len(ctx.params)
         if not want_x and not slots:
             return (None, None, *param_grads)
-        x = x.detach().requires_grad_(want_x)
-        inputs = ([x] if want_x else []) + [ctx.params[k] for k in slots]
-        # Running statistics are restored only after the vjp: BatchNorm's backward checks the versions of
-        # the buffers it saved.
-        with _frozen_running_stats(module):
-            with torch.enable_grad(), _RngState.restore(ctx.rng), ctx.autocast.restored():
-                out = _run(module, x)
-            if not out.requires_grad:  # the output does not depend on x or any parameter
-                return (None, None, *param_grads)
-            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        out, grads = _vjp_of_recomputation(lambda t: _run(module, t), module, x, want_x,
+                                           [ctx.params[k] for k in slots], grad_out, ctx.rng, ctx.autocast)
+        if grads is None:  # the output does not depend on x or any parameter
+            return (None, None, *param_grads)
         grad_x = grads[0] if want_x else None
         for k, g in zip(slots, grads[1:] if want_x else grads):
             param_grads[k] = g

@@ -265,8 +265,7 @@ class RevSequence(nn.Module):
         return d
 
     def _split(self, t: Tensor, d: int) -> tuple[Tensor, Tensor]:
-        h = t.shape[d] // 2
-        return t.narrow(d, 0, h).contiguous(), t.narrow(d, h, h).contiguous()
+        return tuple(half.contiguous() for half in _halves(t, d))
 
     def _branch(self, index: int, which: str, module: nn.Module, x: Tensor, rng: list | None = None) -> Tensor:
         """Run ``module`` on ``x`` from reset neuron state (and reset it after); check that the output keeps
@@ -406,6 +405,12 @@ class RevSequence(nn.Module):
         return _poison_if_not_finite(torch.cat([y1f, y2f], d), finite)
 
 
+def _halves(t: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """The two halves of ``t`` along dim ``d``, as views."""
+    h = t.shape[d] // 2
+    return t.narrow(d, 0, h), t.narrow(d, h, h)
+
+
 def _poison_if_not_finite(out: Tensor, finite: list[Tensor]) -> Tensor:
     """A branch output with NaN/inf cannot be carried by the int32 stream (the quantizer maps NaN to 0
     and saturates inf): make the whole sequence output NaN instead, as float arithmetic would, so a
@@ -451,8 +456,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.checksums = [] if seq.check else None
         ctx.output_sum = None
         with torch.no_grad():
-            h = x.shape[d] // 2
-            x1, x2 = (seq.encode(x.narrow(d, k * h, h)).contiguous() for k in (0, 1))
+            x1, x2 = (seq.encode(half).contiguous() for half in _halves(x, d))
             finite: list[Tensor] = []
             y1, y1f, y2, y2f = seq._run_blocks_no_grad(x1, x2, x.dtype, ctx.rng, ctx.checksums, finite)
             del x1, x2
@@ -489,9 +493,7 @@ class _ReversibleFunction(torch.autograd.Function):
         slot = {id(p): k for k, p in enumerate(ctx.params)}  # the parameters given to forward, in order
         param_grads: list[Tensor | None] = [None] * len(ctx.params)
         # Views of the incoming gradient, not copies: autograd holds grad_out for the whole call anyway.
-        grad_out = grad_out.to(dtype)
-        h = grad_out.shape[d] // 2
-        dy1, dy2 = grad_out.narrow(d, 0, h), grad_out.narrow(d, h, h)
+        dy1, dy2 = _halves(grad_out.to(dtype), d)
         y1f = C.decode(y1, R, dtype)
         rebuilt_sums = []
         # Every tensor is dropped as soon as nothing reads it: while F is recomputed, the engine holds Y1,
@@ -552,8 +554,7 @@ def _output_stream(seq: RevSequence, out: Tensor, d: int) -> Iterator[tuple[Tens
     sequence have finished their backward; a second backward with ``retain_graph`` finds it restored). The
     stream thus costs no memory beyond the output. float64: two new int32 halves. (encode checks its input:
     one more host synchronization per sequence backward.)"""
-    h = out.shape[d] // 2
-    halves = [out.narrow(d, k * h, h) for k in (0, 1)]
+    halves = _halves(out, d)
     in_place = out.dtype == torch.float32
     stream = [None, None]
     sums = []
@@ -582,31 +583,47 @@ def _output_stream(seq: RevSequence, out: Tensor, d: int) -> Iterator[tuple[Tens
             halves[k].data.copy_(C.decode(stream[k], seq.frac_bits, out.dtype))
 
 
-def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, x: Tensor, grad: Tensor,
-                   rng: _RngState | None, autocast: _AutocastState, slot: dict[int, int],
-                   param_grads: list[Tensor | None]) -> tuple[Tensor, Tensor]:
-    """Recompute ``module(x)`` as in the forward and return ``(output, vjp w.r.t. x)``; the vjps of the
-    parameters in ``slot`` are added to ``param_grads``. The output is detached."""
-    params = [p for p in module.parameters() if id(p) in slot]
-    x = x.detach().requires_grad_(True)
+def _vjp_of_recomputation(run: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor, want_x: bool,
+                          params: list[Tensor], grad: Tensor, rng: _RngState | None, autocast: _AutocastState,
+                          contiguous_grad: bool = False) -> tuple[Tensor, tuple[Tensor | None, ...] | None]:
+    """Recompute ``run(x)`` (a call of ``module``) as the forward ran it -- under its RNG state (``rng``; None: it
+    drew none) and autocast state, with ``module``'s BatchNorm running statistics left as the forward set them --
+    and take the vector-Jacobian product with ``grad`` by ``torch.autograd.grad`` for ``x`` (if ``want_x``) and
+    ``params``. Returns ``(output, vjps)``: the output detached, and one vjp per input (None where unused), or
+    None when the output depends on nothing differentiable. ``contiguous_grad``: pass ``grad`` contiguous, as
+    ordinary autograd would (some backward kernels, e.g. oneDNN's, sum in another order for other layouts)."""
+    x = x.detach().requires_grad_(want_x)
+    inputs = ([x] if want_x else []) + list(params)
     # Running statistics are restored only after the vjp: BatchNorm's backward checks the versions
     # of the buffers it saved.
     with _frozen_running_stats(module):
         with torch.enable_grad(), _RngState.restore(rng), autocast.restored():
-            out = seq._branch(index, which, module, x)
+            out = run(x)
         if not out.requires_grad:
-            return out.detach(), torch.zeros_like(x)
-        # A contiguous gradient, as ordinary autograd would pass: some backward kernels (e.g. oneDNN's) sum in
-        # another order for other layouts, and the gradients must be bit-identical to reversible=False's.
-        grad = grad.to(out.dtype).contiguous()
-        grads = torch.autograd.grad(out, [x, *params], grad, allow_unused=True)
+            return out.detach(), None
+        grad = grad.to(out.dtype)
+        grads = torch.autograd.grad(out, inputs, grad.contiguous() if contiguous_grad else grad, allow_unused=True)
         del grad
+    return out.detach(), grads
+
+
+def _recompute_vjp(seq: RevSequence, index: int, which: str, module: nn.Module, x: Tensor, grad: Tensor,
+                   rng: _RngState | None, autocast: _AutocastState, slot: dict[int, int],
+                   param_grads: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+    """Recompute branch ``which`` of block ``index`` on ``x`` and return ``(output, vjp w.r.t. x)``; the vjps of
+    the parameters in ``slot`` are added to ``param_grads``. The output is detached. The gradient is passed
+    contiguous: the vjps must be bit-identical to those of ``reversible=False``."""
+    params = [p for p in module.parameters() if id(p) in slot]
+    out, grads = _vjp_of_recomputation(lambda t: seq._branch(index, which, module, t), module, x, True, params,
+                                       grad, rng, autocast, contiguous_grad=True)
+    if grads is None:
+        return out, torch.zeros_like(x)
     for p, gp in zip(params, grads[1:]):
         if gp is not None:
             k = slot[id(p)]
             param_grads[k] = gp if param_grads[k] is None else param_grads[k] + gp
     gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
-    return out.detach(), gx.to(x.dtype)
+    return out, gx.to(x.dtype)
 
 
 def _compare_checksums(seq: RevSequence, forward: list[Tensor], rebuilt: list[Tensor],

@@ -142,10 +142,10 @@ def training_step_fn(model: nn.Module, image_size: int, device: torch.device, dt
     return step
 
 
-def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: Sequence[int], T: int | None,
-                 image_size: int | None, neuron_impl: str = "triton", extra: dict | None = None) -> dict:
-    """Build ``case`` and measure its memory per image; returns one result row."""
-    small, big = min(batch_sizes), max(batch_sizes)
+def _model_and_step(case: Case, device: torch.device, dtype: str, batch_sizes: Sequence[int], T: int | None,
+                    image_size: int | None, neuron_impl: str, extra: dict | None):
+    """Build ``case`` (seed 0, in training mode) with ``extra`` overrides (``neuron_impl`` among them overrides the
+    argument) and its training step: ``(model, step, neuron_impl, image_size)``."""
     torch.manual_seed(0)
     kw = dict(case.overrides, **(extra or {}))
     neuron_impl = kw.pop("neuron_impl", neuron_impl)
@@ -153,7 +153,15 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
         kw["T"] = T
     model = create_model(case.name, neuron_impl=neuron_impl, **kw).to(device).train()
     size = image_size or (128 if model.event_input else 32)
-    step = training_step_fn(model, size, device, dtype, (small, big))
+    return model, training_step_fn(model, size, device, dtype, batch_sizes), neuron_impl, size
+
+
+def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: Sequence[int], T: int | None,
+                 image_size: int | None, neuron_impl: str = "triton", extra: dict | None = None) -> dict:
+    """Build ``case`` and measure its memory per image; returns one result row."""
+    small, big = min(batch_sizes), max(batch_sizes)
+    model, step, neuron_impl, size = _model_and_step(case, device, dtype, (small, big), T, image_size, neuron_impl,
+                                                     extra)
     t0 = time.perf_counter()
     step(small)                                   # warm-up: optimizer state, kernel compilation, caches
     peak_small = measure_peak_bytes(lambda: step(small), device)
@@ -205,7 +213,7 @@ def plot_depth(rows: Sequence[dict], path: Path, title: str) -> Path | None:
     return path
 
 
-def explain(args: argparse.Namespace, note: str) -> None:
+def explain(args: argparse.Namespace) -> None:
     """``--explain N``: what is alive at the peak of one CPU training step of each model of ``--models``."""
     lines = ["# What is alive at the peak of a training step", "",
              f"CPU; batch {max(args.batch_sizes)}; fp32; groups of allocations by the innermost three operators "
@@ -213,13 +221,8 @@ def explain(args: argparse.Namespace, note: str) -> None:
              f"{' '.join(sys.argv[1:])}`", ""]
     big = max(args.batch_sizes)
     for name in args.models:
-        torch.manual_seed(0)
-        kw = dict(model_case(name, args.cpu_small).overrides)
-        if args.T is not None:
-            kw["T"] = args.T
-        model = create_model(name, neuron_impl=args.neuron_impl, **kw).train()
-        step = training_step_fn(model, args.image_size or (128 if model.event_input else 32), torch.device("cpu"),
-                                "fp32", (big,))
+        model, step, _, _ = _model_and_step(model_case(name, args.cpu_small), torch.device("cpu"), "fp32", (big,),
+                                            args.T, args.image_size, args.neuron_impl, None)
         step(big)
         peak, rows = peak_breakdown(lambda: step(big), depth=3)
         head = f"{name}: peak {peak / MiB:.1f} MiB above the step's start, batch {big}"
@@ -338,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from revsnn_triton.bench import write_results
     if args.explain:
-        explain(args, note)
+        explain(args)
         return 0
     if not args.no_models:
         run([model_case(n, args.cpu_small) for n in args.models], "memory", "Training memory per image")
