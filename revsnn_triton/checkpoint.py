@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .fileio import atomic_write
 
 FORMAT_KEY = "revsnn_checkpoint"
 FORMAT_VERSION = 1
@@ -55,19 +56,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
     _check_serialisable(state, "state")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {FORMAT_KEY: FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, make_config
 from .data import DataBundle, batch_mixer, build_data, default_model
+from .fileio import atomic_write, atomic_write_text
 from .functional import reset_net
 
 LAST = "checkpoint_last.pt"
@@ -187,22 +187,10 @@ def _loss_fn(cfg: TrainConfig):
 
 
 # --------------------------------------------------------------------------------------------------- outputs
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_metrics(out: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl, metrics.csv and curves.png from the whole history (so a resumed run's files hold
     each epoch exactly once)."""
-    _atomic_write(out / "metrics.jsonl",
+    atomic_write(out / "metrics.jsonl",
                   lambda f: f.write("".join(json.dumps(row) + "\n" for row in history).encode()))
 
     def write_csv(f) -> None:
@@ -211,7 +199,7 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(history)
         f.write(text.getvalue().encode())
-    _atomic_write(out / "metrics.csv", write_csv)
+    atomic_write(out / "metrics.csv", write_csv)
     _plot_curves(out / "curves.png", history)
 
 
@@ -235,7 +223,7 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -354,7 +342,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t_start: float) -> 
     mixer = batch_mixer(cfg, data.num_classes)
 
     if d.main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"revsnn train: {model_name} ({n_params / 1e6:.3f}M parameters) on {cfg.dataset} "
               f"({len(data.train)} train / {len(data.test)} test), {d.world} process(es) on {device}, "
@@ -446,7 +434,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t_start: float) -> 
     result.wall_time_s = time.perf_counter() - t_start
     if d.main:
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(format_report(result, model_name, device, cfg))
     return result
 

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from revsnn_triton.fileio import atomic_write_text
 from revsnn_triton.runtime import interpreter_enabled
 
 CACHE_FORMAT = 1
@@ -259,16 +259,7 @@ def _write_entries(path: Path, new: dict[str, dict]) -> None:
     _loaded.pop(path, None)
     entries = dict(_entries(path))
     entries.update(new)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": CACHE_FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1, sort_keys=True) + "\n")
     _loaded[path] = entries
     _answers.clear()
 
