@@ -1,22 +1,26 @@
 """Triton kernels for the fixed-point coupling of reversible blocks, and their launchers.
 
-The arithmetic is defined once, in plain PyTorch, in ``revsnn_triton/ops/coupling_reference.py``
-(read its docstring); these kernels must equal it bit for bit. One elementwise kernel covers every
-step with constexpr switches:
+The arithmetic is defined once, in plain PyTorch, in ``revsnn_triton/ops/coupling/reference.py`` (read its
+docstring); these kernels equal it bit for bit. One elementwise kernel covers every step with a constexpr ``OP``:
 
-- quantize:  ``q = quantize(f)``                              (encode; validation happens before launch)
-- decode:    ``out = decode(q)``
-- couple:    ``y = x + quantize(f)`` (or ``x - quantize(f)``), optionally also ``decode(y)``
-- backward step: uncouple, decode, and ``grad = grad_a + grad_b`` in the same pass.
+- ``ENCODE``:   ``s = quantize(f)``                          (the stream from a float tensor)
+- ``DECODE``:   ``out = decode(s)``
+- ``COUPLE``:   ``s = s + quantize(f)``, in place            (forward step of a block)
+- ``UNCOUPLE``: ``s = s - quantize(f)``, in place            (backward / inverse step)
+- ``TO_FLOAT``: ``out = decode(s)`` into float32 storage (also in place: ``out`` may alias ``s``)
 
-Round half to even: ``libdevice.rint`` does not run under Triton's interpreter (triton 3.6 returns
-None), so rint uses the magic-number trick: for ``|v| < M`` with ``M = 2**23`` (float32) or ``2**52``
-(float64), ``(v + copysign(M, v)) - copysign(M, v)`` lands on the grid of unit spacing and rounds
-half to even under the default rounding mode; ``|v| >= M`` is already an integer. (Compiled for sm_90
-the compiler contracts ``f * 2**R + c`` into one fma: harmless, as ``f * 2**R`` is exact. The test
-suite checks that the magic constants survive in the PTX.) Float -> int
-conversion out of range is undefined in Triton, so out-of-range and NaN lanes are replaced before the
-conversion and patched after it.
+The stream ``s`` is int32 or a float tensor holding ``q * 2**-R`` exactly (float storage); every tensor is a view
+``[n0, n1, n2]`` with strides ``(st0, st1, 1)`` (a channel half of ``[T, B, C, H, W]``, or a micro-batch of one).
+``ENCODE`` and ``COUPLE`` OR their flags (overflow, non-finite branch output, ``|q| >= 2**24``) into one row of an
+int32 flag tensor; see ``revsnn_triton/ops/coupling/spec.py``.
+
+Round half to even: ``libdevice.rint`` does not run under Triton's interpreter (triton 3.6 returns None), so rint
+uses the magic-number trick: for ``|v| < M`` with ``M = 2**23`` (float32) or ``2**52`` (float64),
+``(v + copysign(M, v)) - copysign(M, v)`` lands on the grid of unit spacing and rounds half to even under the
+default rounding mode; ``|v| >= M`` is already an integer. (Compiled for sm_90 the compiler contracts
+``f * 2**R + c`` into one fma: harmless, as ``f * 2**R`` is exact. The test suite checks that the magic constants
+survive in the PTX.) Float -> int conversion out of range is undefined in Triton, so out-of-range and NaN lanes are
+replaced before the conversion and patched after it.
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-_TWO_POW_31 = 2147483648.0  # exact in float32 and float64
+from revsnn_triton.ops.coupling import spec
+
+ENCODE, DECODE, COUPLE, UNCOUPLE, TO_FLOAT = 0, 1, 2, 3, 4
+_OPS = {"encode": ENCODE, "decode": DECODE, "couple": COUPLE, "uncouple": UNCOUPLE, "to_float": TO_FLOAT}
 
 
 @triton.jit
@@ -34,25 +41,28 @@ def _rint(v, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _quantize(f, SCALE: tl.constexpr, F64: tl.constexpr):
-    """float -> int32 ``clamp(rint(f * SCALE))`` with NaN -> 0 (see coupling_reference.quantize)."""
+def _scaled(f, SCALE: tl.constexpr, F64: tl.constexpr):
+    """``rint(f * 2**R)`` in float32, or float64 for float64 inputs (exact scale, then round half to even)."""
     if F64:
-        v = _rint(f.to(tl.float64) * SCALE, 4503599627370496.0)
+        return _rint(f.to(tl.float64) * SCALE, 4503599627370496.0)
     else:
-        v = _rint(f.to(tl.float32) * SCALE, 8388608.0)
+        return _rint(f.to(tl.float32) * SCALE, 8388608.0)
+
+
+@triton.jit
+def _saturate(v):
+    """A rounded float -> int32, clamped to the int32 range, NaN -> 0 (see reference.quantize)."""
     big = v >= 2147483648.0
     small = v <= -2147483648.0
-    safe = tl.where(big | small | (v != v), 0.0, v)
-    q = safe.to(tl.int32)
+    q = tl.where(big | small | (v != v), 0.0, v).to(tl.int32)
     q = tl.where(big, 2147483647, q)
-    q = tl.where(small, -2147483648, q)
-    return q
+    return tl.where(small, -2147483648, q)
 
 
 @triton.jit
 def _store_float(ptr, v, mask, BF16: tl.constexpr):
-    """Store float32/float64 ``v`` in ``ptr``'s dtype, rounding to nearest even. For bfloat16 the
-    rounding is done by hand on the bits (Triton's interpreter truncates float32 -> bfloat16)."""
+    """Store float32/float64 ``v`` in ``ptr``'s dtype, rounding to nearest even. For bfloat16 the rounding is done
+    by hand on the bits (Triton's interpreter truncates float32 -> bfloat16)."""
     if BF16:
         u = v.to(tl.float32).to(tl.uint32, bitcast=True)
         u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
@@ -63,102 +73,106 @@ def _store_float(ptr, v, mask, BF16: tl.constexpr):
 
 
 @triton.jit
-def _decode(q, INV_SCALE: tl.constexpr, OUT_F64: tl.constexpr):
-    if OUT_F64:
+def _decode(q, INV_SCALE: tl.constexpr, F64: tl.constexpr):
+    if F64:
         return q.to(tl.float64) * INV_SCALE
     else:
         return q.to(tl.float32) * INV_SCALE
 
 
 @triton.jit
+def _or_flag(flags_ptr, column, cond, mask):
+    hit = tl.max(tl.where(mask & cond, 1, 0), axis=0)
+    tl.atomic_max(flags_ptr + column, hit)
+
+
+@triton.jit
 def coupling_kernel(
-    q_ptr, f_ptr, out_q_ptr, out_f_ptr, grad_a_ptr, grad_b_ptr, grad_ptr, n,
-    SCALE: tl.constexpr, INV_SCALE: tl.constexpr,
-    HAS_Q: tl.constexpr, HAS_F: tl.constexpr, SUBTRACT: tl.constexpr,
-    WRITE_Q: tl.constexpr, WRITE_F: tl.constexpr, ACCUMULATE: tl.constexpr,
-    F_F64: tl.constexpr, OUT_F64: tl.constexpr, GRAD_F64: tl.constexpr,
-    OUT_BF16: tl.constexpr, GRAD_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    s_ptr, f_ptr, out_ptr, flags_ptr, n1, n2, n_blocks,
+    s_st0, s_st1, f_st0, f_st1, o_st0, o_st1,
+    SCALE: tl.constexpr, INV_SCALE: tl.constexpr, OP: tl.constexpr,
+    S_INT: tl.constexpr, S_F64: tl.constexpr, F_F64: tl.constexpr, OUT_F64: tl.constexpr,
+    OUT_BF16: tl.constexpr, FLAGS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    """One pass over ``n`` elements of contiguous tensors.
-
-    ``HAS_Q and HAS_F``: stream ``x = q +- quantize(f)`` (``SUBTRACT``); ``HAS_F`` only: ``x = quantize(f)``;
-    ``HAS_Q`` only: ``x = q``. ``WRITE_Q`` stores ``x`` (int32) to ``out_q``, ``WRITE_F`` stores
-    ``decode(x)`` to ``out_f`` (its dtype). ``ACCUMULATE`` stores ``grad_a + grad_b`` (summed in float32,
-    float64 if ``GRAD_F64``) to ``grad`` (its dtype).
-    """
+    """One block of ``BLOCK_SIZE`` elements of one row ``(i0, i1)`` of the ``[n0, n1, n2]`` views."""
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n
-    if HAS_F:
-        qf = _quantize(tl.load(f_ptr + offs, mask=mask, other=0.0), SCALE, F_F64)
-        if HAS_Q:
-            q = tl.load(q_ptr + offs, mask=mask, other=0)
-            if SUBTRACT:
-                x = q - qf  # int32 arithmetic wraps modulo 2**32
-            else:
-                x = q + qf
+    row = pid // n_blocks
+    i0 = row // n1
+    i1 = row % n1
+    offs = (pid % n_blocks) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n2
+    s_off = i0 * s_st0 + i1 * s_st1 + offs
+    if OP == 0:  # ENCODE
+        f = tl.load(f_ptr + i0 * f_st0 + i1 * f_st1 + offs, mask=mask, other=0.0)
+        v = _scaled(f, SCALE, F_F64)
+        q = _saturate(v)
+        if FLAGS:
+            finite = (f - f) == 0  # false for NaN and +-inf
+            _or_flag(flags_ptr, 0, finite & ((v >= 2147483648.0) | (v < -2147483648.0)), mask)
+            _or_flag(flags_ptr, 1, ~finite, mask)
+            _or_flag(flags_ptr, 2, (q >= 16777216) | (q <= -16777216), mask)
+        if S_INT:
+            tl.store(s_ptr + s_off, q, mask=mask)
         else:
-            x = qf
+            tl.store(s_ptr + s_off, _decode(q, INV_SCALE, S_F64), mask=mask)
     else:
-        x = tl.load(q_ptr + offs, mask=mask, other=0)
-    if WRITE_Q:
-        tl.store(out_q_ptr + offs, x, mask=mask)
-    if WRITE_F:
-        _store_float(out_f_ptr + offs, _decode(x, INV_SCALE, OUT_F64), mask, OUT_BF16)
-    if ACCUMULATE:
-        ga = tl.load(grad_a_ptr + offs, mask=mask, other=0.0)
-        gb = tl.load(grad_b_ptr + offs, mask=mask, other=0.0)
-        if GRAD_F64:
-            g = ga.to(tl.float64) + gb.to(tl.float64)
+        if S_INT:
+            q = tl.load(s_ptr + s_off, mask=mask, other=0)
         else:
-            g = ga.to(tl.float32) + gb.to(tl.float32)
-        _store_float(grad_ptr + offs, g, mask, GRAD_BF16)
+            # float storage holds integral multiples of 2**-R exactly: the scale and conversion are exact
+            q = (tl.load(s_ptr + s_off, mask=mask, other=0.0) * SCALE).to(tl.int32)
+        if OP == 1 or OP == 4:  # DECODE, TO_FLOAT
+            _store_float(out_ptr + i0 * o_st0 + i1 * o_st1 + offs, _decode(q, INV_SCALE, OUT_F64), mask, OUT_BF16)
+        else:  # COUPLE, UNCOUPLE
+            f = tl.load(f_ptr + i0 * f_st0 + i1 * f_st1 + offs, mask=mask, other=0.0)
+            v = _scaled(f, SCALE, F_F64)
+            qf = _saturate(v)
+            if OP == 2:
+                y = q + qf  # int32 arithmetic wraps modulo 2**32
+                if FLAGS:
+                    finite = (f - f) == 0  # false for NaN and +-inf
+                    wrapped = ((q ^ y) & (qf ^ y)) < 0
+                    saturated = (v >= 2147483648.0) | (v < -2147483648.0)
+                    _or_flag(flags_ptr, 0, (wrapped | saturated) & finite, mask)
+                    _or_flag(flags_ptr, 1, ~finite, mask)
+                    _or_flag(flags_ptr, 2, (y >= 16777216) | (y <= -16777216), mask)
+            else:
+                y = q - qf
+            if S_INT:
+                tl.store(s_ptr + s_off, y, mask=mask)
+            else:
+                tl.store(s_ptr + s_off, _decode(y, INV_SCALE, S_F64), mask=mask)
 
 
-def _check_contiguous(**tensors: torch.Tensor | None) -> int:
-    n = None
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not t.is_contiguous():
-            raise ValueError(f"coupling launcher: {name} must be contiguous")
-        if n is None:
-            n = t.numel()
-        elif t.numel() != n:
-            raise ValueError(f"coupling launcher: {name} has {t.numel()} elements, expected {n}")
-    if n is None:
-        raise ValueError("coupling launcher: no tensors given")
-    return n
-
-
-def coupling(*, q: torch.Tensor | None = None, f: torch.Tensor | None = None,
-             out_q: torch.Tensor | None = None, out_f: torch.Tensor | None = None,
-             grad_a: torch.Tensor | None = None, grad_b: torch.Tensor | None = None,
-             grad: torch.Tensor | None = None, frac_bits: int, subtract: bool = False,
-             block_size: int, num_warps: int) -> None:
-    """Launch :func:`coupling_kernel`; every tensor contiguous with the same number of elements,
-    ``q``/``out_q`` int32, ``f``/``out_f``/``grad*`` floating. Outputs are written in place."""
-    n = _check_contiguous(q=q, f=f, out_q=out_q, out_f=out_f, grad_a=grad_a, grad_b=grad_b, grad=grad)
-    if q is None and f is None:
-        raise ValueError("coupling launcher: need q or f")
-    accumulate = grad is not None
-    if accumulate and (grad_a is None or grad_b is None):
-        raise ValueError("coupling launcher: accumulating needs grad_a and grad_b")
-    if n == 0:
+def coupling(op: str, *, s: torch.Tensor, f: torch.Tensor | None = None, out: torch.Tensor | None = None,
+             flags: torch.Tensor | None = None, frac_bits: int, block_size: int, num_warps: int) -> None:
+    """Launch :func:`coupling_kernel` for ``op`` (see the module docstring) on the stream view ``s``; ``f`` and
+    ``out`` have ``s``'s shape, and together with ``s`` must be 3-level views (``spec.view3``); ``flags`` is one
+    ``[3]`` int32 row (a view of the flag tensor). Outputs are written in place."""
+    if op not in _OPS:
+        raise ValueError(f"coupling launcher: op must be one of {sorted(_OPS)}, got {op!r}")
+    present = [t for t in (s, f, out) if t is not None]
+    if any(t.shape != s.shape for t in present):
+        raise ValueError("coupling launcher: s, f and out must have the same shape")
+    layout = spec.view3(*present)
+    if layout is None:
+        raise ValueError("coupling launcher: s, f and out must be views of at most 3 levels with a contiguous "
+                         "innermost dim")
+    (n0, n1, n2), strides = layout
+    if s.numel() == 0:
         return
-    dummy = q if q is not None else f
-    grid = (triton.cdiv(n, block_size),)
-    coupling_kernel[grid](
-        q if q is not None else dummy, f if f is not None else dummy,
-        out_q if out_q is not None else dummy, out_f if out_f is not None else dummy,
-        grad_a if accumulate else dummy, grad_b if accumulate else dummy, grad if accumulate else dummy, n,
-        SCALE=float(2.0 ** frac_bits), INV_SCALE=float(2.0 ** -frac_bits),
-        HAS_Q=q is not None, HAS_F=f is not None, SUBTRACT=bool(subtract),
-        WRITE_Q=out_q is not None, WRITE_F=out_f is not None, ACCUMULATE=accumulate,
+    st = iter(strides)
+    s0, s1 = next(st)
+    f0, f1 = next(st) if f is not None else (0, 0)
+    o0, o1 = next(st) if out is not None else (0, 0)
+    n_blocks = triton.cdiv(n2, block_size)
+    coupling_kernel[(n0 * n1 * n_blocks,)](
+        s, f if f is not None else s, out if out is not None else s, flags if flags is not None else s,
+        n1, n2, n_blocks, s0, s1, f0, f1, o0, o1,
+        SCALE=float(2.0 ** frac_bits), INV_SCALE=float(2.0 ** -frac_bits), OP=_OPS[op],
+        S_INT=s.dtype == torch.int32, S_F64=s.dtype == torch.float64,
         F_F64=f is not None and f.dtype == torch.float64,
-        OUT_F64=out_f is not None and out_f.dtype == torch.float64,
-        GRAD_F64=accumulate and grad_a.dtype == torch.float64,
-        OUT_BF16=out_f is not None and out_f.dtype == torch.bfloat16,
-        GRAD_BF16=accumulate and grad.dtype == torch.bfloat16,
+        OUT_F64=out is not None and out.dtype == torch.float64,
+        OUT_BF16=out is not None and out.dtype == torch.bfloat16, FLAGS=flags is not None,
         BLOCK_SIZE=block_size, num_warps=num_warps,
     )

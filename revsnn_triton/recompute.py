@@ -14,13 +14,14 @@ inputs of the autograd function so that their gradients reach ``.grad`` (and DDP
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from revsnn_triton.functional import reset_net
-from revsnn_triton.reversible import _AutocastState, _RngState, _vjp_of_recomputation
+from revsnn_triton import replay
 
 __all__ = ["Recompute", "recompute"]
 
@@ -31,21 +32,7 @@ def _check_module(module: object, where: str) -> nn.Module:
     return module
 
 
-def _run(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` from reset neuron state, reset again afterwards (a final membrane state is not needed and
-    would otherwise stay allocated); the output must be one Tensor."""
-    reset_net(module)
-    try:
-        out = module(x)
-    finally:
-        reset_net(module)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"Recompute: the wrapped module ({type(module).__name__}) must return a single "
-                        f"torch.Tensor, got {type(out).__name__}")
-    return out
-
-
-def recompute(module: nn.Module, x: Tensor) -> Tensor:
+def recompute(module: nn.Module, x: Tensor, recompute_batch: Optional[int] = None) -> Tensor:
     """``module(x)`` without keeping its graph when gradients are needed; recomputed in backward.
 
     Args:
@@ -53,26 +40,33 @@ def recompute(module: nn.Module, x: Tensor) -> Tensor:
             Its neuron state is reset before and after every call (so it must process whole sequences), and it
             must be a deterministic function of its input, its parameters and the RNG state.
         x: the input Tensor, any shape and dtype the module accepts.
+        recompute_batch: None (default): one call on the whole input. N: forward and recomputation run on
+            micro-batches of N samples along dim 1 of ``x`` (``[T, B, ...]``), so the recomputation's graph is that
+            of N samples; BatchNorm layers must then be :class:`~revsnn_triton.batchnorm.SeqBatchNorm`.
 
     Returns ``module(x)`` (same shape and dtype as the module's own output).
 
     When gradients are needed (grad mode on and ``x`` or a parameter of ``module`` requires grad), the forward
     runs under ``torch.no_grad`` and keeps for backward only ``x`` itself (the tensor as given, e.g. a stride-0
-    ``expand`` view: no copy), the RNG state (CPU, plus the CUDA device of ``x``) if the call drew random numbers,
-    and the autocast state. Backward runs the module once more with gradients (one extra forward of the module,
-    under the same RNG and autocast state, BatchNorm running statistics left as the forward set them) and takes
-    the vector-Jacobian product for ``x`` and every parameter that requires grad. Modifying ``x`` in place
-    before backward is an error (autograd's version check); forward hooks inside ``module`` run twice; double
-    backward is not supported. Otherwise (inference, no grad) it is a plain ``module(x)`` call from reset neuron
-    state. ``torch.compile`` runs the recomputed call eagerly (one graph break).
+    ``expand`` view: no copy) and a :class:`~revsnn_triton.replay.CallRecord` (RNG state if the call drew random
+    numbers, autocast state, train/eval flags, BatchNorm statistics). Backward runs the module once more with
+    gradients under that state (BatchNorm normalizes with the forward's statistics; running statistics are updated
+    once, by the forward) and takes the vector-Jacobian product for ``x`` and every parameter that requires grad.
+    Modifying ``x`` in place before backward is an error (autograd's version check); forward hooks inside
+    ``module`` run twice; double backward is not supported. Otherwise (inference, no grad) it is a plain
+    ``module(x)`` call from reset neuron state. ``torch.compile`` runs the recomputed call eagerly (one graph
+    break).
     """
     _check_module(module, "recompute")
     if not isinstance(x, Tensor):
         raise TypeError(f"recompute: x must be a torch.Tensor, got {type(x).__name__}")
+    if recompute_batch is not None and (isinstance(recompute_batch, bool) or not isinstance(recompute_batch, int)
+                                        or recompute_batch < 1):
+        raise ValueError(f"recompute: recompute_batch must be None or an int >= 1, got {recompute_batch!r}")
     params = [p for p in module.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (x.requires_grad or bool(params)):
-        return _recompute_apply(module, x, params)
-    return _run(module, x)
+        return _recompute_apply(module, x, recompute_batch, params)
+    return replay.run_fresh(module, x, "Recompute: the wrapped module")
 
 
 class Recompute(nn.Module):
@@ -83,53 +77,66 @@ class Recompute(nn.Module):
     a model's keys unchanged, call :func:`recompute` in its forward instead.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, recompute_batch: Optional[int] = None) -> None:
         _check_module(module, "Recompute")
         super().__init__()
         self.module = module
+        self.recompute_batch = recompute_batch
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"Recompute: input must be a torch.Tensor, got {type(x).__name__}")
-        return recompute(self.module, x)
+        return recompute(self.module, x, self.recompute_batch)
 
 
 @torch.compiler.disable
-def _recompute_apply(module: nn.Module, x: Tensor, params: list[nn.Parameter]) -> Tensor:
+def _recompute_apply(module: nn.Module, x: Tensor, recompute_batch: Optional[int],
+                     params: list[nn.Parameter]) -> Tensor:
     # Backward drives a Python-level recomputation (neuron resets, RNG/autocast restore, autograd.grad) that
     # Dynamo cannot trace: it runs eagerly, one graph break. The wrapped module may itself be compiled.
-    return _RecomputeFunction.apply(x, module, *params)
+    return _RecomputeFunction.apply(x, module, recompute_batch, *params)
+
+
+def _batched(x: Tensor, chunk: slice) -> Tensor:
+    return x if chunk == slice(None) else x[:, chunk]
 
 
 class _RecomputeFunction(torch.autograd.Function):
     """Forward without a graph; backward by recomputation. Saves the input tensor only."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, module: nn.Module, *params: nn.Parameter) -> Tensor:
-        ctx.module, ctx.params = module, params
-        ctx.autocast = _AutocastState(x.device.type)
-        rng = _RngState(x.device)
-        with torch.no_grad():
-            out = _run(module, x)
-        ctx.rng = None if rng.unchanged() else rng
+    def forward(ctx, x: Tensor, module: nn.Module, recompute_batch: Optional[int], *params: nn.Parameter) -> Tensor:
+        where = f"Recompute ({type(module).__name__})"
+        chunks = replay.micro_batches(x.shape[1] if x.dim() > 1 else 1, recompute_batch if x.dim() > 1 else None)
+        segment = replay.Segment(module, where, chunks)
+        outputs: list[Tensor] = []
+        ctx.record = segment.forward(lambda chunk: _batched(x, chunk), lambda chunk, out: outputs.append(out))
+        ctx.segment, ctx.params = segment, params
         ctx.save_for_backward(x)
-        return out
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         (x,) = ctx.saved_tensors
-        module: nn.Module = ctx.module
         want_x = ctx.needs_input_grad[0]
-        slots = [k for k, want in enumerate(ctx.needs_input_grad[2:]) if want]
+        slots = [k for k, want in enumerate(ctx.needs_input_grad[3:]) if want]
         param_grads: list[Tensor | None] = [None] * len(ctx.params)
         if not want_x and not slots:
-            return (None, None, *param_grads)
-        out, grads = _vjp_of_recomputation(lambda t: _run(module, t), module, x, want_x,
-                                           [ctx.params[k] for k in slots], grad_out, ctx.rng, ctx.autocast)
-        if grads is None:  # the output does not depend on x or any parameter
-            return (None, None, *param_grads)
-        grad_x = grads[0] if want_x else None
-        for k, g in zip(slots, grads[1:] if want_x else grads):
+            return (None, None, None, *param_grads)
+        grad_x = torch.zeros_like(x) if want_x and ctx.segment.split else None
+        holder: list[Tensor] = []
+
+        def add_grad(chunk, g):
+            if grad_x is None:
+                holder.append(g)
+            else:
+                grad_x[:, chunk] += g
+
+        grads = ctx.segment.backward(ctx.record, read=lambda chunk: _batched(x, chunk), write=lambda c, out: None,
+                                     grad_of=lambda chunk: _batched(grad_out, chunk),
+                                     add_grad=add_grad if want_x else None,
+                                     inputs=[ctx.params[k] for k in slots])
+        for k, g in zip(slots, grads):
             param_grads[k] = g
-        return (grad_x, None, *param_grads)
+        return (grad_x if grad_x is not None else (holder[0] if holder else None), None, None, *param_grads)

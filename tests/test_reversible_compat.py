@@ -40,7 +40,7 @@ def test_compile_trains_and_matches_eager():
     # The one graph break is the sequence itself (torch.compiler.disable around the engine's
     # autograd.Function: its backward drives Python-level recomputation); the stem and the head compile.
     assert explain.graph_break_count == 1, [b.reason for b in explain.break_reasons]
-    assert "_reversible_apply" in explain.break_reasons[0].reason
+    assert "_reversible_forward" in explain.break_reasons[0].reason
     # inference and reversible=False trace whole: one graph, no break
     with torch.no_grad():
         assert torch._dynamo.explain(net)(x).graph_break_count == 0
