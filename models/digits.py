@@ -9,7 +9,7 @@ CIFAR ResNets. Overrides (``widths``, ``blocks``, ``neuron``, ``reversible``, ..
 """
 from __future__ import annotations
 
-from .layers import CIFAR_RESNET_NEURON
+from .neurons import CIFAR_RESNET_NEURON
 from .ms_resnet import MSResNet
 from .registry import register_variants
 from .revs_resnet import RevSResNet

@@ -1,7 +1,7 @@
 """Non-reversible counterparts: MS-ResNet18/34/104 (CIFAR) and MS-ResNet20 (DVS).
 
 Membrane-shortcut ResNet (Hu et al.): every basic block adds ``neuron -> conv3x3 -> BN -> neuron -> conv3x3 ->
-BN`` (the same :class:`~revsnn_triton.models.layers.SpikingResidualBranch` as RevSResNet's F and G) to its
+BN`` (the same :class:`~revsnn_triton.models.conv.SpikingResidualBranch` as RevSResNet's F and G) to its
 input; the first block of a downsampling stage uses a stride-2 branch and the shortcut ``neuron -> 1x1 conv
 stride 2 -> BN``. Stem, head, neurons and spike storage are shared with RevSResNet, so the memory and speed
 benchmarks compare like with like: the only difference is that autograd keeps every block's graph.
@@ -13,8 +13,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .layers import (CIFAR_RESNET_NEURON, DVS_NEURON, Downsample, NeuronFactory, SpikingHead, SpikingModel,
-                     SpikingResidualBranch, Stem, check_widths_blocks, init_conv_bn, neuron_factory)
+from .base import SpikingModel, check_widths_blocks, init_conv_bn
+from .conv import Downsample, SpikingResidualBranch
+from .neurons import CIFAR_RESNET_NEURON, DVS_NEURON, NeuronFactory, neuron_factory
+from .stems import SpikingHead, Stem
 from .registry import register_variants
 
 

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-NEURON_IMPLS = ("triton", "spikingjelly", "torch")
+from .neurons import NEURON_IMPLS
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

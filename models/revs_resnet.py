@@ -2,22 +2,22 @@
 
 Architecture (Zhang & Zhang, AAAI 2024): stem (conv3x3 -> BN, no neuron) -> stages of reversible blocks with
 ``F = G = neuron -> conv3x3 -> BN -> neuron -> conv3x3 -> BN`` acting on one half of the channels -> between
-stages a non-reversible :class:`~revsnn_triton.models.layers.Downsample` (neuron -> AvgPool(3, s2, p1) -> 1x1
+stages a non-reversible :class:`~revsnn_triton.models.conv.Downsample` (neuron -> AvgPool(3, s2, p1) -> 1x1
 conv -> BN) -> neuron -> global mean -> Linear. ``widths`` are per half, so a stage carries ``2 * width``
 channels. Each stage is one :class:`revsnn_triton.reversible.RevSequence`: its forward keeps no graph, and its
 backward recomputes one F or G at a time from reset neuron state on the exactly reconstructed input.
 
-Where the training memory per image goes, and what the model side does about it (issue 4's target:
-RevSResNet37 <= 6 MiB per image, fp32, T=4, CIFAR 32x32; the original code needs 19.5 on an H100):
+Where the training memory per image goes, and what the model side does about it (for scale: the original
+RevSNN code needs 19.5 MiB per image for RevSResNet37 on an H100, fp32, T=4, CIFAR 32x32):
 
 1. One block's recomputation graph, alive only while the engine walks that block in backward; stage 1's is the
    largest and sets the peak. Its conv inputs are spikes kept as 1-byte bools (``compact_spikes=True``,
-   :func:`~revsnn_triton.models.layers.spike_conv`) instead of fp32; BN inputs and the neurons' saved state
+   :func:`~revsnn_triton.ops.spike_conv.spike_conv`) instead of fp32; BN inputs and the neurons' saved state
    stay (``neuron_save``: the neuron op's default unless set; keeping the input or H costs the same here, as
    the input is a BN output that nothing else keeps, and ``"h_bf16"`` halves it at approximate gradients).
 2. Stored stage outputs: one stream per stage, kept by the engine as the stage's float output itself (which the
    next layer keeps anyway) -- nothing per block.
-3. Neuron state: every neuron is a :class:`~revsnn_triton.models.layers.SequenceNeuron`, which drops its final
+3. Neuron state: every neuron is a :class:`~revsnn_triton.models.neurons.SequenceNeuron`, which drops its final
    membrane tensor after each call. Without that, each F and G of every block holds one ``[B, C, H, W]`` tensor
    from its forward until its recomputation, and memory grows with depth.
 4. Non-reversible parts: the downsample's pooled map is not kept (pool fused into ``spike_conv``), its 1x1
@@ -40,9 +40,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .layers import (CIFAR_RESNET_NEURON, DVS_NEURON, Downsample, SpikingHead, SpikingModel, SpikingResidualBranch,
-                     Stem, check_widths_blocks, init_conv_bn, neuron_factory)
+from .base import SpikingModel, check_widths_blocks, init_conv_bn
+from .conv import Downsample, SpikingResidualBranch
+from .neurons import CIFAR_RESNET_NEURON, DVS_NEURON, neuron_factory
 from .registry import register_variants
+from .stems import SpikingHead, Stem
 
 
 class RevSResNet(SpikingModel):

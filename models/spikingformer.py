@@ -1,7 +1,7 @@
 """Non-reversible spiking transformers: Spikingformer-2-384, Spikingformer-4-384 (CIFAR), Spikingformer-2-256 (DVS).
 
 Spikingformer (Zhou et al.): a convolutional spiking tokenizer, then ``depth`` blocks of ``x + SSA(x)`` and
-``x + MLP(x)`` (spiking self-attention and spiking MLP from :mod:`revsnn_triton.models.layers`, shared with
+``x + MLP(x)`` (spiking self-attention and spiking MLP from :mod:`revsnn_triton.models.transformer`, shared with
 RevSFormer), then the mean over tokens and time and a Linear head. Tokens are ``[T, B, E, N]``.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from revsnn_triton.recompute import recompute
 
-from .layers import (CIFAR_TRANSFORMER_NEURON, DVS_NEURON, SpikingMLP, SpikingModel,
-                     SpikingSelfAttention, SpikingTokenizer, init_conv_bn, init_transformer, neuron_factory)
+from .base import SpikingModel, init_conv_bn, init_transformer
+from .neurons import CIFAR_TRANSFORMER_NEURON, DVS_NEURON, neuron_factory
+from .transformer import SpikingMLP, SpikingSelfAttention, SpikingTokenizer
 from .registry import register_model
 
 

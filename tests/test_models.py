@@ -12,7 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from revsnn_triton.models import create_model, list_models
-from revsnn_triton.models import layers as L
+from revsnn_triton.models.base import image_sequence
+from revsnn_triton.models.neurons import NEURON_KINDS, make_neuron, neuron_factory
+from revsnn_triton.models.stems import Stem
 from revsnn_triton.testing import assert_close, assert_equal
 
 
@@ -21,7 +23,7 @@ ZOO = ["RevSResNet21", "RevSResNet37", "RevSResNet109", "RevSResNet24", "RevSFor
        "Spikingformer-4-384", "Spikingformer-2-256"]
 HEAVY = {"RevSResNet109", "MS-ResNet104"}   # ~70-77M parameters: the slowest to run three times on a CPU
 
-# Published parameter counts in millions (DESIGN.md section 1; Spikingformer paper for Spikingformer-*),
+# Published parameter counts in millions (RevSNN paper; Spikingformer paper for Spikingformer-*),
 # CIFAR-100 head for the CIFAR ResNets, 10 classes otherwise.
 PUBLISHED_M = {
     "RevSResNet21": 11.05, "RevSResNet37": 23.59, "RevSResNet109": 70.08, "MS-ResNet18": 11.22,
@@ -140,86 +142,15 @@ def test_reversible_gradients_equal_ordinary_autograd(name, kernel_device):
 
 
 # ------------------------------------------------------------------------------------------------ shared layers
-@pytest.mark.parametrize("pool,stride,dims", [(None, 1, 2), ("avg", 1, 2), ("max", 1, 2), (None, 2, 2),
-                                             (None, 1, 1)])
-def test_spike_conv_matches_plain_conv(pool, stride, dims):
-    torch.manual_seed(0)
-    conv = (nn.Conv2d(6, 5, 1 if pool == "avg" else 3, stride=stride, padding=0 if pool == "avg" else 1,
-                      bias=dims == 1) if dims == 2 else nn.Conv1d(6, 5, 1, bias=True))
-    shape = (3, 6, 9, 7) if dims == 2 else (3, 6, 11)
-    spikes = (torch.rand(shape) > 0.6).float().requires_grad_()   # many ties inside MaxPool windows
-    out = L.spike_conv(spikes, conv, pool=pool)
-    ref_in = spikes.detach().clone().requires_grad_()
-    ref = conv({"avg": F.avg_pool2d, "max": F.max_pool2d}[pool](ref_in, 3, 2, 1) if pool else ref_in)
-    assert_close(out, ref, "forward")
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, [spikes, conv.weight, conv.bias] if conv.bias is not None else
-                                [spikes, conv.weight], g)
-    refs = torch.autograd.grad(ref, [ref_in, conv.weight, conv.bias] if conv.bias is not None else
-                               [ref_in, conv.weight], g)
-    for a, e, what in zip(grads, refs, ("input", "weight", "bias")):
-        assert_close(a, e, f"grad {what}")
-
-
-@pytest.mark.parametrize("pool", [None, "avg", "max"])
-@pytest.mark.parametrize("bias,frozen", [(False, False), (True, False), (True, True)])
-def test_spike_conv_gradients_are_bit_identical_to_plain_autograd(pool, bias, frozen):
-    # The backward reorders the work to keep fewer input-sized tensors alive (rebuilt spikes, pooled map and
-    # input gradients never together); the results must stay exactly those of conv(pool(x)) under autograd.
-    torch.manual_seed(1)
-    k = 1 if pool == "avg" else 3
-    conv = nn.Conv2d(6, 5, k, padding=k // 2, bias=bias).requires_grad_(not frozen)
-    spikes = (torch.rand(3, 6, 9, 7) > 0.6).float().requires_grad_()
-    out = L.spike_conv(spikes, conv, pool=pool)
-    ref_in = spikes.detach().clone().requires_grad_()
-    ref = conv({"avg": F.avg_pool2d, "max": F.max_pool2d}[pool](ref_in, 3, 2, 1) if pool else ref_in)
-    params = [] if frozen else [p for p in conv.parameters()]
-    g = torch.randn_like(ref)
-    for got, want, what in zip(torch.autograd.grad(out, [spikes, *params], g),
-                               torch.autograd.grad(ref, [ref_in, *params], g), ("input", "weight", "bias")):
-        assert_equal(got, want, f"grad {what} (pool={pool}, bias={bias}, frozen={frozen})")
-
-
-def test_spike_conv_keeps_one_byte_per_spike():
-    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-    spikes = (torch.rand(2, 4, 8, 8) > 0.5).float().requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        L.spike_conv(spikes, conv)
-    assert sorted(str(t.dtype) for t in saved) == ["torch.bool", "torch.float32"]   # spikes as bool, weight
-    assert any(t.dtype == torch.bool and t.shape == spikes.shape for t in saved)
-
-
-def test_spike_conv_under_autocast_runs_in_autocast_dtype():
-    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-    spikes = (torch.rand(2, 4, 8, 8) > 0.5).float().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = L.spike_conv(spikes, conv)
-        ref = conv(spikes)
-    assert out.dtype == ref.dtype == torch.bfloat16
-    assert_close(out.float(), ref.float(), "bf16 forward", dtype=torch.bfloat16)
-    out.float().sum().backward()
-    assert spikes.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
-
-
-def test_spike_conv_rejects_bad_arguments():
-    with pytest.raises(TypeError, match="conv must be"):
-        L.spike_conv(torch.zeros(1, 4, 4, 4), nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="expected input"):
-        L.spike_conv(torch.zeros(1, 3, 4, 4), nn.Conv2d(4, 4, 3))
-    with pytest.raises(ValueError, match="pool must be"):
-        L.spike_conv(torch.zeros(1, 4, 4, 4), nn.Conv2d(4, 4, 3), pool="min")
-
-
 def test_stem_runs_once_on_an_expanded_input():
     torch.manual_seed(0)
-    stem = L.Stem(3, 8)
+    stem = Stem(3, 8)
     images = torch.randn(4, 3, 8, 8)
-    expanded = L.image_sequence(images, 3)
+    expanded = image_sequence(images, 3)
     assert expanded.stride(0) == 0
     out = stem(expanded)
     assert out.shape == (3, 4, 8, 8, 8) and out.stride(0) == 0      # computed once, repeated by a view
-    ref = L.Stem(3, 8)
+    ref = Stem(3, 8)
     ref.load_state_dict(stem.state_dict())
     ref.conv_bn.bn.reset_running_stats()
     ref_out = ref(expanded.contiguous())                             # the T copies, as the original code does
@@ -229,11 +160,11 @@ def test_stem_runs_once_on_an_expanded_input():
 @pytest.mark.parametrize("impl", ["spikingjelly", "torch", "triton"])
 def test_make_neuron_kinds_and_release_of_state(impl):
     x = torch.rand(3, 2, 5) * 2
-    for kind in L.NEURON_KINDS:
-        n = L.make_neuron(impl, kind, surrogate="atan", alpha=2.0, detach_reset=True)
+    for kind in NEURON_KINDS:
+        n = make_neuron(impl, kind, surrogate="atan", alpha=2.0, detach_reset=True)
         assert n.step_mode == "m"
         assert n(x).shape == x.shape
-    build = L.neuron_factory(impl, "lif", tau=1.5)
+    build = neuron_factory(impl, "lif", tau=1.5)
     wrapped = build(v_threshold=0.5)
     assert wrapped.neuron.v_threshold == 0.5 and wrapped.neuron.tau == 1.5
     wrapped(x)
@@ -242,13 +173,13 @@ def test_make_neuron_kinds_and_release_of_state(impl):
 
 def test_make_neuron_rejects_bad_arguments():
     with pytest.raises(ValueError, match="neuron_impl"):
-        L.make_neuron("cuda", "if")
+        make_neuron("cuda", "if")
     with pytest.raises(ValueError, match="kind"):
-        L.make_neuron("torch", "izhikevich")
+        make_neuron("torch", "izhikevich")
     with pytest.raises(ValueError, match="surrogate"):
-        L.make_neuron("torch", "if", surrogate="relu")
+        make_neuron("torch", "if", surrogate="relu")
     with pytest.raises(ValueError, match="save="):
-        L.make_neuron("spikingjelly", "if", save="input")
+        make_neuron("spikingjelly", "if", save="input")
 
 
 # -------------------------------------------------------------------------------------------------- bad input
