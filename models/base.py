@@ -100,14 +100,22 @@ class SpikingModel(nn.Module):
         raise NotImplementedError
 
 
-def init_conv_bn(model: nn.Module) -> None:
-    """MS-ResNet / RevSResNet initialisation: Kaiming-normal (fan_out) convs, BN weight 1 and bias 0."""
+def init_conv_bn(model: nn.Module, zero_init_last: bool = False) -> None:
+    """MS-ResNet / RevSResNet initialisation: Kaiming-normal (fan_out) convs, BN weight 1 and bias 0.
+
+    ``zero_init_last``: then every submodule with a ``zero_init_last()`` method (a residual branch) zeroes the
+    weight of its last BatchNorm, so each residual block starts as the identity (timm's ``zero_init_last``).
+    """
     for m in model.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    if zero_init_last:
+        for m in model.modules():
+            if hasattr(m, "zero_init_last"):
+                m.zero_init_last()
 
 
 def init_transformer(model: nn.Module) -> None:

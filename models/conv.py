@@ -82,5 +82,9 @@ class SpikingResidualBranch(nn.Module):
         self.sn2 = neuron()
         self.conv_bn2 = SeqConvBN(out_ch, out_ch, 3, compact=compact)
 
+    def zero_init_last(self) -> None:
+        """Zero the last BatchNorm's weight: the branch then outputs its BN bias (0 at initialisation)."""
+        nn.init.zeros_(self.conv_bn2.bn.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_bn2(self.sn2(self.conv_bn1(self.sn1(x))))

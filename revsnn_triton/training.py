@@ -41,17 +41,6 @@ BEST = "checkpoint_best.pt"
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
                   "epoch_time_s")
 
-# Non-reversible counterpart measured next to a reversible model in the memory report.
-COUNTERPARTS = {
-    "RevSResNet-digits": "MS-ResNet-digits",
-    "RevSResNet21": "MS-ResNet18",
-    "RevSResNet37": "MS-ResNet34",
-    "RevSResNet109": "MS-ResNet104",
-    "RevSResNet24": "MS-ResNet20",
-    "RevSFormer-2-384": "Spikingformer-2-384",
-    "RevSFormer-4-384": "Spikingformer-4-384",
-    "RevSFormer-2-256": "Spikingformer-2-256",
-}
 _NOT_SHARED = ("blocks", "depth", "reversible", "frac_bits", "check")
 
 
@@ -484,18 +473,18 @@ def _nan_message(value: float, epoch: int, step: int, out: Path, history: list[d
 def memory_report(cfg: TrainConfig, data: DataBundle, device: torch.device, model_name: str
                   ) -> tuple[dict[str, float], str]:
     """Memory per image of one training step (forward + backward) of ``model_name`` and of its non-reversible
-    counterpart (:data:`COUNTERPARTS`), measured by ``revsnn_triton.memory.memory_per_image`` with freshly built
-    models on ``device``. Returns ``({name: bytes per image}, note)``."""
+    counterpart (``revsnn_triton.models.counterpart``), measured by ``revsnn_triton.memory.memory_per_image``
+    with freshly built models on ``device``. Returns ``({name: bytes per image}, note)``."""
     import warnings
 
     from .memory import memory_per_image
-    from .models import list_models
+    from .models import counterpart
 
     # The CPU measurement uses the profiler's allocation events; keep its log lines out of the report.
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-    names = [model_name] + [n for n in [COUNTERPARTS.get(model_name)] if n and n in list_models()]
+    names = [model_name] + [n for n in [counterpart(model_name)] if n]
     batch_sizes = (16, 64) if device.type == "cuda" else (8, 32)
     results: dict[str, float] = {}
     for name in names:
