@@ -21,12 +21,13 @@ def _plain(conv: nn.Module, x: torch.Tensor, pool) -> torch.Tensor:
 
 @pytest.mark.parametrize("pool,stride,dims", [(None, 1, 2), ("avg", 1, 2), ("max", 1, 2), (None, 2, 2),
                                              (None, 1, 1)])
-def test_spike_conv_matches_plain_conv(pool, stride, dims):
+def test_spike_conv_matches_plain_conv(pool, stride, dims, kernel_device):
     torch.manual_seed(0)
     conv = (nn.Conv2d(6, 5, 1 if pool == "avg" else 3, stride=stride, padding=0 if pool == "avg" else 1,
-                      bias=dims == 1) if dims == 2 else nn.Conv1d(6, 5, 1, bias=True))
+                      bias=dims == 1) if dims == 2 else nn.Conv1d(6, 5, 1, bias=True)).to(kernel_device)
     shape = (3, 6, 9, 7) if dims == 2 else (3, 6, 11)
-    spikes = (torch.rand(shape) > 0.6).float().requires_grad_()   # many ties inside MaxPool windows
+    # many ties inside MaxPool windows
+    spikes = (torch.rand(shape) > 0.6).float().to(kernel_device).requires_grad_()
     out = spike_conv(spikes, conv, pool=pool)
     ref_in = spikes.detach().clone().requires_grad_()
     ref = _plain(conv, ref_in, pool)
