@@ -296,8 +296,6 @@ _SPIKINGJELLY_SETS = {
 
 
 def _spikingjelly_frames(cfg: TrainConfig) -> DataBundle:
-    import importlib
-
     module, cls_name, folder, num_classes = _SPIKINGJELLY_SETS[cfg.dataset]
     if importlib.util.find_spec("spikingjelly") is None:
         raise DataError(f"{cfg.dataset}: the frames come from spikingjelly's dataset classes: install spikingjelly "

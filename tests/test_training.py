@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from revsnn_triton.checkpoint import load_checkpoint
-from revsnn_triton.config import make_config
 from revsnn_triton.training import LAST, TrainingError, train
 
 # Tiny but real: the default RevSResNet-digits on digits, 3 epochs of 3 steps of 16 images.
