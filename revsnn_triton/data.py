@@ -305,25 +305,48 @@ def _spikingjelly_frames(cfg: TrainConfig) -> DataBundle:
     _check_spikingjelly_files(cfg, cls, root)
     augment = event_augment(cfg)
     frames = dict(data_type="frame", frames_number=cfg.T, split_by="number")
-    try:
+
+    def build():
         if cfg.dataset == "cifar10-dvs":
-            full = cls(str(root), **frames)
-            train_idx, test_idx = sorted_split_per_class(full.samples, CIFAR10_DVS_TRAIN_FRACTION)
-            train_base, test_base, labels = Subset(full, train_idx), Subset(full, test_idx), None
-        else:
-            train_base, test_base = cls(str(root), train=True, **frames), cls(str(root), train=False, **frames)
-            labels = [int(name) for name in train_base.classes]  # class folders are the gesture ids "0".."10"
-            if [int(name) for name in test_base.classes] != labels:
-                raise DataError(f"{cfg.dataset}: the train and test class folders under {str(root)!r} differ")
-    except (NotImplementedError, RuntimeError, OSError) as exc:
+            return (cls(str(root), **frames),)
+        return cls(str(root), train=True, **frames), cls(str(root), train=False, **frames)
+    try:
+        # The first use converts the archives and writes the frames once; under torchrun rank 0 does it alone.
+        built = _rank0_first(build)
+    except (NotImplementedError, RuntimeError, FileNotFoundError) as exc:  # spikingjelly's and DatasetFolder's
         raise DataError(f"{cfg.dataset}: spikingjelly could not prepare the frames under {str(root)!r}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if cfg.dataset == "cifar10-dvs":
+        full = built[0]
+        train_idx, test_idx = sorted_split_per_class(full.samples, CIFAR10_DVS_TRAIN_FRACTION)
+        train_base, test_base, labels = Subset(full, train_idx), Subset(full, test_idx), None
+    else:
+        train_base, test_base = built
+        labels = [int(name) for name in train_base.classes]  # class folders are the gesture ids "0".."10"
+        if [int(name) for name in test_base.classes] != labels:
+            raise DataError(f"{cfg.dataset}: the train and test class folders under {str(root)!r} differ")
     if len(train_base) == 0 or len(test_base) == 0:
         raise DataError(f"{cfg.dataset}: no samples found under {str(root)!r} (train {len(train_base)}, test "
                         f"{len(test_base)})")
     h, w = cls.get_H_W()
     return DataBundle(cfg.dataset, EventFrames(train_base, augment, labels), EventFrames(test_base, None, labels),
                       num_classes, (cfg.T, 2, h, w), True)
+
+
+def _rank0_first(build: Callable):
+    """``build()`` on rank 0 first, then on the other ranks of an initialized process group (so that a cache
+    is written by one process); plain ``build()`` otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return build()
+    if dist.get_rank() != 0:
+        dist.barrier()
+        return build()
+    try:
+        return build()
+    finally:
+        dist.barrier()  # also when rank 0 failed: the others then fail with their own message, not a hang
 
 
 def _check_spikingjelly_files(cfg: TrainConfig, cls, root: Path) -> None:

@@ -437,3 +437,35 @@ def test_train_on_synthetic_dvs_gesture_with_the_recipe(tmp_path, offline_spikin
     assert state["config"]["amp"] == "fp16" and state["scaler"]  # GradScaler state saved with the run
     row = state["history"][0]
     assert torch.isfinite(torch.tensor(row["train_loss"])) and 0.0 <= row["test_acc"] <= 1.0
+
+
+def _build_in_rank_order(rank: int, world: int, init_file: str, log: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from revsnn_triton.data import _rank0_first
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        def build():
+            with open(log, "a") as f:
+                f.write(f"start {rank}\n")
+            time.sleep(0.5 if rank == 0 else 0.0)
+            with open(log, "a") as f:
+                f.write(f"end {rank}\n")
+            return rank
+        assert _rank0_first(build) == rank
+    finally:
+        dist.destroy_process_group()
+
+
+def test_event_frames_are_prepared_by_rank_0_first(tmp_path):
+    # Under torchrun, spikingjelly's one-time conversion must not run in two processes at once.
+    import torch.multiprocessing as mp
+
+    log = tmp_path / "log"
+    # fork: the children inherit the imported modules (spawning two fresh interpreters costs ~15 s here).
+    mp.start_processes(_build_in_rank_order, args=(2, str(tmp_path / "init"), str(log)), nprocs=2, join=True,
+                       start_method="fork")
+    assert log.read_text().split("\n")[:2] == ["start 0", "end 0"]
