@@ -100,6 +100,8 @@ def format_cards(cards: list[RecipeCard] | None = None) -> str:
             lines.append("  differs from the original: nothing deliberate")
         lines += [f"  note: {n}" for n in card.notes]
         blocks.append("\n".join(lines))
+    blocks.append("Every setting not listed as a difference is the original code's; docs/recipes.md in the "
+                  "repository compares them setting by setting.")
     return "\n\n".join(blocks)
 
 
