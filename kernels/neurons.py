@@ -10,6 +10,11 @@ functions with the formulas of ``revsnn_triton.surrogate``. Floating-point contr
 as the PyTorch reference does (spikes, membranes and H bit-equal); the backward differs from it only where
 ``exp`` is evaluated (surrogates), by an ulp or so.
 
+Input. The neuron's input is ``x`` converted to fp32, or with a per-channel affine transform (``AFFINE``)
+``y = x * scale[c] + shift[c]``: a multiply, then an add (two roundings), for the channel ``c`` of each neuron
+(:func:`channel_geometry`); ``y`` lives in registers only. Its backward writes ``dL/dx = dL/dy * scale[c]`` and,
+per neuron, the partial sums over time of ``dL/dy * x`` and ``dL/dy``, which the caller reduces per channel.
+
 Layouts. ``x [T, *shape]`` is read in place with any strides: the launcher sorts the inner dims by stride,
 drops size-1 dims, merges dims that are contiguous with each other and passes up to ``MAX_DIMS`` (size, stride)
 pairs plus the time stride (0 for an input repeated over T with ``expand``); only layouts that need more dims
@@ -50,9 +55,11 @@ gradient is not read) and no grad of ``v_init`` (not written); each of these oth
 ``T > MAX_RECOMPUTE_T`` its backward costs ``b + 4`` (re-run) plus ``2b + 4`` more. PLIF with ``decay_input``
 also reads X in backward with ``"h"``/``"h_bf16"`` (``b`` more) and again with ``"input"`` (``b`` more).
 
-PLIF's gradient of ``w``: the backward kernel writes, per neuron, ``sum_t dL/dH[t] * dH[t]/dq`` (summed over t
-in registers, t from T-1 down to 0); the caller reduces these partials with one ``torch.sum``. No atomics, and
-the result does not depend on the launch configuration.
+PLIF's gradient of ``w`` (and the affine input's of ``scale`` and ``shift``): the backward kernel writes, per
+neuron, ``sum_t dL/dH[t] * dH[t]/dq`` (summed over t in registers, t from T-1 down to 0); the caller reduces
+these partials with one ``torch.sum``. No atomics, and the result does not depend on the launch configuration.
+With the affine input the backward also reads X once per step for ``dL/dy * x`` (``b`` bytes per
+neuron-step more, unless it reads X anyway) and writes two fp32 partials per neuron.
 """
 from __future__ import annotations
 
@@ -213,6 +220,43 @@ def _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS: tl.constex
 
 
 @triton.jit
+def _channel_affine(scale_ptr, shift_ptr, n, mask, ch_inner, ch_size, AFFINE: tl.constexpr):
+    """``(scale[c], shift[c])`` of neuron ``n``'s channel ``c = (n // ch_inner) % ch_size``, fp32 blocks;
+    unused scalars without ``AFFINE``."""
+    if AFFINE:
+        c = (n // ch_inner) % ch_size
+        s = tl.load(scale_ptr + c, mask=mask, other=1.0)
+        b = tl.load(shift_ptr + c, mask=mask, other=0.0)
+    else:
+        s = 1.0
+        b = 0.0
+    return s, b
+
+
+@triton.jit
+def _to_fp32(x):
+    """Exact conversion to fp32. bf16 goes by its bits (its 16 bits are the high half of the fp32 ones):
+    Triton 3.6's interpreter flushes bf16 subnormals to zero in ``.to(tl.float32)``."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_input(x_ptr, x_cur, mask):
+    """One step of ``x`` as fp32."""
+    return _to_fp32(tl.load(x_ptr + x_cur, mask=mask, other=0.0))
+
+
+@triton.jit
+def _neuron_input(x, s, b, AFFINE: tl.constexpr):
+    """The neuron's input ``y = x * s + b`` (a multiply, then an add: two roundings, no fma) or ``x``."""
+    if AFFINE:
+        x = x * s + b
+    return x
+
+
+@triton.jit
 def _charge(x, v, tau, q, v_reset, KIND: tl.constexpr, DECAY_INPUT: tl.constexpr):
     if KIND == 0:
         h = v + x
@@ -268,17 +312,19 @@ def _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST: tl.constexpr, BLOCK: t
 
 @triton.jit
 def _neuron_forward_kernel(
-    x_ptr, v_init_ptr, q_ptr, spikes_ptr, v_final_ptr, h_ptr,
-    N, T, stride_t, size1, size2, stride0, stride1, stride2,
+    x_ptr, v_init_ptr, q_ptr, scale_ptr, shift_ptr, spikes_ptr, v_final_ptr, h_ptr,
+    N, T, stride_t, size1, size2, stride0, stride1, stride2, ch_inner, ch_size,
     tau, v_threshold, v_reset, v_fill,
     KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, NDIMS: tl.constexpr,
-    SAVE: tl.constexpr, STORE_SPIKES: tl.constexpr, V_INIT_CONST: tl.constexpr, BLOCK: tl.constexpr,
+    SAVE: tl.constexpr, STORE_SPIKES: tl.constexpr, V_INIT_CONST: tl.constexpr, AFFINE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
     x_off = _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS)
     v = _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST, BLOCK)
+    s, b = _channel_affine(scale_ptr, shift_ptr, n, mask, ch_inner, ch_size, AFFINE)
     q = 0.0
     if KIND == 2:
         q = tl.load(q_ptr)
@@ -288,7 +334,7 @@ def _neuron_forward_kernel(
     # under numpy >= 2.3 (int() of a 1-element array); compiled, both are the same loop.
     t = 0
     while t < T:
-        x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
+        x = _neuron_input(_load_input(x_ptr, x_cur, mask), s, b, AFFINE)
         h, spike, v = _step(x, v, tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET)
         if STORE_SPIKES:
             tl.store(spikes_ptr + out, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
@@ -308,7 +354,7 @@ def _load_saved(h_ptr, off, mask, v_threshold, H_BF16: tl.constexpr):
     if H_BF16:
         d = tl.load(h_ptr + off, mask=mask, other=0.0)
         sign = d.to(tl.int16, bitcast=True) < 0
-        h = d.to(tl.float32) + v_threshold
+        h = _to_fp32(d) + v_threshold
         spike = tl.where(sign, 0.0, 1.0)
     else:
         h = tl.load(h_ptr + off, mask=mask, other=0.0)
@@ -353,28 +399,49 @@ def _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b
 
 
 @triton.jit
-def _dh_dq(x_ptr, x_cur, mask, v_prev, v_reset, DECAY_INPUT: tl.constexpr):
-    """PLIF: ``dH[t]/dq = X[t] - (V[t-1] - v_reset)`` (``decay_input``) or ``-(V[t-1] - v_reset)``."""
-    if DECAY_INPUT:
-        x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
-        d = x - (v_prev - v_reset)
+def _reverse_step(grad_s_ptr, grad_x_ptr, x_ptr, out, x_cur, mask, h, spike, v_prev, carry, w_acc, scale_acc,
+                  shift_acc, s, b, tau, q, v_threshold, v_reset, sg_a, sg_b, KIND: tl.constexpr,
+                  DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
+                  SURROGATE: tl.constexpr, AFFINE: tl.constexpr, AFFINE_GRAD: tl.constexpr):
+    """Step t of the reverse-time loop, from ``H[t]``, its spike, ``V[t-1]`` (read for PLIF only) and the
+    carried ``dL/dV[t]``: writes ``dL/dX[t]``, returns the new carry ``dL/dV[t-1]`` and the accumulators of
+    PLIF's ``sum_t dL/dH[t] * dH[t]/dq`` and of the affine partials ``sum_t dL/dY[t] * X[t]``,
+    ``sum_t dL/dY[t]``."""
+    grad_s = _to_fp32(tl.load(grad_s_ptr + out, mask=mask, other=0.0))
+    grad_y, grad_h, carry = _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b,
+                                       KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE)
+    if AFFINE:
+        tl.store(grad_x_ptr + out, (grad_y * s).to(grad_x_ptr.dtype.element_ty), mask=mask)
     else:
-        d = -(v_prev - v_reset)
-    return d
+        tl.store(grad_x_ptr + out, grad_y.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if (KIND == 2 and DECAY_INPUT) or AFFINE_GRAD:
+        x = _load_input(x_ptr, x_cur, mask)
+        if AFFINE_GRAD:
+            scale_acc = scale_acc + grad_y * x
+            shift_acc = shift_acc + grad_y
+        if KIND == 2:  # dH[t]/dq = Y[t] - (V[t-1] - v_reset)
+            w_acc = w_acc + grad_h * (_neuron_input(x, s, b, AFFINE) - (v_prev - v_reset))
+    elif KIND == 2:  # without decay_input: dH[t]/dq = -(V[t-1] - v_reset)
+        w_acc = w_acc + grad_h * -(v_prev - v_reset)
+    return carry, w_acc, scale_acc, shift_acc
 
 
 @triton.jit
 def _neuron_backward_kernel(
-    grad_s_ptr, grad_v_ptr, h_ptr, x_ptr, v_init_ptr, q_ptr, grad_x_ptr, grad_v_init_ptr, w_partial_ptr,
-    N, T, last_out, x_last, stride_t, size1, size2, stride0, stride1, stride2,
+    grad_s_ptr, grad_v_ptr, h_ptr, x_ptr, v_init_ptr, q_ptr, scale_ptr, shift_ptr,
+    grad_x_ptr, grad_v_init_ptr, w_partial_ptr, scale_partial_ptr, shift_partial_ptr,
+    N, T, last_out, x_last, stride_t, size1, size2, stride0, stride1, stride2, ch_inner, ch_size,
     tau, v_threshold, v_reset, v_fill, sg_a, sg_b,
     KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
     SURROGATE: tl.constexpr, H_BF16: tl.constexpr, NDIMS: tl.constexpr, V_INIT_CONST: tl.constexpr,
-    LOAD_GRAD_V: tl.constexpr, STORE_GRAD_V_INIT: tl.constexpr, RECOMPUTE_T: tl.constexpr, BLOCK: tl.constexpr,
+    LOAD_GRAD_V: tl.constexpr, STORE_GRAD_V_INIT: tl.constexpr, AFFINE: tl.constexpr,
+    AFFINE_GRAD: tl.constexpr, RECOMPUTE_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Backward through time, from the saved H (``RECOMPUTE_T == 0``; runtime ``T``), or with H recomputed in
     registers (``RECOMPUTE_T == T``, a compile-time constant: both time loops are unrolled and H[t] is the t-th
-    element of a tuple of blocks, so it never goes to memory)."""
+    element of a tuple of blocks, so it never goes to memory). With ``AFFINE`` the neuron's input is
+    ``Y = X * scale[c] + shift[c]`` and ``dL/dX = dL/dY * scale[c]``; with ``AFFINE_GRAD`` the per-neuron
+    partials ``sum_t dL/dY[t] * X[t]`` and ``sum_t dL/dY[t]`` are written (t from T-1 down to 0)."""
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
@@ -384,39 +451,36 @@ def _neuron_backward_kernel(
         carry = tl.zeros([BLOCK], dtype=tl.float32)
     q = 0.0
     w_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    scale_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    shift_acc = tl.zeros([BLOCK], dtype=tl.float32)
     v_init = tl.zeros([BLOCK], dtype=tl.float32)
-    x_off = n
     if KIND == 2:
         q = tl.load(q_ptr)
     if KIND == 2 or RECOMPUTE_T > 0:
         v_init = _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST, BLOCK)
-        x_off = _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS)
+    x_off = _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS)  # unused when X is not read
+    s, b = _channel_affine(scale_ptr, shift_ptr, n, mask, ch_inner, ch_size, AFFINE)
     out = n + last_out  # last_out = (T - 1) * N and x_last = (T - 1) * stride_t, from the launcher (int64-safe)
     if RECOMPUTE_T > 0:
         hs = ()
         v = v_init
         x_cur = x_off
         for t in tl.static_range(RECOMPUTE_T):
-            x = tl.load(x_ptr + x_cur, mask=mask, other=0.0).to(tl.float32)
-            h, spike, v = _step(x, v, tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET)
+            y = _neuron_input(_load_input(x_ptr, x_cur, mask), s, b, AFFINE)
+            h, spike, v = _step(y, v, tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET)
             hs = hs + (h,)
             x_cur += stride_t
         x_cur = x_off + x_last
         for t in tl.static_range(RECOMPUTE_T - 1, -1, -1):
             h = hs[t]
-            spike = (h >= v_threshold).to(tl.float32)
-            grad_s = tl.load(grad_s_ptr + out, mask=mask, other=0.0).to(tl.float32)
-            grad_x, grad_h, carry = _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b,
-                                               KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE)
-            tl.store(grad_x_ptr + out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-            if KIND == 2:
-                if t > 0:
-                    h_prev = hs[t - 1]
-                    v_prev = _reset(h_prev, (h_prev >= v_threshold).to(tl.float32), v_threshold, v_reset,
-                                    HARD_RESET)
-                else:
-                    v_prev = v_init
-                w_acc = w_acc + grad_h * _dh_dq(x_ptr, x_cur, mask, v_prev, v_reset, DECAY_INPUT)
+            v_prev = v_init
+            if KIND == 2 and t > 0:
+                h_prev = hs[t - 1]
+                v_prev = _reset(h_prev, (h_prev >= v_threshold).to(tl.float32), v_threshold, v_reset, HARD_RESET)
+            carry, w_acc, scale_acc, shift_acc = _reverse_step(
+                grad_s_ptr, grad_x_ptr, x_ptr, out, x_cur, mask, h, (h >= v_threshold).to(tl.float32), v_prev,
+                carry, w_acc, scale_acc, shift_acc, s, b, tau, q, v_threshold, v_reset, sg_a, sg_b,
+                KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, AFFINE, AFFINE_GRAD)
             out -= N
             x_cur -= stride_t
     else:
@@ -424,15 +488,17 @@ def _neuron_backward_kernel(
         h, spike = _load_saved(h_ptr, out, mask, v_threshold, H_BF16)
         t = T - 1
         while t >= 0:
-            grad_s = tl.load(grad_s_ptr + out, mask=mask, other=0.0).to(tl.float32)
-            grad_x, grad_h, carry = _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b,
-                                               KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE)
-            tl.store(grad_x_ptr + out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            h_prev, spike_prev = h, spike  # stand-ins at t == 0, where V[t-1] is v_init
             if t > 0:
-                h, spike = _load_saved(h_ptr, out - N, mask, v_threshold, H_BF16)
+                h_prev, spike_prev = _load_saved(h_ptr, out - N, mask, v_threshold, H_BF16)
+            v_prev = v_init
             if KIND == 2:
-                v_prev = tl.where(t > 0, _reset(h, spike, v_threshold, v_reset, HARD_RESET), v_init)
-                w_acc = w_acc + grad_h * _dh_dq(x_ptr, x_cur, mask, v_prev, v_reset, DECAY_INPUT)
+                v_prev = tl.where(t > 0, _reset(h_prev, spike_prev, v_threshold, v_reset, HARD_RESET), v_init)
+            carry, w_acc, scale_acc, shift_acc = _reverse_step(
+                grad_s_ptr, grad_x_ptr, x_ptr, out, x_cur, mask, h, spike, v_prev,
+                carry, w_acc, scale_acc, shift_acc, s, b, tau, q, v_threshold, v_reset, sg_a, sg_b,
+                KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, AFFINE, AFFINE_GRAD)
+            h, spike = h_prev, spike_prev
             out -= N
             x_cur -= stride_t
             t -= 1
@@ -440,6 +506,9 @@ def _neuron_backward_kernel(
         tl.store(grad_v_init_ptr + n, carry, mask=mask)
     if KIND == 2:
         tl.store(w_partial_ptr + n, w_acc, mask=mask)
+    if AFFINE_GRAD:
+        tl.store(scale_partial_ptr + n, scale_acc, mask=mask)
+        tl.store(shift_partial_ptr + n, shift_acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -510,15 +579,37 @@ def _check_out(name: str, t: torch.Tensor, template: torch.Tensor, dtype: torch.
                          f"{tuple(t.shape)}, dtype {t.dtype}, strides {tuple(t.stride())}")
 
 
+def channel_geometry(x: torch.Tensor, channel_dim: int) -> tuple[int, int]:
+    """``(inner, size)`` such that neuron ``n`` of ``x [T, *shape]``, numbered in its neuron layout, belongs to
+    channel ``(n // inner) % size`` of dim ``channel_dim`` of ``shape``: ``inner`` is the number of neurons of
+    the dims laid out inside that dim."""
+    perm = neuron_perm(x)
+    if channel_dim not in perm:  # a channel dim of size 1
+        return 1, 1
+    inner = math.prod(x.shape[1 + d] for d in perm[perm.index(channel_dim) + 1:])
+    return inner, x.shape[1 + channel_dim]
+
+
+def _affine_args(template: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                 channel_dim: int, any_ptr: torch.Tensor) -> list:
+    """Kernel arguments ``[scale_ptr, shift_ptr, ch_inner, ch_size]`` (pointers stand in when unused)."""
+    if scale is None:
+        return [any_ptr, any_ptr, 1, 1]
+    return [scale, shift, *channel_geometry(template, channel_dim)]
+
+
 def neuron_forward(x: torch.Tensor, v_init: torch.Tensor | None, q: torch.Tensor | None, *, kind: str, tau: float,
                    decay_input: bool, v_threshold: float, hard_reset: bool, v_reset: float, save: str,
+                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, channel_dim: int = 0,
                    block_size: int | None = None, num_warps: int | None = None, out=None):
     """Multi-step neuron forward.
 
     ``x [T, *shape]`` fp32/fp16/bf16 (any strides), ``v_init [*shape]`` fp32 or None (the default initial
     state ``v_reset``, which is 0.0 for soft reset: nothing is read), ``q`` a 1-element fp32 tensor
     ``sigmoid(w)`` (PLIF) or None; ``v_reset`` is the hard-reset value (0.0 for soft reset). ``save`` in
-    ``"h"``, ``"h_bf16"``, ``"input"``. Returns ``(spikes [T, *shape] x.dtype, v_final [*shape] fp32, saved)``,
+    ``"h"``, ``"h_bf16"``, ``"input"``. ``scale``, ``shift``: None, or contiguous fp32 ``[C]`` with
+    ``C = shape[channel_dim]``: the neuron's input is then ``x * scale[c] + shift[c]`` (fp32, two roundings).
+    Returns ``(spikes [T, *shape] x.dtype, v_final [*shape] fp32, saved)``,
     all in the neuron layout of ``x``: ``saved`` is fp32 ``H``, bf16 ``H - v_threshold``, or an empty tensor.
     ``out``: optional preallocated ``(spikes, v_final, saved)`` in that layout (the tests poison them).
     """
@@ -536,77 +627,86 @@ def neuron_forward(x: torch.Tensor, v_init: torch.Tensor | None, q: torch.Tensor
     _forward_into(x, v_init, q, spikes, v_final, saved, kind=kind, tau=tau, decay_input=decay_input,
                   v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset,
                   save_id=SAVE_IDS["none" if save == "input" else save], store_spikes=True,
-                  block_size=block_size, num_warps=num_warps)
+                  scale=scale, shift=shift, channel_dim=channel_dim, block_size=block_size, num_warps=num_warps)
     return spikes, v_final, saved
 
 
 def _forward_into(x, v_init, q, spikes, v_final, saved, *, kind, tau, decay_input, v_threshold, hard_reset,
-                  v_reset, save_id, store_spikes, block_size, num_warps):
+                  v_reset, save_id, store_spikes, scale, shift, channel_dim, block_size, num_warps):
     n, T, block_size, num_warps, grid = _launch_args("neuron_forward", x, x.dtype, block_size, num_warps)
     if n == 0:
         return
     if v_init is not None:
         v_init = to_neuron_layout(v_init, x, with_time=False)
+    affine = _affine_args(x, scale, shift, channel_dim, v_final)
     x, geometry = _x_geometry(x)
     _neuron_forward_kernel[grid](
-        x, v_final if v_init is None else v_init, q if q is not None else v_final,
+        x, v_final if v_init is None else v_init, q if q is not None else v_final, affine[0], affine[1],
         spikes if store_spikes else v_final, v_final, saved if save_id else v_final,
-        n, T, *geometry[:6], float(tau), float(v_threshold), float(v_reset), float(v_reset),
+        n, T, *geometry[:6], affine[2], affine[3], float(tau), float(v_threshold), float(v_reset), float(v_reset),
         KIND=KIND_IDS[kind], DECAY_INPUT=bool(decay_input), HARD_RESET=bool(hard_reset), NDIMS=geometry[6],
-        SAVE=save_id, STORE_SPIKES=store_spikes, V_INIT_CONST=v_init is None, BLOCK=block_size,
-        num_warps=num_warps, enable_fp_fusion=False)
+        SAVE=save_id, STORE_SPIKES=store_spikes, V_INIT_CONST=v_init is None, AFFINE=scale is not None,
+        BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
 
 
 def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None, saved: torch.Tensor,
                     x: torch.Tensor | None, v_init: torch.Tensor | None, q: torch.Tensor | None, *, kind: str,
                     tau: float, decay_input: bool, v_threshold: float, hard_reset: bool, v_reset: float,
                     detach_reset: bool, surrogate: str, alpha: float, save: str, need_grad_v_init: bool = True,
-                    block_size: int | None = None, num_warps: int | None = None, out=None):
+                    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, channel_dim: int = 0,
+                    need_grad_affine: bool = True, block_size: int | None = None, num_warps: int | None = None,
+                    out=None):
     """Multi-step neuron backward through time.
 
     ``grad_spikes [T, *shape]`` (spikes' dtype), ``grad_v_final [*shape]`` or None (zero: nothing read);
-    ``saved`` from :func:`neuron_forward`; ``x`` is read for ``save="input"`` and for PLIF with ``decay_input``;
-    ``v_init`` (None = the constant default state ``v_reset``) matters for PLIF and ``"input"``.
+    ``saved`` from :func:`neuron_forward`; ``x`` is read for ``save="input"``, for PLIF with ``decay_input``
+    and for the grad of ``scale``; ``v_init`` (None = the constant default state ``v_reset``) matters for PLIF
+    and ``"input"``; ``scale``, ``shift``, ``channel_dim`` as given to the forward.
     ``save="input"`` with ``T <= MAX_RECOMPUTE_T`` runs one kernel that recomputes H in registers; longer
     sequences re-run the forward kernel into a transient fp32 H buffer first. Gradients are bit-identical to
     ``save="h"``'s in both cases.
-    Returns ``(grad_x [T, *shape] in grad_spikes' dtype, grad_v_init [*shape] fp32 or None when
-    ``need_grad_v_init`` is false (not written), w_partial)`` in the neuron layout (of ``x`` for ``"input"``,
-    else of ``saved``); ``w_partial [*shape]`` fp32 per-neuron partial sums for PLIF's grad of ``w`` (None
-    otherwise). ``out``: optional preallocated ``(grad_x, grad_v_init, w_partial)``.
+    Returns ``(grad_x, grad_v_init, w_partial, scale_partial, shift_partial)`` in the neuron layout (of ``x``
+    for ``"input"``, else of ``saved``): ``grad_x [T, *shape]`` in grad_spikes' dtype; ``grad_v_init [*shape]``
+    fp32, or None when ``need_grad_v_init`` is false (not written); ``w_partial [*shape]`` fp32 per-neuron
+    partial sums for PLIF's grad of ``w`` (None otherwise); ``scale_partial``, ``shift_partial [*shape]`` fp32
+    per-neuron ``sum_t dL/dY[t] * X[t]`` and ``sum_t dL/dY[t]`` (None without ``scale`` or without
+    ``need_grad_affine``). ``out``: optional preallocated tuple of the same five.
     """
     template = x if save == "input" else saved
     recompute = save == "input" and template.shape[0] <= MAX_RECOMPUTE_T  # fused: H in registers
+    affine_grad = scale is not None and need_grad_affine
     if save == "input" and not recompute:
         h = empty_neuron_layout(x, torch.float32)
         scratch_v = empty_neuron_layout(x, torch.float32, with_time=False)
         _forward_into(x, v_init, q, None, scratch_v, h, kind=kind, tau=tau, decay_input=decay_input,
                       v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset, save_id=SAVE_IDS["h"],
-                      store_spikes=False, block_size=block_size, num_warps=num_warps)
+                      store_spikes=False, scale=scale, shift=shift, channel_dim=channel_dim,
+                      block_size=block_size, num_warps=num_warps)
         del scratch_v
     else:
         h = saved  # empty for the fused recompute: the kernel never reads it
+    wanted = (True, need_grad_v_init, kind == "plif", affine_grad, affine_grad)
+    dtypes = (grad_spikes.dtype,) + (torch.float32,) * 4
+    names = ("grad_x", "grad_v_init", "w_partial", "scale_partial", "shift_partial")
     if out is None:
-        grad_x = empty_neuron_layout(template, grad_spikes.dtype)
-        grad_v_init = empty_neuron_layout(template, torch.float32, with_time=False) if need_grad_v_init else None
-        w_partial = empty_neuron_layout(template, torch.float32, with_time=False) if kind == "plif" else None
+        outs = [empty_neuron_layout(template, d, with_time=i == 0) if want else None
+                for i, (want, d) in enumerate(zip(wanted, dtypes))]
     else:
-        grad_x, grad_v_init, w_partial = out
-        _check_out("out[0] (grad_x)", grad_x, template, grad_spikes.dtype, True)
-        if need_grad_v_init:
-            _check_out("out[1] (grad_v_init)", grad_v_init, template, torch.float32, False)
-        else:
-            grad_v_init = None
-        if kind == "plif":
-            _check_out("out[2] (w_partial)", w_partial, template, torch.float32, False)
+        outs = list(out)
+        for i, (want, d, name) in enumerate(zip(wanted, dtypes, names)):
+            if want:
+                _check_out(f"out[{i}] ({name})", outs[i], template, d, i == 0)
+            else:
+                outs[i] = None
+    grad_x, grad_v_init, w_partial, scale_partial, shift_partial = outs
     grad_spikes = to_neuron_layout(grad_spikes, template, with_time=True)
     if grad_v_final is not None:
         grad_v_final = to_neuron_layout(grad_v_final.float(), template, with_time=False)
     kernel = "neuron_backward_recompute" if recompute else "neuron_backward"
     n, T, block_size, num_warps, grid = _launch_args(kernel, template, grad_spikes.dtype, block_size, num_warps)
     if n == 0:
-        return grad_x, grad_v_init, w_partial
-    reads_x = recompute or (kind == "plif" and decay_input)  # PLIF: dH/dq = X - (V[t-1] - v_reset)
+        return grad_x, grad_v_init, w_partial, scale_partial, shift_partial
+    reads_x = recompute or (kind == "plif" and decay_input) or affine_grad
     if v_init is not None and (kind == "plif" or recompute):
         v_init = to_neuron_layout(v_init, template, with_time=False)
     if reads_x:
@@ -615,14 +715,16 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None
         geometry = [0, 1, 1, 0, 0, 0, 1]
     sg_a, sg_b = _surrogate_constants(surrogate, alpha)
     any_ptr = grad_x
+    affine = _affine_args(template, scale, shift, channel_dim, any_ptr)
     _neuron_backward_kernel[grid](
         grad_spikes, any_ptr if grad_v_final is None else grad_v_final, any_ptr if recompute else h,
         x if reads_x else any_ptr, any_ptr if v_init is None else v_init, any_ptr if q is None else q,
-        grad_x, any_ptr if grad_v_init is None else grad_v_init, any_ptr if w_partial is None else w_partial,
-        n, T, (T - 1) * n, (T - 1) * geometry[0], *geometry[:6], float(tau), float(v_threshold), float(v_reset),
-        float(v_reset), float(sg_a), float(sg_b),
+        affine[0], affine[1], grad_x, *(any_ptr if t is None else t for t in outs[1:]),
+        n, T, (T - 1) * n, (T - 1) * geometry[0], *geometry[:6], affine[2], affine[3], float(tau),
+        float(v_threshold), float(v_reset), float(v_reset), float(sg_a), float(sg_b),
         KIND=KIND_IDS[kind], DECAY_INPUT=bool(decay_input), HARD_RESET=bool(hard_reset),
         DETACH_RESET=bool(detach_reset), SURROGATE=SURROGATE_IDS[surrogate], H_BF16=save == "h_bf16",
         NDIMS=geometry[6], V_INIT_CONST=v_init is None, LOAD_GRAD_V=grad_v_final is not None,
-        STORE_GRAD_V_INIT=grad_v_init is not None, RECOMPUTE_T=T if recompute else 0, BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
-    return grad_x, grad_v_init, w_partial
+        STORE_GRAD_V_INIT=grad_v_init is not None, AFFINE=scale is not None, AFFINE_GRAD=affine_grad,
+        RECOMPUTE_T=T if recompute else 0, BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
+    return grad_x, grad_v_init, w_partial, scale_partial, shift_partial

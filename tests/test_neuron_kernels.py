@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from revsnn_triton import runtime
 from revsnn_triton.kernels import neurons as K
 from revsnn_triton.ops.neuron import multistep_neuron, neuron_backward, neuron_forward
-from revsnn_triton.ops.neuron_reference import (NeuronConfig, check_neuron_args, decode_saved, encode_saved,
-                                                initial_membrane, neuron_backward_reference,
+from revsnn_triton.ops.neuron_reference import (NeuronConfig, channel_view, check_neuron_args, decode_saved,
+                                                encode_saved, initial_membrane, neuron_backward_reference,
                                                 neuron_forward_reference)
 from revsnn_triton.surrogate import SURROGATES
 from revsnn_triton.testing import assert_close, assert_equal
@@ -64,6 +64,7 @@ class Case:
     special_frac: float = 0.2
     w: float = 0.3
     seed: int = 0
+    channel_dim: int | None = None  # a per-channel affine input transform along this dim of shape, or none
 
     def kwargs(self) -> dict:
         kw = dict(decay_input=self.decay_input, v_threshold=self.v_threshold, v_reset=self.v_reset,
@@ -116,9 +117,33 @@ def make_inputs(case: Case, device: str = "cpu"):
     return x, v_init, w, grad_s, grad_v
 
 
+def make_affine(case: Case, device: str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(scale, shift)`` fp32 ``[C]`` for ``case.channel_dim`` (with zeros, negatives and exact ones among the
+    scales), or ``(None, None)``."""
+    if case.channel_dim is None:
+        return None, None
+    g = torch.Generator().manual_seed(case.seed + 1)
+    channels = case.shape[case.channel_dim]
+    scale = torch.randn(channels, generator=g) * 1.5
+    specials = torch.tensor([0.0, 1.0, -1.0, 0.5, 1e-3, 3.0])
+    pick = torch.rand(channels, generator=g) < 0.3
+    scale = torch.where(pick, specials[torch.randint(len(specials), (channels,), generator=g)], scale)
+    shift = torch.randn(channels, generator=g) * 0.5
+    return scale.to(device), shift.to(device)
+
+
+def affine_kwargs(case: Case, device: str = "cpu") -> dict:
+    """``scale``, ``shift``, ``channel_dim`` for ``multistep_neuron`` (empty without an affine transform)."""
+    if case.channel_dim is None:
+        return {}
+    scale, shift = make_affine(case, device)
+    return dict(scale=scale, shift=shift, channel_dim=case.channel_dim)
+
+
 @st.composite
 def cases(draw, dtypes=(torch.float32, torch.float32, torch.bfloat16, torch.float16)) -> Case:
     name = draw(st.sampled_from(sorted(SURROGATES)))
+    shape = draw(st.sampled_from([(1,), (7,), (131,), (3, 5), (2, 3, 4), (1, 5, 1), (2, 1, 3, 3)]))
     return Case(
         kind=draw(st.sampled_from(["if", "lif", "plif"])),
         tau=draw(st.sampled_from([1.5, 2.0, 3.0]) | st.floats(1.01, 20.0)),
@@ -129,7 +154,7 @@ def cases(draw, dtypes=(torch.float32, torch.float32, torch.bfloat16, torch.floa
         surrogate=name,
         alpha=draw(st.sampled_from([SURROGATES[name].default_alpha]) | st.floats(0.25, 8.0)),
         T=draw(st.integers(1, 6)),
-        shape=draw(st.sampled_from([(1,), (7,), (131,), (3, 5), (2, 3, 4), (1, 5, 1), (2, 1, 3, 3)])),
+        shape=shape,
         dtype=draw(st.sampled_from(dtypes)),
         layout=draw(st.sampled_from(LAYOUTS)),
         random_v_init=draw(st.booleans()),
@@ -137,14 +162,24 @@ def cases(draw, dtypes=(torch.float32, torch.float32, torch.bfloat16, torch.floa
         special_frac=draw(st.sampled_from([0.0, 0.2, 0.6])),
         w=draw(st.floats(-3.0, 3.0)),
         seed=draw(st.integers(0, 2**31 - 1)),
+        channel_dim=draw(st.none() | st.none() | st.integers(-len(shape), len(shape) - 1)),
     )
 
 
 def config(case: Case, x) -> NeuronConfig:
     return check_neuron_args(x, None, tau=case.tau if case.kind == "lif" else None,
-                             w=torch.zeros(1) if case.kind == "plif" else None, decay_input=case.decay_input,
-                             v_threshold=case.v_threshold, v_reset=case.v_reset, detach_reset=case.detach_reset,
-                             surrogate=case.surrogate, alpha=case.alpha)
+                             w=torch.zeros(1, device=x.device) if case.kind == "plif" else None,
+                             decay_input=case.decay_input, v_threshold=case.v_threshold, v_reset=case.v_reset,
+                             detach_reset=case.detach_reset, surrogate=case.surrogate, alpha=case.alpha,
+                             **affine_kwargs(case, x.device))
+
+
+def affine_views(case: Case, cfg: NeuronConfig, x):
+    """The reference's ``affine`` argument: ``(scale, shift)`` broadcast over x's per-step shape, or None."""
+    scale, shift = make_affine(case, x.device)
+    if scale is None:
+        return None
+    return channel_view(scale, cfg.channel_dim, x.shape[1:]), channel_view(shift, cfg.channel_dim, x.shape[1:])
 
 
 def launcher_kwargs(cfg: NeuronConfig) -> dict:
@@ -170,6 +205,8 @@ def run_launchers(case: Case, device: str, save: str, block_size: int | None = N
     instead of the random gradient; ``need_grad_v_init=False`` asks for no grad of v_init (returned None)."""
     x, v_init, w, grad_s, grad_v = make_inputs(case, device)
     cfg = config(case, x)
+    scale, shift = make_affine(case, device)
+    affine = dict(scale=scale, shift=shift, channel_dim=cfg.channel_dim or 0)
     v0 = v_init
     if v_init is None and not v_init_const:
         v0 = initial_membrane(x, case.v_reset)
@@ -178,15 +215,16 @@ def run_launchers(case: Case, device: str, save: str, block_size: int | None = N
     out = poisoned(x, (x.dtype, torch.float32, saved_dtype), (True, False, True))
     if save == "input":
         out = out[:2] + (x.new_empty(0, dtype=torch.float32),)
-    fwd = K.neuron_forward(x, v0, q, **launcher_kwargs(cfg), save=save, block_size=block_size,
+    fwd = K.neuron_forward(x, v0, q, **launcher_kwargs(cfg), save=save, **affine, block_size=block_size,
                            num_warps=1 if block_size else None, out=out)
     assert all(a is b for a, b in zip(fwd, out)), "the launcher must write into the given outputs"
-    bwd_out = poisoned(x, (x.dtype, torch.float32, torch.float32), (True, False, False))
+    bwd_out = poisoned(x, (x.dtype,) + (torch.float32,) * 4, (True,) + (False,) * 4)
+    wanted = (True, True, cfg.kind == "plif", scale is not None, scale is not None)
     bwd = K.neuron_backward(grad_s, grad_v if grad_v_final else None, fwd[2], x, v0, q, **launcher_kwargs(cfg),
                             detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha, save=save,
-                            need_grad_v_init=need_grad_v_init, block_size=block_size,
+                            need_grad_v_init=need_grad_v_init, **affine, block_size=block_size,
                             num_warps=1 if block_size else None,
-                            out=bwd_out if cfg.kind == "plif" else bwd_out[:2] + (None,))
+                            out=tuple(t if want else None for t, want in zip(bwd_out, wanted)))
     cpu = lambda ts: tuple(None if t is None else t.cpu() for t in ts)  # noqa: E731
     return cpu(fwd), cpu(bwd)
 
@@ -196,20 +234,26 @@ def reference(case: Case, save: str = "h"):
     cfg = config(case, x)
     v0 = initial_membrane(x, case.v_reset) if v_init is None else v_init
     q = None if w is None else torch.sigmoid(w.float()).reshape(())
-    spikes, v_final, h = neuron_forward_reference(x, v0, q, cfg)
+    affine = affine_views(case, cfg, x)
+    spikes, v_final, h = neuron_forward_reference(x, v0, q, cfg, affine=affine)
     h_used, s_used = decode_saved(encode_saved(h, save, cfg.v_threshold), save, cfg.v_threshold) \
         if save == "h_bf16" else (h, (h >= cfg.v_threshold).float())
-    bwd = neuron_backward_reference(grad_s, grad_v, h_used, s_used, x, v0, q, cfg)
+    bwd = neuron_backward_reference(grad_s, grad_v, h_used, s_used, x, v0, q, cfg, affine=affine)
     return (spikes, v_final, h), bwd
 
 
 def check_gradients(case: Case, bwd, ref_bwd) -> None:
-    grad_x, grad_v, w_partial = bwd
-    ref_x, ref_v, ref_w = ref_bwd
+    grad_x, grad_v, w_partial, scale_partial, shift_partial = bwd
+    ref_x, ref_v, ref_w, ref_scale, ref_shift = ref_bwd
     assert_close(grad_x, ref_x.to(case.dtype), "grad_x", dtype=case.dtype)
     assert_close(grad_v, ref_v, "grad_v_init", dtype=torch.float32)
     if case.kind == "plif":
         assert_close(w_partial, ref_w, "PLIF w partials", dtype=torch.float32)
+    if case.channel_dim is not None:
+        assert_close(scale_partial, ref_scale, "scale partials", dtype=torch.float32)
+        assert_close(shift_partial, ref_shift, "shift partials", dtype=torch.float32)
+    else:
+        assert scale_partial is None and shift_partial is None
 
 
 def check_case(case: Case, device: str) -> None:
@@ -253,7 +297,8 @@ def test_saved_bf16_matches_reference_encoding(kernel_device: str) -> None:
 
 
 def check_same_gradients(got, expected, what: str) -> None:
-    for a, b, name in zip(got, expected, ("grad_x", "grad_v_init", "w partials")):
+    for a, b, name in zip(got, expected, ("grad_x", "grad_v_init", "w partials", "scale partials",
+                                          "shift partials")):
         if b is not None:
             assert_equal(a, b, f"{name}: {what}")
 
@@ -277,7 +322,7 @@ def test_recompute_backward_equals_saved_h(case: Case) -> None:
 def test_recompute_beyond_register_bound_falls_back(kernel_device: str) -> None:
     """T > MAX_RECOMPUTE_T: the forward kernel re-runs into a transient H; still bit-identical to save="h"."""
     T = K.MAX_RECOMPUTE_T + 1
-    case = Case(kind="plif", T=T, shape=(3, 7), layout="transposed", v_reset=None, scale=2.0)
+    case = Case(kind="plif", T=T, shape=(3, 7), layout="transposed", v_reset=None, scale=2.0, channel_dim=0)
     with kernels_on(kernel_device):
         (_, bwd_h), (_, bwd_in) = (run_launchers(case, kernel_device, save=s) for s in ("h", "input"))
         (_, bwd_short) = run_launchers(Case(kind="plif", T=K.MAX_RECOMPUTE_T, shape=(3, 7)), kernel_device, "input")
@@ -300,7 +345,8 @@ def test_skipped_traffic_changes_nothing(kind: str, save: str, kernel_device: st
     for a, b, what in zip(const[0], full[0], ("spikes", "v_final", "saved")):
         assert_equal(a, b, f"{what}: v_init=None vs materialized")
     check_same_gradients(const[1], full[1], "v_init=None vs materialized")
-    check_same_gradients(no_gv_init[1][::2], const[1][::2], "grad of v_init not requested")
+    skip_v_init = lambda grads: (grads[0], None, *grads[2:])  # noqa: E731
+    check_same_gradients(skip_v_init(no_gv_init[1]), skip_v_init(const[1]), "grad of v_init not requested")
     assert no_gv_init[1][1] is None
     # grad_v_final=None is the zero gradient: compare with the reference backward given zeros
     (_, _, h), ref = reference(case, save=save if save == "h_bf16" else "h")
@@ -311,7 +357,8 @@ def test_skipped_traffic_changes_nothing(kind: str, save: str, kernel_device: st
     q = None if w is None else torch.sigmoid(w.float()).reshape(())
     h_used, s_used = decode_saved(encode_saved(h, save, cfg.v_threshold), save, cfg.v_threshold) \
         if save == "h_bf16" else (h, (h >= cfg.v_threshold).float())
-    ref_zero = neuron_backward_reference(grad_s, torch.zeros_like(grad_v), h_used, s_used, x, v0, q, cfg)
+    ref_zero = neuron_backward_reference(grad_s, torch.zeros_like(grad_v), h_used, s_used, x, v0, q, cfg,
+                                         affine=affine_views(case, cfg, x))
     check_gradients(case, no_gv[1], ref_zero)
 
 
@@ -338,7 +385,7 @@ def test_bf16_sign_never_flips_spike() -> None:
 
 @pytest.mark.parametrize("save", ["h", "input", "h_bf16"])
 def test_launch_configs_bit_identical(save: str, kernel_device: str) -> None:
-    case = Case(kind="plif", T=4, shape=(5, 41), layout="transposed", v_reset=None, scale=2.0)
+    case = Case(kind="plif", T=4, shape=(5, 41), layout="transposed", v_reset=None, scale=2.0, channel_dim=1)
     results = []
     with kernels_on(kernel_device):
         for block in (32, 64, 128):
@@ -346,7 +393,7 @@ def test_launch_configs_bit_identical(save: str, kernel_device: str) -> None:
     (fwd0, bwd0) = results[0]
     for block, (fwd, bwd) in zip((64, 128), results[1:]):
         for a, b, what in zip(fwd + bwd, fwd0 + bwd0, ("spikes", "v_final", "saved", "grad_x", "grad_v_init",
-                                                       "w partials")):
+                                                       "w partials", "scale partials", "shift partials")):
             assert_equal(a, b, f"{what} with block {block} vs 32")
 
 
@@ -409,39 +456,50 @@ def test_many_dims_fall_back_to_copy() -> None:
 
 
 @pytest.mark.parametrize("save", ["h", "h_bf16", "input"])
-def test_op_gradients_equal_reference(save: str, kernel_device: str) -> None:
-    """Autograd through ``multistep_neuron`` with the kernels vs with the reference (CPU), for x, v_init and w."""
+@pytest.mark.parametrize("affine", [False, True])
+def test_op_gradients_equal_reference(save: str, affine: bool, kernel_device: str) -> None:
+    """Autograd through ``multistep_neuron`` with the kernels vs with the reference (CPU), for x, v_init and w,
+    and scale and shift (sums over 4 x 3 steps and neurons per channel)."""
     case = Case(kind="plif", T=4, shape=(3, 29), v_reset=-0.5, surrogate="soft_sign", alpha=2.0,
-                layout="channels_last" if kernel_device == "cpu" else "transposed", scale=2.0)
+                layout="channels_last" if kernel_device == "cpu" else "transposed", scale=2.0,
+                channel_dim=-1 if affine else None)
+
     def run(device: str, kernels: bool):
         x, v_init, w, grad_s, grad_v = make_inputs(case, device)
-        x.requires_grad_(), v_init.requires_grad_(), w.requires_grad_()
+        kw = affine_kwargs(case, device)
+        leaves = [x, v_init, w] + [kw[k] for k in ("scale", "shift") if k in kw]
+        for t in leaves:
+            t.requires_grad_()
         with kernels_on(device) if kernels else contextlib.nullcontext():
-            spikes, v = multistep_neuron(x, v_init, w=w, **case.kwargs(), save=save)
-            grads = torch.autograd.grad((spikes * grad_s).sum() + (v * grad_v).sum(), (x, v_init, w))
+            spikes, v = multistep_neuron(x, v_init, w=w, **case.kwargs(), save=save, **kw)
+            grads = torch.autograd.grad((spikes * grad_s).sum() + (v * grad_v).sum(), leaves)
         return [t.detach().cpu() for t in (spikes, v, *grads)]
 
-    results = [run(kernel_device, kernels=True), run("cpu", kernels=False)]
-    (s, v, gx, gv, gw), (rs, rv, rgx, rgv, rgw) = results
-    assert_equal(s, rs, "spikes")
-    assert_equal(v, rv, "v_final")
-    assert_close(gx, rgx, "grad x")
-    assert_close(gv, rgv, "grad v_init")
-    assert_close(gw, rgw, "grad w")
+    got, ref = run(kernel_device, kernels=True), run("cpu", kernels=False)
+    assert_equal(got[0], ref[0], "spikes")
+    assert_equal(got[1], ref[1], "v_final")
+    for a, b, what in zip(got[2:], ref[2:], ("x", "v_init", "w", "scale", "shift")):
+        assert_close(a, b, f"grad {what}", reduce_dim=1 if what in ("x", "v_init") else 12)
 
 
-def test_opcheck_kernel_path(kernel_device: str) -> None:
-    case = Case(kind="plif", T=3, shape=(5, 7), layout="transposed")
+@pytest.mark.parametrize("affine", [False, True])
+def test_opcheck_kernel_path(affine: bool, kernel_device: str) -> None:
+    case = Case(kind="plif", T=3, shape=(5, 7), layout="transposed", channel_dim=0 if affine else None)
     x, v_init, w, grad_s, grad_v = make_inputs(case, kernel_device)
+    scale, shift = make_affine(case, kernel_device)
     cfg = config(case, x)
     scalars = (cfg.kind, cfg.tau, cfg.decay_input, cfg.v_threshold, cfg.hard_reset, cfg.v_reset, cfg.detach_reset,
                cfg.surrogate, cfg.alpha)
+    affine_args = (scale, shift, cfg.channel_dim or 0)
     with kernels_on(kernel_device):
         for save in ("h", "input"):
-            torch.library.opcheck(neuron_forward, (x.requires_grad_(), v_init, w.requires_grad_(), *scalars, save))
-            saved = neuron_forward(x.detach(), v_init, w.detach(), *scalars, save)[2]
-            torch.library.opcheck(neuron_backward, (grad_s, grad_v, saved, x.detach(), v_init, w.detach(),
-                                                    *scalars, save))
+            req = [t.requires_grad_() if t is not None else None for t in (x, w, scale, shift)]
+            torch.library.opcheck(neuron_forward, (req[0], v_init, req[1], *scalars, save, req[2], req[3],
+                                                   affine_args[2]))
+            det = [t.detach() if t is not None else None for t in (x, w, scale, shift)]
+            saved = neuron_forward(det[0], v_init, det[1], *scalars, save, det[2], det[3], affine_args[2])[2]
+            torch.library.opcheck(neuron_backward, (grad_s, grad_v, saved, det[0], v_init, det[1], *scalars, save,
+                                                    True, det[2], det[3], affine_args[2], True))
 
 
 # Compiles kernel variants for an H100 (sm_90) without needing a GPU, in a subprocess without the interpreter,
@@ -486,27 +544,32 @@ print(json.dumps(report))
 
 _F32 = "*fp32"
 _COMPILE_VARIANTS = [
-    ("_neuron_forward_kernel", dict(x_ptr=_F32, v_init_ptr=_F32, q_ptr=_F32, spikes_ptr=_F32, v_final_ptr=_F32,
-                                    h_ptr=_F32),
+    ("_neuron_forward_kernel", dict(x_ptr=_F32, v_init_ptr=_F32, q_ptr=_F32, scale_ptr=_F32, shift_ptr=_F32,
+                                    spikes_ptr=_F32, v_final_ptr=_F32, h_ptr=_F32),
      dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, NDIMS=1, SAVE=1, STORE_SPIKES=True, V_INIT_CONST=True,
-          BLOCK=1024, stride2=1)),
-    ("_neuron_forward_kernel", dict(x_ptr="*bf16", v_init_ptr=_F32, q_ptr=_F32, spikes_ptr="*bf16", v_final_ptr=_F32,
-                                    h_ptr="*bf16"),
+          AFFINE=False, BLOCK=1024, stride2=1)),
+    ("_neuron_forward_kernel", dict(x_ptr="*bf16", v_init_ptr=_F32, q_ptr=_F32, scale_ptr=_F32, shift_ptr=_F32,
+                                    spikes_ptr="*bf16", v_final_ptr=_F32, h_ptr="*bf16"),
      dict(KIND=2, DECAY_INPUT=False, HARD_RESET=False, NDIMS=3, SAVE=2, STORE_SPIKES=True, V_INIT_CONST=False,
-          BLOCK=512)),
-    ("_neuron_forward_kernel", dict(x_ptr="*fp16", v_init_ptr=_F32, q_ptr=_F32, spikes_ptr="*fp16", v_final_ptr=_F32,
-                                    h_ptr=_F32),
+          AFFINE=True, BLOCK=512)),
+    ("_neuron_forward_kernel", dict(x_ptr="*fp16", v_init_ptr=_F32, q_ptr=_F32, scale_ptr=_F32, shift_ptr=_F32,
+                                    spikes_ptr="*fp16", v_final_ptr=_F32, h_ptr=_F32),
      dict(KIND=0, DECAY_INPUT=True, HARD_RESET=True, NDIMS=2, SAVE=1, STORE_SPIKES=False, V_INIT_CONST=False,
-          BLOCK=256)),
+          AFFINE=False, BLOCK=256)),
     ("_neuron_backward_kernel", dict(grad_s_ptr=_F32, grad_v_ptr=_F32, h_ptr=_F32, x_ptr=_F32, v_init_ptr=_F32,
-                                     q_ptr=_F32, grad_x_ptr=_F32, grad_v_init_ptr=_F32, w_partial_ptr=_F32),
+                                     q_ptr=_F32, scale_ptr=_F32, shift_ptr=_F32, grad_x_ptr=_F32,
+                                     grad_v_init_ptr=_F32, w_partial_ptr=_F32, scale_partial_ptr=_F32,
+                                     shift_partial_ptr=_F32),
      dict(KIND=1, DECAY_INPUT=True, HARD_RESET=True, DETACH_RESET=True, SURROGATE=1, H_BF16=False, NDIMS=1,
-          V_INIT_CONST=False, LOAD_GRAD_V=True, STORE_GRAD_V_INIT=True, RECOMPUTE_T=0, BLOCK=1024)),
+          V_INIT_CONST=False, LOAD_GRAD_V=True, STORE_GRAD_V_INIT=True, AFFINE=False, AFFINE_GRAD=False,
+          RECOMPUTE_T=0, BLOCK=1024)),
     ("_neuron_backward_kernel", dict(grad_s_ptr="*bf16", grad_v_ptr=_F32, h_ptr="*bf16", x_ptr="*bf16",
-                                     v_init_ptr=_F32, q_ptr=_F32, grad_x_ptr="*bf16", grad_v_init_ptr=_F32,
-                                     w_partial_ptr=_F32),
+                                     v_init_ptr=_F32, q_ptr=_F32, scale_ptr=_F32, shift_ptr=_F32,
+                                     grad_x_ptr="*bf16", grad_v_init_ptr=_F32, w_partial_ptr=_F32,
+                                     scale_partial_ptr=_F32, shift_partial_ptr=_F32),
      dict(KIND=2, DECAY_INPUT=True, HARD_RESET=False, DETACH_RESET=False, SURROGATE=0, H_BF16=True, NDIMS=3,
-          V_INIT_CONST=True, LOAD_GRAD_V=False, STORE_GRAD_V_INIT=False, RECOMPUTE_T=0, BLOCK=512)),
+          V_INIT_CONST=True, LOAD_GRAD_V=False, STORE_GRAD_V_INIT=False, AFFINE=True, AFFINE_GRAD=True,
+          RECOMPUTE_T=0, BLOCK=512)),
 ]
 
 
@@ -516,11 +579,13 @@ def _recompute_variant(T: int, kind: int, surrogate: int, dtype: str) -> tuple:
     from revsnn_triton.tuning import heuristic
     cfg = heuristic(8_388_608, T, on_gpu=True, kernel="neuron_backward_recompute")
     ptrs = dict(grad_s_ptr=dtype, grad_v_ptr=_F32, h_ptr=_F32, x_ptr=dtype, v_init_ptr=_F32, q_ptr=_F32,
-                grad_x_ptr=dtype, grad_v_init_ptr=_F32, w_partial_ptr=_F32)
+                scale_ptr=_F32, shift_ptr=_F32, grad_x_ptr=dtype, grad_v_init_ptr=_F32, w_partial_ptr=_F32,
+                scale_partial_ptr=_F32, shift_partial_ptr=_F32)
     return ("_neuron_backward_kernel", ptrs,
             dict(KIND=kind, DECAY_INPUT=True, HARD_RESET=True, DETACH_RESET=kind == 1, SURROGATE=surrogate,
                  H_BF16=False, NDIMS=1, V_INIT_CONST=kind == 1, LOAD_GRAD_V=kind == 2, STORE_GRAD_V_INIT=kind == 2,
-                 RECOMPUTE_T=T, BLOCK=cfg.block_size, num_warps=cfg.num_warps, stride2=1))
+                 AFFINE=kind == 2, AFFINE_GRAD=kind == 2, RECOMPUTE_T=T, BLOCK=cfg.block_size,
+                 num_warps=cfg.num_warps, stride2=1))
 
 
 # The benchmark's LIF (ATan) at T = 4, 16, 32, and PLIF (sigmoid, bf16, every gradient) at T = 16.

@@ -424,7 +424,7 @@ def _tune_backward(T: int, n: int, dtype: torch.dtype, device: torch.device):
     _, _, saved = k.neuron_forward(x, torch.zeros(n, device=device), None, **_TUNE_NEURON, save="h")
     grad_s = torch.randn(T, n, device=device).to(dtype)
     grad_v = torch.zeros(n, device=device)
-    out = (torch.empty_like(grad_s), torch.empty_like(grad_v), None)
+    out = (torch.empty_like(grad_s), torch.empty_like(grad_v), None, None, None)
 
     def run(block_size: int, num_warps: int):
         return k.neuron_backward(grad_s, grad_v, saved, None, None, None, **_TUNE_NEURON, detach_reset=True,
@@ -439,7 +439,7 @@ def _tune_backward_recompute(T: int, n: int, dtype: torch.dtype, device: torch.d
         raise ValueError(f"neuron_backward_recompute runs for T <= {k.MAX_RECOMPUTE_T} only, got T={T}")
     x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
     grad_s = torch.randn(T, n, device=device).to(dtype)
-    out = (torch.empty_like(grad_s), None, None)
+    out = (torch.empty_like(grad_s), None, None, None, None)
 
     def run(block_size: int, num_warps: int):  # as the benchmark's call: no v_init, v_final unused
         return k.neuron_backward(grad_s, None, x.new_empty(0, dtype=torch.float32), x, None, None, **_TUNE_NEURON,

@@ -4,6 +4,8 @@ Semantics are spikingjelly 2.0's (``step_mode='m'``), computed in fp32 whatever 
 operations in the same order, so spikes and membranes are bit-equal to spikingjelly's in fp32. For each t
 (``V[-1] = v_init``; ``vr = v_reset``, or 0 in the charge for soft reset):
 
+- input: ``X`` itself, or with a per-channel affine transform ``Y = X * scale[c] + shift[c]`` (fp32: a multiply,
+  then an add) for the channel ``c`` of each neuron; the charge below then reads ``Y`` for ``X``
 - charge: IF ``H = V + X``; LIF ``H = V + (X - (V - vr)) / tau`` (``decay_input=False``:
   ``H = V - (V - vr) / tau + X``); PLIF the same with ``* q`` for ``/ tau``, ``q = sigmoid(w)`` in fp32
 - fire: ``S = (H >= v_threshold)``, returned in the input dtype
@@ -18,6 +20,7 @@ Three entry points:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -41,6 +44,7 @@ class NeuronConfig:
     detach_reset: bool
     surrogate: str
     alpha: float
+    channel_dim: int | None = None  # dim of the per-step shape that scale/shift index; None: no affine input
 
 
 def _is_finite(value: float) -> bool:
@@ -53,14 +57,17 @@ def _is_real_number(value: object) -> bool:
 
 
 def check_neuron_args(x_seq, v_init, *, tau, w, decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                      alpha, save="h", where="multistep_neuron") -> NeuronConfig:
+                      alpha, save="h", scale=None, shift=None, channel_dim=None,
+                      where="multistep_neuron") -> NeuronConfig:
     """Validate the arguments of a multi-step neuron call; raise ``TypeError``/``ValueError`` naming the argument.
 
     Accepted: ``x_seq`` a float32/float16/bfloat16 tensor with at least 2 dims ``[T, *shape]``, T >= 1;
     ``v_init`` None or a float32 tensor of shape ``shape`` on ``x_seq``'s device; ``w`` None or a 1-element
     floating tensor on the same device (PLIF); ``tau`` None or a finite float > 1 (LIF; ignored with ``w``);
     finite ``v_threshold``, ``v_reset`` (None = soft reset), ``alpha`` > 0; ``surrogate`` one of ``SURROGATES``;
-    ``save`` one of ``SAVE_MODES``.
+    ``save`` one of ``SAVE_MODES``; ``scale`` and ``shift`` both None, or both float32 1-D tensors of length
+    ``x_seq.shape[1 + channel_dim]`` on ``x_seq``'s device, with ``channel_dim`` an int indexing
+    ``x_seq.shape[1:]`` (negative counts from the end; returned normalized in ``NeuronConfig.channel_dim``).
     """
     if not isinstance(x_seq, torch.Tensor):
         raise TypeError(f"{where}: x_seq must be a torch.Tensor, got {type(x_seq).__name__}")
@@ -128,7 +135,58 @@ def check_neuron_args(x_seq, v_init, *, tau, w, decay_input, v_threshold, v_rese
     return NeuronConfig(kind=kind, tau=float(tau) if kind == "lif" else 1.0, decay_input=decay_input,
                         v_threshold=float(v_threshold), hard_reset=v_reset is not None,
                         v_reset=0.0 if v_reset is None else float(v_reset), detach_reset=detach_reset,
-                        surrogate=surrogate, alpha=float(alpha))
+                        surrogate=surrogate, alpha=float(alpha),
+                        channel_dim=_check_affine(x_seq, scale, shift, channel_dim, where))
+
+
+def _check_affine(x_seq, scale, shift, channel_dim, where: str) -> int | None:
+    """The normalized ``channel_dim`` of a valid ``scale``/``shift`` pair, or None when both are None."""
+    if scale is None and shift is None:
+        if channel_dim is not None:
+            raise ValueError(f"{where}: channel_dim={channel_dim!r} is given without scale and shift; "
+                             f"pass both of them with it, or none of the three")
+        return None
+    if scale is None or shift is None:
+        given, missing = ("scale", "shift") if shift is None else ("shift", "scale")
+        raise ValueError(f"{where}: {given} is given but {missing} is None; pass both (the neuron's input is "
+                         f"x * scale[c] + shift[c]) or neither")
+    ndim = x_seq.dim() - 1
+    if channel_dim is None:
+        raise ValueError(f"{where}: channel_dim is required with scale and shift (the dim of x_seq.shape[1:] "
+                         f"that they index, e.g. 1 for [T, B, C, H, W])")
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"{where}: channel_dim must be an int, got {type(channel_dim).__name__}")
+    if not -ndim <= channel_dim < ndim:
+        raise ValueError(f"{where}: channel_dim must index x_seq.shape[1:] = {tuple(x_seq.shape[1:])}, i.e. lie "
+                         f"in [{-ndim}, {ndim - 1}], got {channel_dim}")
+    channel_dim %= ndim
+    channels = x_seq.shape[1 + channel_dim]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{where}: {name} must be float32 (the input transform runs in fp32), got {t.dtype}")
+        if t.shape != (channels,):
+            raise ValueError(f"{where}: {name} must have shape ({channels},) (x_seq.shape[{1 + channel_dim}], "
+                             f"channel_dim={channel_dim}), got {tuple(t.shape)}")
+        if t.device != x_seq.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but x_seq is on {x_seq.device}")
+    return channel_dim
+
+
+def channel_view(t: torch.Tensor, channel_dim: int, shape: Sequence[int]) -> torch.Tensor:
+    """A ``[C]`` vector as a view broadcast over the per-step ``shape`` along ``channel_dim`` (stride 0
+    elsewhere, no copy)."""
+    view = [1] * len(shape)
+    view[channel_dim] = t.shape[0]
+    return t.view(view).expand(tuple(shape))
+
+
+def channel_sum(partial: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``[C]`` sums of per-neuron partials ``[*shape]`` over every dim but ``channel_dim``: one ``torch.sum``
+    (a fixed order for a given tensor), so the result does not depend on how the partials were computed."""
+    others = [d for d in range(partial.dim()) if d != channel_dim]
+    return partial.sum(dim=others) if others else partial.clone(memory_format=torch.contiguous_format)
 
 
 def initial_membrane(x_seq: torch.Tensor, v_reset: float | None) -> torch.Tensor:
@@ -156,21 +214,24 @@ def _reset(h: torch.Tensor, spike: torch.Tensor, cfg: NeuronConfig) -> torch.Ten
 
 
 def multistep_autograd(x_seq, v_init=None, *, tau=None, w=None, decay_input=True, v_threshold=1.0,
-                       v_reset=0.0, detach_reset=False, surrogate="sigmoid", alpha=4.0):
+                       v_reset=0.0, detach_reset=False, surrogate="sigmoid", alpha=4.0, scale=None, shift=None,
+                       channel_dim=None):
     """Multi-step neuron as a plain Python loop over T; gradients by autograd (no hand-written backward).
 
-    Arguments as :func:`revsnn_triton.ops.neuron.multistep_neuron`. Returns ``(spikes [T, *shape] in x's
+    Arguments as :func:`revsnn_triton.ops.neuron.multistep_neuron` (without ``save``). Returns ``(spikes [T, *shape] in x's
     dtype, v_final [*shape] float32)``. Autograd keeps every step's intermediates (about 5 fp32 tensors per
     neuron-step): this is the oracle and the ``backend="torch"`` path, not the memory-efficient one.
     """
     cfg = check_neuron_args(x_seq, v_init, tau=tau, w=w, decay_input=decay_input, v_threshold=v_threshold,
                             v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate, alpha=alpha,
-                            where="multistep_autograd")
+                            scale=scale, shift=shift, channel_dim=channel_dim, where="multistep_autograd")
     sg = SURROGATES[cfg.surrogate](cfg.alpha)
     v = initial_membrane(x_seq, v_reset) if v_init is None else v_init
     q = torch.sigmoid(w.float()).reshape(()) if cfg.kind == "plif" else None
     spikes = []
     for x in x_seq.float():
+        if cfg.channel_dim is not None:
+            x = x * channel_view(scale, cfg.channel_dim, x.shape) + channel_view(shift, cfg.channel_dim, x.shape)
         h = _charge(x, v, cfg, q)
         spike = sg(h - cfg.v_threshold)
         v = _reset(h, spike.detach() if cfg.detach_reset else spike, cfg)
@@ -200,12 +261,22 @@ def decode_saved(saved: torch.Tensor, save: str, v_threshold: float) -> tuple[to
     return saved.float() + v_threshold, (~sign).float()
 
 
+def neuron_input(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """One step's neuron input in fp32: ``x``, or ``x * scale + shift`` for ``affine = (scale, shift)`` of
+    ``x``'s shape (e.g. :func:`channel_view`\ s)."""
+    x = x.float()
+    return x if affine is None else x * affine[0] + affine[1]
+
+
 def neuron_forward_reference(x_seq: torch.Tensor, v_init: torch.Tensor, q: torch.Tensor | None,
                              cfg: NeuronConfig, *, spikes_out: torch.Tensor | None = None,
-                             saved_out: torch.Tensor | None = None, save: str = "h"
+                             saved_out: torch.Tensor | None = None, save: str = "h",
+                             affine: tuple[torch.Tensor, torch.Tensor] | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward. ``x_seq [T, *shape]`` (fp32/fp16/bf16, any strides), ``v_init [*shape]`` fp32, ``q`` the 0-dim
-    fp32 ``sigmoid(w)`` for PLIF else None. Returns ``(spikes [T, *shape] x's dtype, v_final fp32, H fp32)``.
+    fp32 ``sigmoid(w)`` for PLIF else None; ``affine``: None or fp32 ``(scale, shift)`` of the per-step shape
+    (see :func:`neuron_input`), computed step by step. Returns ``(spikes [T, *shape] x's dtype, v_final fp32,
+    H fp32)``.
 
     With ``spikes_out`` or ``saved_out`` (``[T, *shape]`` tensors) the steps are written into them instead of
     being stacked: ``spikes_out`` (x's dtype) receives the spikes, ``saved_out`` ``encode_saved(H, save)``;
@@ -215,7 +286,7 @@ def neuron_forward_reference(x_seq: torch.Tensor, v_init: torch.Tensor, q: torch
     spikes, charged = [], []
     v = v_init
     for t in range(x_seq.shape[0]):
-        h = _charge(x_seq[t].float(), v, cfg, q)
+        h = _charge(neuron_input(x_seq[t], affine), v, cfg, q)
         spike = (h >= cfg.v_threshold).to(torch.float32)
         v = _reset(h, spike, cfg)
         if stacked:
@@ -233,17 +304,20 @@ def neuron_forward_reference(x_seq: torch.Tensor, v_init: torch.Tensor, q: torch
 
 def neuron_backward_reference(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor, h_seq: torch.Tensor,
                               spike_seq: torch.Tensor | None, x_seq: torch.Tensor | None, v_init: torch.Tensor | None,
-                              q: torch.Tensor | None, cfg: NeuronConfig, grad_x_out: torch.Tensor | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                              q: torch.Tensor | None, cfg: NeuronConfig, grad_x_out: torch.Tensor | None = None,
+                              affine: tuple[torch.Tensor, torch.Tensor] | None = None, affine_grad: bool = True):
     """Hand-written backward through time.
 
     ``grad_spikes [T, *shape]``, ``grad_v_final [*shape]``, ``h_seq`` fp32 ``[T, *shape]``, ``spike_seq`` fp32
     ``[T, *shape]`` or None (then ``S[t] = (H[t] >= v_threshold)``, taken step by step, as the forward fired);
-    ``x_seq`` and ``v_init`` are only read for PLIF (the grad of ``w`` needs ``V[t-1]`` and ``X[t]``).
-    Returns ``(grad_x, grad_v_init fp32, w_partial)``: ``grad_x`` is fp32, or ``grad_x_out`` (any dtype,
-    ``[T, *shape]``) into which each step was written; ``w_partial [*shape]`` fp32 is, per neuron,
-    ``sum_t dL/dH[t] * dH[t]/dq`` (summed from t = T-1 down to 0), or None when not PLIF. The grad of ``w`` is
-    ``sum(w_partial) * q * (1 - q)`` (see :func:`plif_grad_w`).
+    ``x_seq`` is read for PLIF with ``decay_input`` and for the affine partials, ``v_init`` for PLIF (the grad
+    of ``w`` needs ``V[t-1]`` and the neuron's input ``Y[t]``); ``affine`` as in
+    :func:`neuron_forward_reference`. Returns ``(grad_x, grad_v_init fp32, w_partial, scale_partial,
+    shift_partial)``: ``grad_x = dL/dY * scale`` (or ``dL/dY``) is fp32, or ``grad_x_out`` (any dtype,
+    ``[T, *shape]``) into which each step was written; the partials are ``[*shape]`` fp32 sums over time
+    (t = T-1 down to 0), per neuron: ``w_partial = sum_t dL/dH[t] * dH[t]/dq`` (PLIF, else None; the grad of
+    ``w`` is :func:`plif_grad_w`), ``scale_partial = sum_t dL/dY[t] * X[t]`` and ``shift_partial =
+    sum_t dL/dY[t]`` (with ``affine`` and ``affine_grad``, else None; the grads are :func:`channel_sum`).
     """
     T = h_seq.shape[0]
 
@@ -253,6 +327,9 @@ def neuron_backward_reference(grad_spikes: torch.Tensor, grad_v_final: torch.Ten
     grad_x = torch.empty_like(h_seq) if grad_x_out is None else grad_x_out
     carry = grad_v_final.float()
     w_partial = torch.zeros_like(carry) if cfg.kind == "plif" else None
+    affine_grad = affine is not None and affine_grad
+    scale_partial = torch.zeros_like(carry) if affine_grad else None
+    shift_partial = torch.zeros_like(carry) if affine_grad else None
     for t in range(T - 1, -1, -1):
         h, spike = h_seq[t], spike_at(t)
         sg = surrogate_derivative(cfg.surrogate, h - cfg.v_threshold, cfg.alpha)
@@ -264,21 +341,28 @@ def neuron_backward_reference(grad_spikes: torch.Tensor, grad_v_final: torch.Ten
             dv_dh = torch.ones_like(h) if cfg.detach_reset else 1.0 - cfg.v_threshold * sg
         grad_h = grad_spikes[t].float() * sg + carry * dv_dh
         if cfg.kind == "if":
-            grad_x[t] = grad_h
+            grad_y = grad_h
             carry = grad_h
         elif cfg.kind == "lif":
-            grad_x[t] = grad_h / cfg.tau if cfg.decay_input else grad_h
+            grad_y = grad_h / cfg.tau if cfg.decay_input else grad_h
             carry = grad_h - grad_h / cfg.tau
         else:
-            grad_x[t] = grad_h * q if cfg.decay_input else grad_h
+            grad_y = grad_h * q if cfg.decay_input else grad_h
             carry = grad_h - grad_h * q
             if t > 0:
                 v_prev = _reset(h_seq[t - 1], spike_at(t - 1), cfg)
             else:
                 v_prev = v_init
-            dh_dq = x_seq[t].float() - (v_prev - cfg.v_reset) if cfg.decay_input else -(v_prev - cfg.v_reset)
+            if cfg.decay_input:
+                dh_dq = neuron_input(x_seq[t], affine) - (v_prev - cfg.v_reset)
+            else:
+                dh_dq = -(v_prev - cfg.v_reset)
             w_partial = w_partial + grad_h * dh_dq
-    return grad_x, carry, w_partial
+        grad_x[t] = grad_y if affine is None else grad_y * affine[0]
+        if affine_grad:
+            scale_partial = scale_partial + grad_y * x_seq[t].float()
+            shift_partial = shift_partial + grad_y
+    return grad_x, carry, w_partial, scale_partial, shift_partial
 
 
 def plif_grad_w(w_partial: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
