@@ -5,7 +5,10 @@ T, B and space, as in MS-ResNet and Spikingformer. A convolution whose input is 
 through :func:`revsnn_triton.ops.spike_conv.spike_conv`, which keeps the input spikes as ``torch.bool`` for
 backward (1 byte per element instead of 4 in fp32) and rebuilds them there; a 3x3 / stride-2 pooling in front
 (average: the downsample layers; max: the transformer tokenizer) is fused the same way, so neither the pooled
-map nor MaxPool's int64 argmax indices are kept. BatchNorm keeps its fp32 input as usual.
+map nor MaxPool's int64 argmax indices are kept. BatchNorm is :class:`revsnn_triton.batchnorm.SeqBatchNorm` (the
+state dict of ``torch.nn.BatchNorm``): it keeps only its input (the convolution output), a recomputation normalizes
+with the forward's statistics, and where a neuron follows, the normalization is fused into the neuron
+(:meth:`SeqConvBN.into_neuron`), so the normalized map is never stored.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from revsnn_triton.batchnorm import SeqBatchNorm, batchnorm_neuron
 from revsnn_triton.ops.spike_conv import POOLS, pool3x3, spike_conv
 
 from .neurons import NeuronFactory
@@ -36,20 +40,26 @@ class SeqConvBN(nn.Module):
             raise ValueError(f"SeqConvBN: dims must be 1 or 2, got {dims}")
         if pool not in POOLS or (pool is not None and dims != 2):
             raise ValueError(f"SeqConvBN: pool must be None, or 'avg'/'max' with dims=2, got {pool!r}")
-        conv_cls, bn_cls = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        conv_cls = nn.Conv2d if dims == 2 else nn.Conv1d
         self.conv = conv_cls(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
-        self.bn = bn_cls(out_ch)
+        self.bn = SeqBatchNorm(out_ch)
         self.pool = pool
         self.use_spike_conv = spike_input and compact
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def conv_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution alone: ``[T, B, C_in, ...] -> [T*B, C_out, ...]`` (time and batch merged)."""
         y = x.flatten(0, 1)
         if self.use_spike_conv:
-            y = spike_conv(y, self.conv, pool=self.pool)
-        else:
-            y = self.conv(pool3x3(y, self.pool))
-        y = self.bn(y)
-        return y.unflatten(0, x.shape[:2])
+            return spike_conv(y, self.conv, pool=self.pool)
+        return self.conv(pool3x3(y, self.pool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv_output(x)).unflatten(0, x.shape[:2])
+
+    def into_neuron(self, x: torch.Tensor, neuron: nn.Module) -> torch.Tensor:
+        """``neuron(self(x))`` with the BatchNorm fused into the neuron where it can be (see
+        :func:`revsnn_triton.batchnorm.batchnorm_neuron`): the graph keeps the convolution output only."""
+        return batchnorm_neuron(self.bn, neuron, self.conv_output(x), x.shape[0])
 
 
 class Downsample(nn.Module):
@@ -87,4 +97,4 @@ class SpikingResidualBranch(nn.Module):
         nn.init.zeros_(self.conv_bn2.bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_bn2(self.sn2(self.conv_bn1(self.sn1(x))))
+        return self.conv_bn2(self.conv_bn1.into_neuron(self.sn1(x), self.sn2))

@@ -97,6 +97,19 @@ class SequenceNeuron(nn.Module):
         finally:
             self.neuron.reset()
 
+    @property
+    def fuses_affine(self) -> bool:
+        """Whether the wrapped neuron takes a per-channel input transform (ours; spikingjelly's do not)."""
+        return callable(getattr(self.neuron, "forward_affine", None))
+
+    def forward_affine(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                       channel_dim: int) -> torch.Tensor:
+        """The wrapped neuron's ``forward_affine`` (see :meth:`revsnn_triton.neuron.BaseNode.forward_affine`)."""
+        try:
+            return self.neuron.forward_affine(x, scale, shift, channel_dim)
+        finally:
+            self.neuron.reset()
+
 
 def neuron_factory(neuron_impl: str, kind: str, **kwargs) -> NeuronFactory:
     """A callable building a fresh :class:`SequenceNeuron` around ``make_neuron(neuron_impl, kind, **kwargs)``;

@@ -41,6 +41,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from revsnn_triton.recompute import recompute
+
 from .base import SpikingModel, check_widths_blocks, init_conv_bn
 from .conv import Downsample, SpikingResidualBranch
 from .neurons import CIFAR_RESNET_NEURON, DVS_NEURON, neuron_factory
@@ -63,13 +65,19 @@ class RevSResNet(SpikingModel):
         zero_init_last: start every F and G with its last BatchNorm weight at 0, so each block is the identity
             at initialisation (on for RevSResNet1001: with it off, its stage-1 gradients are ~1e7 times those of
             stage 4 at initialisation and the first SGD step drives the stream out of the fixed-point range).
+        recompute_transitions: the stem and the downsample layers keep only their input (the image, resp. the
+            stage output the reversible stage keeps anyway) and are recomputed in backward (one extra forward of
+            them per step); False keeps their graphs.
+        recompute_batch: None, or N: the reversible stages and the recomputed transitions run their
+            recomputation in micro-batches of N images ("floor mode", see ``RevSequence``).
     Forward returns logits ``[B, num_classes]`` (mean over T).
     """
 
     def __init__(self, widths: Sequence[int], blocks: Sequence[int], *, num_classes: int, T: int,
                  neuron_impl: str, neuron: dict, in_channels: int, event_input: bool, reversible: bool = True,
                  frac_bits: int = 16, compact_spikes: bool = True, neuron_save: Optional[str] = None,
-                 zero_init_last: bool = False, name: str = "RevSResNet"):
+                 zero_init_last: bool = False, recompute_transitions: bool = True,
+                 recompute_batch: Optional[int] = None, name: str = "RevSResNet"):
         from revsnn_triton.reversible import RevBlock, RevSequence  # the engine; imported when a model is built
 
         super().__init__()
@@ -90,7 +98,11 @@ class RevSResNet(SpikingModel):
             rev_blocks = [RevBlock(SpikingResidualBranch(width, width, sn, compact=compact_spikes),
                                    SpikingResidualBranch(width, width, sn, compact=compact_spikes), split_dim=2)
                           for _ in range(n)]
-            self.stages.append(RevSequence(rev_blocks, frac_bits=frac_bits, reversible=reversible))
+            self.stages.append(RevSequence(rev_blocks, frac_bits=frac_bits, reversible=reversible,
+                                           recompute_batch=recompute_batch))
+        if not isinstance(recompute_transitions, bool):
+            raise TypeError(f"{name}: recompute_transitions must be a bool, got {type(recompute_transitions).__name__}")
+        self.recompute_transitions, self.recompute_batch = recompute_transitions, recompute_batch
         self.head = SpikingHead(2 * widths[-1], num_classes, sn)
         init_conv_bn(self, zero_init_last=zero_init_last)
 
@@ -100,11 +112,16 @@ class RevSResNet(SpikingModel):
         (two in F, two in G), the 1x1 conv of each downsample between stages, and the Linear head."""
         return 1 + 4 * sum(blocks) + (len(blocks) - 1) + 1
 
+    def _transition(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_transitions:
+            return recompute(module, x, self.recompute_batch)
+        return module(x)
+
     def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self._transition(self.stem, x)
         for i, stage in enumerate(self.stages):
             if i:
-                x = self.downsamples[i - 1](x)
+                x = self._transition(self.downsamples[i - 1], x)
             x = stage(x)
         return self.head(x)
 

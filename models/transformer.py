@@ -44,9 +44,9 @@ class SpikingSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.in_sn(x)
-        q = self._heads(self.q_sn(self.q(s)))
-        k = self._heads(self.k_sn(self.k(s)))
-        v = self._heads(self.v_sn(self.v(s)))
+        q = self._heads(self.q.into_neuron(s, self.q_sn))
+        k = self._heads(self.k.into_neuron(s, self.k_sn))
+        v = self._heads(self.v.into_neuron(s, self.v_sn))
         y = (q @ k.transpose(-1, -2)) @ v * self.scale            # [T, B, h, N, d]
         y = y.transpose(-1, -2).flatten(2, 3)                      # [T, B, C, N]
         return self.proj(self.attn_sn(y))
@@ -63,7 +63,7 @@ class SpikingMLP(nn.Module):
         self.fc2 = SeqConvBN(hidden, dim, 1, bias=True, dims=1, compact=compact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.sn2(self.fc1(self.sn1(x))))
+        return self.fc2(self.fc1.into_neuron(self.sn1(x), self.sn2))
 
 
 class _TokenizerStem(nn.Module):

@@ -88,9 +88,8 @@ def batchnorm_neuron(bn: SeqBatchNorm, neuron: nn.Module, x: Tensor, time_steps:
     normalized tensor is never materialized and the graph keeps ``x`` only; any other neuron module gets it
     materialized. Returns the spikes ``[T, B, C, *]``."""
     scale, shift = bn.normalization(x)
-    fused = getattr(neuron, "forward_affine", None)
-    if callable(fused):
-        return fused(x.unflatten(0, (time_steps, -1)), scale, shift, 1)
+    if callable(getattr(neuron, "forward_affine", None)) and getattr(neuron, "fuses_affine", True):
+        return neuron.forward_affine(x.unflatten(0, (time_steps, -1)), scale, shift, 1)
     return neuron(channel_affine(x, scale, shift).unflatten(0, (time_steps, -1)))
 
 

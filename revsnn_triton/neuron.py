@@ -203,8 +203,9 @@ class BaseNode(nn.Module):
             raise TypeError(
                 f"{type(self).__name__}: input dtype must be one of float32, float16, bfloat16, got {x.dtype}")
 
-    def _run(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """Run ``x_seq`` ``[T, *shape]`` from the carried state; store the final state; return spikes."""
+    def _run(self, x_seq: torch.Tensor, affine: tuple | None = None) -> torch.Tensor:
+        """Run ``x_seq`` ``[T, *shape]`` from the carried state; store the final state; return spikes. ``affine``:
+        ``(scale, shift, channel_dim)``, the per-channel input transform of the fused op."""
         v_init = self._initial_v(x_seq.shape[1:], x_seq)
         sg = resolve_surrogate(self.surrogate_function)  # it may have been reassigned since construction
         kwargs = dict(self._kind_kwargs(), v_threshold=float(self.v_threshold),
@@ -212,8 +213,15 @@ class BaseNode(nn.Module):
                       detach_reset=self.detach_reset, surrogate=sg.name, alpha=float(sg.alpha))
         if self.backend == "triton":
             save = DEFAULT_SAVE if self.save is None else self.save
+            if affine is not None:
+                kwargs.update(scale=affine[0], shift=affine[1], channel_dim=affine[2])
             spikes, v_final = multistep_neuron(x_seq, v_init, save=save, **kwargs)
         else:
+            if affine is not None:
+                scale, shift, d = affine
+                shape = [1] * (x_seq.dim() - 1)
+                shape[d] = -1
+                x_seq = x_seq.float() * scale.reshape(shape) + shift.reshape(shape)
             spikes, v_final = multistep_autograd(x_seq, v_init, **kwargs)
         self.v = v_final
         return spikes
@@ -240,6 +248,17 @@ class BaseNode(nn.Module):
                 f"{tuple(x_seq.shape)} of one step (the carried state v); add a time axis (x[None]) or use "
                 f"step_mode='s'")
         return self._run(x_seq)
+
+    def forward_affine(self, x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                       channel_dim: int) -> torch.Tensor:
+        """Multi-step forward of the input ``x_seq * scale[c] + shift[c]`` (``c`` indexes ``channel_dim`` of one step's
+        shape ``x_seq.shape[1:]``; ``scale``/``shift`` float32 ``[C]``): a BatchNorm fused into the neuron. On the
+        fused op the transformed input is never materialized, and only ``x_seq`` is kept for backward."""
+        self._check_hyperparameters()
+        self._check_input(x_seq)
+        if x_seq.dim() < 2:
+            raise ValueError(f"{type(self).__name__}: forward_affine expects [T, *shape], got {tuple(x_seq.shape)}")
+        return self._run(x_seq, (scale, shift, channel_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_hyperparameters()

@@ -184,9 +184,12 @@ def channel_view(t: torch.Tensor, channel_dim: int, shape: Sequence[int]) -> tor
 
 def channel_sum(partial: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """``[C]`` sums of per-neuron partials ``[*shape]`` over every dim but ``channel_dim``: one ``torch.sum``
-    (a fixed order for a given tensor), so the result does not depend on how the partials were computed."""
+    (a fixed order for a given tensor), so the result does not depend on how the partials were computed. Summed in
+    float64 (BatchNorm's gradient sums cancel heavily) and returned in the partials' dtype."""
     others = [d for d in range(partial.dim()) if d != channel_dim]
-    return partial.sum(dim=others) if others else partial.clone(memory_format=torch.contiguous_format)
+    if not others:
+        return partial.clone(memory_format=torch.contiguous_format)
+    return partial.sum(dim=others, dtype=torch.float64).to(partial.dtype)
 
 
 def initial_membrane(x_seq: torch.Tensor, v_reset: float | None) -> torch.Tensor:

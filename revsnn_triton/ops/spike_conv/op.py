@@ -47,6 +47,17 @@ def _shape_only(shape, like: Tensor) -> Tensor:
     return like.new_empty((1,) * len(shape)).expand(shape)
 
 
+def _input_gradient(grad_out: Tensor, w: Tensor, in_shape, stride: list[int], padding: list[int]) -> Tensor:
+    """The gradient of a convolution's input, as the transposed convolution of ``grad_out`` (the arithmetic
+    ``convolution_backward`` does for it) without an input tensor: ``convolution_backward`` would make a dense copy
+    of even a stride-0 stand-in of the input."""
+    nd = len(stride)
+    k = w.shape[2:]
+    out_padding = [in_shape[2 + i] - ((grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + k[i])
+                   for i in range(nd)]
+    return torch.ops.aten.convolution(grad_out, w, None, stride, padding, [1] * nd, True, out_padding, 1)
+
+
 def _forward(spikes: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
              pool: Optional[str], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     with torch.autocast(spikes.device.type, enabled=False):
@@ -66,35 +77,71 @@ def spike_conv_forward(spikes: Tensor, weight: Tensor, bias: Optional[Tensor], s
 spike_conv_forward.register_fake(_forward)
 
 
+# CPU: the backward runs over chunks of about this many input elements along the batch dim. oneDNN's weight-gradient
+# call allocates about two input-sized buffers of its own, so a whole-batch call would hold three times the input;
+# chunked, the work space stays small. The weight gradient is then a sum over chunks (a different fp32 summation
+# order than one call); the input gradient is the same (every image's is computed alone either way).
+CPU_CHUNK = 1 << 20
+
+
+def _rows(mask: Tensor) -> list[slice]:
+    n = mask.shape[0]
+    if mask.device.type != "cpu" or n == 0:
+        return [slice(None)]
+    step = max(1, CPU_CHUNK // max(1, mask.numel() // n))
+    return [slice(None)] if step >= n else [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _backward_rows(grad_out: Tensor, mask: Tensor, w: Tensor, weight: Tensor, stride: list[int],
+                   padding: list[int], pool: Optional[str], dtype: torch.dtype, has_bias: bool, need_input: bool,
+                   need_weight: bool, need_bias: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The backward of one chunk of rows (``grad_out`` already in ``dtype``)."""
+    args = _conv_args(stride, padding)
+    g_in = g_w = g_b = indices = None
+    if need_weight or need_bias or (need_input and pool == "max"):
+        pooled = mask.to(dtype)
+        if pool == "max":
+            pooled, indices = torch.ops.aten.max_pool2d_with_indices(pooled, _K, _S, _P)
+        else:
+            pooled = pool3x3(pooled, pool)
+        if need_weight or need_bias:
+            _, g_w, g_b = torch.ops.aten.convolution_backward(
+                grad_out, pooled, w, [weight.shape[0]] if has_bias else None, *args, [False, need_weight, need_bias])
+        del pooled
+    if need_input:
+        g_in = _input_gradient(grad_out, w, pooled_shape(mask.shape, pool), stride, padding)
+        if pool == "avg":
+            g_in = torch.ops.aten.avg_pool2d_backward(g_in, _shape_only(mask.shape, g_in), _K, _S, _P,
+                                                      False, True, None)
+        elif pool == "max":
+            g_in = torch.ops.aten.max_pool2d_with_indices_backward(
+                g_in, _shape_only(mask.shape, g_in), _K, _S, _P, [1, 1], False, indices)
+    return g_in, g_w, g_b
+
+
 def _backward_impl(grad_out: Tensor, mask: Tensor, weight: Tensor, stride: list[int], padding: list[int],
                    pool: Optional[str], dtype: torch.dtype, input_dtype: torch.dtype, has_bias: bool,
                    need_input: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     need_bias = need_bias and has_bias
-    args = _conv_args(stride, padding)
-    g_in = g_w = g_b = indices = None
+    g_in = g_w = g_b = None
     with torch.autocast(grad_out.device.type, enabled=False):
         grad_out, w = grad_out.to(dtype), weight.to(dtype)
-        if need_weight or need_bias or (need_input and pool == "max"):
-            pooled = mask.to(dtype)
-            if pool == "max":
-                pooled, indices = torch.ops.aten.max_pool2d_with_indices(pooled, _K, _S, _P)
-            else:
-                pooled = pool3x3(pooled, pool)
-            if need_weight or need_bias:
-                _, g_w, g_b = torch.ops.aten.convolution_backward(
-                    grad_out, pooled, w, [weight.shape[0]] if has_bias else None, *args,
-                    [False, need_weight, need_bias])
-            del pooled
-        if need_input:
-            g_in, _, _ = torch.ops.aten.convolution_backward(
-                grad_out, _shape_only(pooled_shape(mask.shape, pool), grad_out), w, None, *args,
-                [True, False, False])
-            if pool == "avg":
-                g_in = torch.ops.aten.avg_pool2d_backward(g_in, _shape_only(mask.shape, g_in), _K, _S, _P,
-                                                          False, True, None)
-            elif pool == "max":
-                g_in = torch.ops.aten.max_pool2d_with_indices_backward(
-                    g_in, _shape_only(mask.shape, g_in), _K, _S, _P, [1, 1], False, indices)
+        rows = _rows(mask)
+        if len(rows) > 1 and need_input:
+            g_in = torch.empty(mask.shape, dtype=input_dtype, device=mask.device)
+        for r in rows:
+            gi, gw, gb = _backward_rows(grad_out[r], mask[r], w, weight, stride, padding, pool, dtype, has_bias,
+                                        need_input, need_weight, need_bias)
+            if len(rows) == 1:
+                g_in, g_w, g_b = gi, gw, gb
+                continue
+            if gi is not None:
+                g_in[r] = gi
+            if gw is not None:
+                g_w = gw if g_w is None else g_w.add_(gw)
+            if gb is not None:
+                g_b = gb if g_b is None else g_b.add_(gb)
+            del gi, gw, gb
     return (grad_out.new_empty(0, dtype=input_dtype) if g_in is None else g_in.to(input_dtype),
             weight.new_empty(0) if g_w is None else g_w.to(weight.dtype),
             weight.new_empty(0) if g_b is None else g_b.to(weight.dtype))
