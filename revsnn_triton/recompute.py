@@ -113,7 +113,12 @@ class _RecomputeFunction(torch.autograd.Function):
         ctx.record = segment.forward(lambda chunk: _batched(x, chunk), lambda chunk, out: outputs.append(out))
         ctx.segment, ctx.params = segment, params
         ctx.save_for_backward(x)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
+        if len(outputs) == 1:
+            return outputs[0]
+        if x.shape[0] > 1 and all(o.dim() > 1 and o.stride(0) == 0 for o in outputs):
+            # an output repeated over T (a stem run once per image): keep it repeated
+            return torch.cat([o[:1] for o in outputs], 1).expand(x.shape[0], *([-1] * (outputs[0].dim() - 1)))
+        return torch.cat(outputs, 1)
 
     @staticmethod
     @once_differentiable

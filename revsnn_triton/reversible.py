@@ -236,8 +236,9 @@ class _BranchWatch(TorchFunctionMode):
         self._storages: set[int] = set()
 
     def track(self, x: Tensor) -> Tensor:
-        self._inputs.append(x)
-        self._storages.add(x.untyped_storage().data_ptr())
+        if self.layout_free is None:  # (once decided, nothing is followed: no reference is kept)
+            self._inputs = [x]
+            self._storages = {x.untyped_storage().data_ptr()}
         return x
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -254,6 +255,7 @@ class _BranchWatch(TorchFunctionMode):
                 self._inputs.extend(results)  # a view of the input: follow it
             elif results:
                 self.layout_free = getattr(func, "_name", None) in _LAYOUT_FREE_OPS
+                self._inputs, self._storages = [], set()
         return out
 
 
