@@ -69,10 +69,10 @@ class SpikingTransformerBase(SpikingModel):
     - ``True``: the whole tokenizer is one segment: the forward keeps only its input (the image view), and its
       whole graph is rebuilt at the end of backward. Best when the peak is reached while the tokenizer's graph
       waits underneath the blocks' backward (Spikingformer: the blocks keep their whole graph).
-    - ``"stages"``: each stage of the tokenizer (``SpikingTokenizer.stages()``) is its own segment: the forward keeps
-      each stage's input (the stem's output as a stride-0 view, then the BatchNorm outputs that the next neuron
-      would keep anyway), and backward rebuilds one stage's graph at a time. Best when the peak is the
-      tokenizer's own backward (RevSFormer: the reversible blocks keep almost nothing).
+    - ``"stages"``: each stage of the tokenizer (``SpikingTokenizer.stages()``) is its own segment, cut where the
+      spikes leave a neuron: the forward keeps each stage's input (the image view, then each neuron's spikes as
+      ``torch.bool``, a quarter of the float map), and backward rebuilds one stage's graph at a time. Best when
+      the peak is the tokenizer's own backward (RevSFormer: the reversible blocks keep almost nothing).
     """
 
     def __init__(self, *, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, patch: int,
@@ -94,8 +94,10 @@ class SpikingTransformerBase(SpikingModel):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, C, H, W]`` -> tokens ``[T, B, E, N]``, recomputed in backward as ``recompute_tokenizer`` says."""
         if self.recompute_tokenizer == "stages":
-            for stage in self.tokenizer.stages():
-                x = recompute(stage, x)
+            head, *stages = self.tokenizer.stages()
+            x = recompute(head, x)
+            for stage in stages:
+                x = recompute(stage, x, binary_input=True)  # spikes: kept as bool
             return x.flatten(3)
         if self.recompute_tokenizer:
             return recompute(self.tokenizer, x)

@@ -8,13 +8,15 @@ recomputed in backward).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from revsnn_triton.batchnorm import batchnorm_neuron
+
 from .conv import SeqConvBN
 from .neurons import NeuronFactory
-from .stems import first_conv_bn
 
 
 class SpikingSelfAttention(nn.Module):
@@ -66,26 +68,31 @@ class SpikingMLP(nn.Module):
         return self.fc2(self.fc1.into_neuron(self.sn1(x), self.sn2))
 
 
-class _TokenizerStem(nn.Module):
-    """The tokenizer's first conv -> BN, once per image on an expanded input (:func:`first_conv_bn`)."""
+class _TokenizerHead(nn.Module):
+    """The tokenizer's first conv -> BN, once per image when the input is repeated over T (:func:`first_conv_bn`),
+    into the first stage's neuron: image ``[T, B, C_in, H, W]`` -> spikes."""
 
-    def __init__(self, conv_bn: SeqConvBN):
+    def __init__(self, conv_bn: SeqConvBN, sn: nn.Module):
         super().__init__()
-        self.conv_bn = conv_bn
+        self.conv_bn, self.sn = conv_bn, sn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return first_conv_bn(self.conv_bn, x)
+        if x.stride(0) == 0 and x.shape[0] > 1:
+            return batchnorm_neuron(self.conv_bn.bn, self.sn, self.conv_bn.conv_output(x[:1]), x.shape[0],
+                                    repeated=True)
+        return self.conv_bn.into_neuron(x, self.sn)
 
 
 class _TokenizerStage(nn.Module):
-    """One tokenizer stage: neuron -> [MaxPool] conv -> BN on ``[T, B, C, H, W]``."""
+    """One tokenizer stage from spikes to spikes: [MaxPool] conv -> BN -> the next stage's neuron; or, without a
+    neuron (the last stage), to the BatchNorm output."""
 
-    def __init__(self, sn: nn.Module, conv_bn: SeqConvBN):
+    def __init__(self, conv_bn: SeqConvBN, sn: Optional[nn.Module]):
         super().__init__()
-        self.sn, self.conv_bn = sn, conv_bn
+        self.conv_bn, self.sn = conv_bn, sn
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.conv_bn(self.sn(y))
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.conv_bn(s) if self.sn is None else self.conv_bn.into_neuron(s, self.sn)
 
 
 class SpikingTokenizer(nn.Module):
@@ -113,10 +120,13 @@ class SpikingTokenizer(nn.Module):
                                              compact=compact) for i in range(4))
 
     def stages(self) -> list[nn.Module]:
-        """The stem and the four stages as modules that share this tokenizer's submodules (built on each call and
-        never registered, so the state_dict keys stay those of the tokenizer); chained, then ``flatten(3)``, they
-        are :meth:`forward`."""
-        return [_TokenizerStem(self.stem), *map(_TokenizerStage, self.sns, self.convs)]
+        """The same computation as a chain of five modules that share this tokenizer's submodules (built on each
+        call and never registered, so the state_dict keys stay those of the tokenizer), cut where the spikes leave a
+        neuron: the stem into the first neuron, three stages from spikes to spikes, the last stage from spikes to its
+        BatchNorm output. Chained, then ``flatten(3)``, they are :meth:`forward`; every stage but the first takes
+        0/1 spikes (the segments of a stage-by-stage recomputation keep them as ``torch.bool``)."""
+        sns = [*self.sns[1:], None]
+        return [_TokenizerHead(self.stem, self.sns[0]), *map(_TokenizerStage, self.convs, sns)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages():

@@ -82,15 +82,21 @@ class SeqBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
 
 
-def batchnorm_neuron(bn: SeqBatchNorm, neuron: nn.Module, x: Tensor, time_steps: int) -> Tensor:
+def batchnorm_neuron(bn: SeqBatchNorm, neuron: nn.Module, x: Tensor, time_steps: int, repeated: bool = False) -> Tensor:
     """``neuron(bn(x))`` for ``x [T*B, C, *]`` (time and batch merged, as convolutions see them): the neuron gets
-    ``[T, B, C, *]``. Our neurons take the normalization as their input transform (``scale``/``shift``), so the
-    normalized tensor is never materialized and the graph keeps ``x`` only; any other neuron module gets it
-    materialized. Returns the spikes ``[T, B, C, *]``."""
+    ``[T, B, C, *]``. With ``repeated``, ``x`` is one time step ``[B, C, *]`` of an input repeated over T (a stem run
+    once per image): the neuron gets it repeated by ``expand`` (the batch statistics of one copy are those of T
+    copies). Our neurons take the normalization as their input transform (``scale``/``shift``), so the normalized
+    tensor is never materialized and the graph keeps ``x`` only; any other neuron module gets it materialized.
+    Returns the spikes ``[T, B, C, *]``."""
     scale, shift = bn.normalization(x)
+
+    def sequence(t: Tensor) -> Tensor:
+        return t.unsqueeze(0).expand(time_steps, *t.shape) if repeated else t.unflatten(0, (time_steps, -1))
+
     if callable(getattr(neuron, "forward_affine", None)) and getattr(neuron, "fuses_affine", True):
-        return neuron.forward_affine(x.unflatten(0, (time_steps, -1)), scale, shift, 1)
-    return neuron(channel_affine(x, scale, shift).unflatten(0, (time_steps, -1)))
+        return neuron.forward_affine(sequence(x), scale, shift, 1)
+    return neuron(sequence(channel_affine(x, scale, shift)))
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:

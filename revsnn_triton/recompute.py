@@ -10,7 +10,8 @@ The recomputation follows the same rules as the reversible engine (:mod:`revsnn_
 state is reset before and after every call, BatchNorm running statistics are updated once per step (by the
 forward), the recomputation sees the forward's RNG state (equal dropout masks) and autocast state, and the
 vector-Jacobian product is taken with ``torch.autograd.grad`` (never ``.backward()``), with the parameters as
-inputs of the autograd function so that their gradients reach ``.grad`` (and DDP's hooks) the ordinary way.
+inputs of the autograd function so that their gradients reach ``.grad`` (and DDP's hooks) the ordinary way. Tensors from outside the module that it reads and that require grad (a parent's parameter, a
+conditioning tensor) are found during the forward and get their gradients too.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def _check_module(module: object, where: str) -> nn.Module:
     return module
 
 
-def recompute(module: nn.Module, x: Tensor, recompute_batch: Optional[int] = None) -> Tensor:
+def recompute(module: nn.Module, x: Tensor, recompute_batch: Optional[int] = None, *,
+              binary_input: bool = False) -> Tensor:
     """``module(x)`` without keeping its graph when gradients are needed; recomputed in backward.
 
     Args:
@@ -43,6 +45,8 @@ def recompute(module: nn.Module, x: Tensor, recompute_batch: Optional[int] = Non
         recompute_batch: None (default): one call on the whole input. N: forward and recomputation run on
             micro-batches of N samples along dim 1 of ``x`` (``[T, B, ...]``), so the recomputation's graph is that
             of N samples; BatchNorm layers must then be :class:`~revsnn_triton.batchnorm.SeqBatchNorm`.
+        binary_input: ``x`` holds only 0 and 1 (a neuron's spikes): it is kept for backward as ``torch.bool`` (1 byte
+            per element) instead of its dtype; checked (one comparison and one synchronization per forward).
 
     Returns ``module(x)`` (same shape and dtype as the module's own output).
 
@@ -63,9 +67,11 @@ def recompute(module: nn.Module, x: Tensor, recompute_batch: Optional[int] = Non
     if recompute_batch is not None and (isinstance(recompute_batch, bool) or not isinstance(recompute_batch, int)
                                         or recompute_batch < 1):
         raise ValueError(f"recompute: recompute_batch must be None or an int >= 1, got {recompute_batch!r}")
+    if not isinstance(binary_input, bool):
+        raise TypeError(f"recompute: binary_input must be a bool, got {type(binary_input).__name__}")
     params = [p for p in module.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (x.requires_grad or bool(params)):
-        return _recompute_apply(module, x, recompute_batch, params)
+        return _recompute_apply(module, x, recompute_batch, binary_input)
     return replay.run_fresh(module, x, "Recompute: the wrapped module")
 
 
@@ -90,29 +96,30 @@ class Recompute(nn.Module):
 
 
 @torch.compiler.disable
-def _recompute_apply(module: nn.Module, x: Tensor, recompute_batch: Optional[int],
-                     params: list[nn.Parameter]) -> Tensor:
+def _recompute_apply(module: nn.Module, x: Tensor, recompute_batch: Optional[int], binary: bool) -> Tensor:
     # Backward drives a Python-level recomputation (neuron resets, RNG/autocast restore, autograd.grad) that
     # Dynamo cannot trace: it runs eagerly, one graph break. The wrapped module may itself be compiled.
-    return _RecomputeFunction.apply(x, module, recompute_batch, *params)
+    chunks = replay.micro_batches(x.shape[1] if x.dim() > 1 else 1, recompute_batch if x.dim() > 1 else None)
+    call = _RecomputeCall(replay.Segment(module, f"Recompute ({type(module).__name__})", chunks), binary)
+    call.out = call.forward(x)
+    return _RecomputeFunction.apply(x, call, *call.segment.params, *call.record.externals)
 
 
 def _batched(x: Tensor, chunk: slice) -> Tensor:
     return x if chunk == slice(None) else x[:, chunk]
 
 
-class _RecomputeFunction(torch.autograd.Function):
-    """Forward without a graph; backward by recomputation. Saves the input tensor only."""
+class _RecomputeCall:
+    """One forward of a recomputed module and what its backward needs: the record and the saved input (as a 0/1
+    mask when ``binary``)."""
 
-    @staticmethod
-    def forward(ctx, x: Tensor, module: nn.Module, recompute_batch: Optional[int], *params: nn.Parameter) -> Tensor:
-        where = f"Recompute ({type(module).__name__})"
-        chunks = replay.micro_batches(x.shape[1] if x.dim() > 1 else 1, recompute_batch if x.dim() > 1 else None)
-        segment = replay.Segment(module, where, chunks)
+    def __init__(self, segment: replay.Segment, binary: bool) -> None:
+        self.segment, self.binary = segment, binary
+
+    def forward(self, x: Tensor) -> Tensor:
         outputs: list[Tensor] = []
-        ctx.record = segment.forward(lambda chunk: _batched(x, chunk), lambda chunk, out: outputs.append(out))
-        ctx.segment, ctx.params = segment, params
-        ctx.save_for_backward(x)
+        x = x.detach()  # (what the module reads besides its input is what the forward watches for)
+        self.record = self.segment.forward(lambda chunk: _batched(x, chunk), lambda chunk, out: outputs.append(out))
         if len(outputs) == 1:
             return outputs[0]
         if x.shape[0] > 1 and all(o.dim() > 1 and o.stride(0) == 0 for o in outputs):
@@ -120,16 +127,38 @@ class _RecomputeFunction(torch.autograd.Function):
             return torch.cat([o[:1] for o in outputs], 1).expand(x.shape[0], *([-1] * (outputs[0].dim() - 1)))
         return torch.cat(outputs, 1)
 
+
+class _RecomputeFunction(torch.autograd.Function):
+    """The autograd node of a recomputed module: its forward already ran (:class:`_RecomputeCall`); it saves the
+    input (or its 0/1 mask), and backward recomputes the module and returns the gradients of the input, the
+    parameters and the tensors from outside the module that it read."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, call: _RecomputeCall, *inputs: Tensor) -> Tensor:
+        ctx.call, ctx.x_dtype = call, x.dtype
+        if call.binary:
+            mask = x != 0
+            if not torch.equal(mask.to(x.dtype), x):
+                raise ValueError(f"recompute(..., binary_input=True): the input of {type(call.segment.module).__name__}"
+                                 " holds values other than 0 and 1")
+            ctx.save_for_backward(mask)
+        else:
+            ctx.save_for_backward(x)
+        out, call.out = call.out, None
+        return out
+
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
+        call: _RecomputeCall = ctx.call
+        x = saved.to(ctx.x_dtype) if call.binary else saved
         want_x = ctx.needs_input_grad[0]
-        slots = [k for k, want in enumerate(ctx.needs_input_grad[3:]) if want]
-        param_grads: list[Tensor | None] = [None] * len(ctx.params)
-        if not want_x and not slots:
-            return (None, None, None, *param_grads)
-        grad_x = torch.zeros_like(x) if want_x and ctx.segment.split else None
+        inputs = call.segment.params + call.record.externals
+        wanted = [t for t, want in zip(inputs, ctx.needs_input_grad[2:]) if want]
+        if not want_x and not wanted:
+            return (None, None, *[None] * len(inputs))
+        grad_x = torch.zeros_like(x) if want_x and call.segment.split else None
         holder: list[Tensor] = []
 
         def add_grad(chunk, g):
@@ -138,10 +167,9 @@ class _RecomputeFunction(torch.autograd.Function):
             else:
                 grad_x[:, chunk] += g
 
-        grads = ctx.segment.backward(ctx.record, read=lambda chunk: _batched(x, chunk), write=lambda c, out: None,
-                                     grad_of=lambda chunk: _batched(grad_out, chunk),
-                                     add_grad=add_grad if want_x else None,
-                                     inputs=[ctx.params[k] for k in slots])
-        for k, g in zip(slots, grads):
-            param_grads[k] = g
-        return (grad_x if grad_x is not None else (holder[0] if holder else None), None, None, *param_grads)
+        grads = call.segment.backward(call.record, read=lambda chunk: _batched(x, chunk), write=lambda c, out: None,
+                                      grad_of=lambda chunk: _batched(grad_out, chunk),
+                                      add_grad=add_grad if want_x else None, inputs=wanted)
+        by_id = {id(t): g for t, g in zip(wanted, grads)}
+        grad_x = grad_x if grad_x is not None else (holder[0] if holder else None)
+        return (grad_x, None, *[by_id.get(id(t)) for t in inputs])

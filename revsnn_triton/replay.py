@@ -30,6 +30,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from revsnn_triton.functional import reset_net
@@ -164,8 +166,9 @@ class CallRecord:
     ``rng``: the RNG state before the call, None if the call drew no random numbers (micro-batches: ``seed``, the
     seed of every micro-batch's generators); ``autocast``; ``training``: the train/eval flag of every submodule;
     ``stats``: the BatchNorm statistics, in call order; ``input_modified``: the call modified its input in place
-    (the recomputation then gets a copy, so the saved or rebuilt input survives); ``layout_free``: set by a caller
-    that found the call's results independent of its input's memory layout."""
+    (the recomputation then gets a copy, so the saved or rebuilt input survives); ``layout_free``: its results do not
+    depend on its input's memory layout; ``externals``: tensors from outside the module that it read and that
+    require grad (see :class:`_Watch`)."""
     autocast: dict
     training: tuple[bool, ...]
     rng: Optional[_Rng] = None
@@ -173,6 +176,7 @@ class CallRecord:
     stats: list[_Stats] = field(default_factory=list)
     input_modified: bool = False
     layout_free: bool = False
+    externals: list[Tensor] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ BatchNorm statistics plans
@@ -310,6 +314,53 @@ def _plan(plan: Optional[_Plan]) -> Iterator[None]:
         _ACTIVE = previous
 
 
+# Ops whose results do not depend on their input's memory layout (they read any strides and reduce in a fixed
+# order): a branch whose input goes to one of these first may be handed a strided view of the stream in backward.
+_LAYOUT_FREE_OPS = frozenset({"revsnn::neuron_forward", "revsnn::batch_mean_var", "revsnn::channel_affine"})
+
+
+class _Watch(TorchFunctionMode):
+    """Watches a module's forward (run under ``torch.no_grad``, where every tensor made inside requires no grad):
+
+    - ``found``: the tensors that require grad and are read by the module, other than the ``known`` ones (its
+      parameters): a parent's parameter, or a conditioning tensor computed upstream. They become inputs of the
+      autograd node, so they get their gradients;
+    - ``layout_free``: whether the first op that reads the module's input (or a view of it) is one whose result
+      does not depend on the input's memory layout (then backward may pass the input as a strided view of the
+      reversible stream instead of a dense copy)."""
+
+    def __init__(self, known: set[int]) -> None:
+        super().__init__()
+        self.known = known
+        self.found: dict[int, Tensor] = {}
+        self.layout_free: Optional[bool] = None
+        self._inputs: list[Tensor] = []
+        self._storages: set[int] = set()
+
+    def track(self, x: Tensor) -> Tensor:
+        if self.layout_free is None:  # (once decided, nothing is followed: no reference is kept)
+            self._inputs = [x]
+            self._storages = {x.untyped_storage().data_ptr()}
+        return x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = tree_flatten((args, kwargs))[0]
+        for a in flat:
+            if isinstance(a, Tensor) and a.requires_grad and id(a) not in self.known:
+                self.found.setdefault(id(a), a)
+        out = func(*args, **kwargs)
+        if self.layout_free is None and any(isinstance(a, Tensor) and any(a is t for t in self._inputs)
+                                            for a in flat):
+            results = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
+            if results and all(o.untyped_storage().data_ptr() in self._storages for o in results):
+                self._inputs.extend(results)  # a view of the input: follow it
+            elif results:
+                self.layout_free = getattr(func, "_name", None) in _LAYOUT_FREE_OPS
+                self._inputs, self._storages = [], set()
+        return out
+
+
 # ----------------------------------------------------------------------------------------- segments
 
 def micro_batches(batch: int, size: Optional[int]) -> list[slice]:
@@ -333,6 +384,7 @@ class Segment:
         self.module = module
         self.where = where
         self.chunks = list(chunks)
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.split = len(self.chunks) > 1
         if self.split:
             plain = plain_batchnorms(module)
@@ -348,6 +400,14 @@ class Segment:
     def forward(self, read: Callable[[slice], Tensor], write: Callable[[slice, Tensor], None]) -> CallRecord:
         """Run the module (no gradients) on every micro-batch, passing each output to ``write``; return the record
         for :meth:`backward`."""
+        watch = _Watch({id(p) for p in self.params})
+        with watch:
+            record = self._forward(lambda chunk: watch.track(read(chunk)), write)
+        record.layout_free = bool(watch.layout_free)
+        record.externals = list(watch.found.values())
+        return record
+
+    def _forward(self, read, write) -> CallRecord:
         probe = read(self.chunks[0])
         record = CallRecord(autocast=_autocast_state(probe.device.type),
                             training=tuple(m.training for m in self.module.modules()))

@@ -39,8 +39,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from revsnn_triton import replay
@@ -143,11 +141,11 @@ class _Stream:
                  flags: Optional[Tensor] = None) -> None:
         self.data, self.d, self.R, self.dtype, self.flags = data, d, frac_bits, dtype, flags
 
-    def half(self, k: int, chunk: slice = slice(None)) -> Tensor:
+    def half(self, k: int, chunk: Optional[slice] = None) -> Tensor:
         h = _halves(self.data, self.d)[k]
-        return h if chunk == slice(None) else h[:, chunk]
+        return h if chunk is None or chunk == slice(None) else h[:, chunk]
 
-    def read(self, k: int, chunk: slice = slice(None), layout_free: bool = False) -> Tensor:
+    def read(self, k: int, chunk: Optional[slice] = None, layout_free: bool = False) -> Tensor:
         """A branch's input: the half in the sequence's float dtype, dense. With ``layout_free`` and float storage of
         that dtype: an alias of the stream memory (a strided view, no copy)."""
         h = self.half(k, chunk)
@@ -155,11 +153,11 @@ class _Stream:
             return _alias(h)
         return C.stream_decode(h, self.R, self.dtype)
 
-    def couple_(self, k: int, chunk: slice, f: Tensor, row: Optional[int] = None) -> None:
+    def couple_(self, k: int, chunk: Optional[slice], f: Tensor, row: Optional[int] = None) -> None:
         flags = None if self.flags is None or row is None else self.flags[row]
         C.stream_couple_(self.half(k, chunk), f, self.R, flags)
 
-    def uncouple_(self, k: int, chunk: slice, f: Tensor, row: Optional[int] = None) -> None:
+    def uncouple_(self, k: int, chunk: Optional[slice], f: Tensor, row: Optional[int] = None) -> None:
         C.stream_uncouple_(self.half(k, chunk), f, self.R)
 
     def ints(self, k: int) -> Tensor:
@@ -182,10 +180,12 @@ class _AutogradStream:
         self.q, self.f = list(_halves(q, d)), [h.contiguous() for h in _halves(xf, d)]
         self.d, self.R, self.dtype, self.flags = d, frac_bits, x.dtype, flags
 
-    def read(self, k: int, chunk: slice = slice(None)) -> Tensor:
-        return self.f[k]
+    def read(self, k: int, chunk: Optional[slice] = None) -> Tensor:
+        # a branch may modify its input in place (e.g. a ReLU(inplace=True) first); the carrier is the stream
+        # itself here (it becomes the output), so the branch gets a copy, as the reversible forward's decode is one
+        return self.f[k].clone()
 
-    def couple_(self, k: int, chunk: slice, f: Tensor, row: Optional[int] = None) -> None:
+    def couple_(self, k: int, chunk: Optional[slice], f: Tensor, row: Optional[int] = None) -> None:
         if row is not None:
             self.flags[row].bitwise_or_(C.coupling_flags(self.q[k], f, self.R))
         self.q[k], self.f[k] = C.couple_ste(self.q[k], self.f[k], f, self.R)
@@ -212,52 +212,6 @@ def _stream_sum(x: Tensor, frac_bits: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ external tensors
-
-# Ops whose results do not depend on their input's memory layout (they read any strides and reduce in a fixed
-# order): a branch whose input goes to one of these first may be handed a strided view of the stream in backward.
-_LAYOUT_FREE_OPS = frozenset({"revsnn::neuron_forward", "revsnn::batch_mean_var", "revsnn::channel_affine"})
-
-
-class _BranchWatch(TorchFunctionMode):
-    """Watches a branch's forward (run under ``torch.no_grad``, where every tensor made inside requires no grad):
-
-    - ``found``: the tensors that require grad and are read by the branch, other than the ``known`` ones (the
-      block's parameters): a parent's parameter, or a conditioning tensor computed upstream;
-    - ``layout_free``: whether the first op that reads the branch's input (or a view of it) is one whose result
-      does not depend on the input's memory layout (then backward may pass the input as a strided view of the
-      stream instead of a dense copy)."""
-
-    def __init__(self, known: set[int]) -> None:
-        super().__init__()
-        self.known = known
-        self.found: dict[int, Tensor] = {}
-        self.layout_free: Optional[bool] = None
-        self._inputs: list[Tensor] = []
-        self._storages: set[int] = set()
-
-    def track(self, x: Tensor) -> Tensor:
-        if self.layout_free is None:  # (once decided, nothing is followed: no reference is kept)
-            self._inputs = [x]
-            self._storages = {x.untyped_storage().data_ptr()}
-        return x
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        flat = tree_flatten((args, kwargs))[0]
-        for a in flat:
-            if isinstance(a, Tensor) and a.requires_grad and id(a) not in self.known:
-                self.found.setdefault(id(a), a)
-        out = func(*args, **kwargs)
-        if self.layout_free is None and any(isinstance(a, Tensor) and any(a is t for t in self._inputs)
-                                            for a in flat):
-            results = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
-            if results and all(o.untyped_storage().data_ptr() in self._storages for o in results):
-                self._inputs.extend(results)  # a view of the input: follow it
-            elif results:
-                self.layout_free = getattr(func, "_name", None) in _LAYOUT_FREE_OPS
-                self._inputs, self._storages = [], set()
-        return out
-
 
 # ------------------------------------------------------------------------------------------------ sequence
 
@@ -390,7 +344,7 @@ class RevSequence(nn.Module):
                 out = replay.run_fresh(module, x, f"RevSequence block {i}: {name}")
                 _check_branch_output(i, name, module, out, x, dtype)
                 del x
-                apply(dst, slice(None), out, _flag_row(i, name) if record_flags else None)
+                apply(dst, None, out, _flag_row(i, name) if record_flags else None)
             return run
         return run_block
 
@@ -478,7 +432,13 @@ def _check_branch_output(i: int, name: str, module: nn.Module, out: Tensor, x: T
 
 def _finish(seq: RevSequence, x: Tensor, flags: Tensor, output) -> Tensor:
     """The one synchronization of a forward: raise for an input that cannot be encoded or a stream that overflowed;
-    return the output (``output``: a tensor or a callable making it), NaN where a branch output was not finite."""
+    return the output (``output``: a tensor or a callable making it), NaN where a branch output was not finite.
+    Inside ``torch.compile`` (which cannot raise on a value without a graph break) the output is made NaN instead of
+    raising, without synchronizing: a compiled forward's loss shows the overflow."""
+    if torch.compiler.is_compiling():
+        out = output() if callable(output) else output
+        bad = (flags[:, C.OVERFLOW] | flags[:, C.NONFINITE]).any()
+        return torch.where(bad, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     f = flags.cpu()
     _raise_for_flags(seq, x, f)
     out = output() if callable(output) else output
@@ -544,9 +504,9 @@ class _SequenceCall:
                     self.checksums.append(stream.checksum())
                 if seq._stream_hooks:
                     seq._call_hooks("forward", i, stream)
-                found: dict[int, Tensor] = {}
-                block.couple(stream, self._recorder(i, stream, params, found))
-                self.block_inputs.append(params + list(found.values()))
+                found: dict[int, Tensor] = {id(p): p for p in params}
+                block.couple(stream, self._recorder(i, stream, found))
+                self.block_inputs.append(list(found.values()))
                 self.versions.append([p._version for p in params])
             x, out = self.x, self._output(stream)
         self.out = out  # handed to the last block's node (not as an input: it is that node's output)
@@ -555,23 +515,18 @@ class _SequenceCall:
             carrier = _BlockFunction.apply(carrier, self, i, *self.block_inputs[i])
         return carrier
 
-    def _recorder(self, i: int, stream: _Stream, params: list[Tensor], found: dict[int, Tensor]) -> BranchRunner:
+    def _recorder(self, i: int, stream: _Stream, found: dict[int, Tensor]) -> BranchRunner:
         def run(module, name, src, dst, apply):
-            where = f"RevSequence block {i}: {name}"
-            segment = replay.Segment(module, where, self.chunks)
-            branch_params = [p for p in module.parameters() if p.requires_grad]
-            watch = _BranchWatch({id(p) for p in params})
+            segment = replay.Segment(module, f"RevSequence block {i}: {name}", self.chunks)
 
             def write(chunk, out):
                 _check_branch_output(i, name, module, out, stream.half(src, chunk), self.dtype)
                 apply(dst, chunk, out, _flag_row(i, name))
 
-            with watch:
-                record = segment.forward(lambda chunk: watch.track(stream.read(src, chunk)), write)
-            record.layout_free = bool(watch.layout_free)
+            record = segment.forward(lambda chunk: stream.read(src, chunk), write)
             self.records[(i, name)] = record
-            found.update(watch.found)
-            self.inputs[(i, name)] = branch_params + list(watch.found.values())
+            found.update((id(t), t) for t in record.externals)
+            self.inputs[(i, name)] = segment.params + record.externals
         return run
 
     def _output(self, stream: _Stream) -> Tensor:
@@ -600,17 +555,11 @@ class _SequenceCall:
         """At the last block: the stream from the saved output (its own memory when nothing else holds it) and the
         gradient buffer (the incoming gradient's memory when nothing else holds it)."""
         L = len(self.seq.blocks)
-        if self.float_storage:
-            # the saved output's memory is used in place when only autograd's saved copy and this unpacked tensor
-            # refer to it; otherwise (the caller still holds the output) backward works on a copy
-            if _sole_owner(out, extra=1):
-                data = _alias(out)
-            else:
-                data, self.position = out.clone(), L
-            if self.seq.check and not torch.equal(self.output_sum, self._sums(data)):
-                raise ReconstructionError(
-                    "RevSequence output: the output kept for backward was modified after the forward (e.g. through "
-                    ".data); the reconstruction would start from wrong values")
+        if self.float_storage and not _sole_owner(out, extra=1):
+            # the caller (or a saved graph) still holds the output: backward works on a copy and leaves it intact
+            data, self.position = out.clone(), L
+        elif self.float_storage:
+            data = _alias(out)  # nothing else refers to the output's memory: the stream is rebuilt in it
         else:
             data = self.int_stream
         if self.position != L:
@@ -618,6 +567,10 @@ class _SequenceCall:
                 "RevSequence: a second backward through the same forward (retain_graph=True) found the stream already "
                 "rebuilt in place by the first one (nothing else held the output); keep a reference to the output, "
                 "or run the forward again")
+        if self.float_storage and self.seq.check and not torch.equal(self.output_sum, self._sums(data)):
+            raise ReconstructionError(
+                "RevSequence output: the output kept for backward was modified after the forward (e.g. through "
+                ".data); the reconstruction would start from wrong values")
         self.stream = _Stream(data, self.d, self.R, self.dtype)
         own = (_sole_owner(grad_out, extra=1) and grad_out.dtype == self.dtype and grad_out.is_contiguous())
         self.grad = grad_out if own else grad_out.to(self.dtype, memory_format=torch.contiguous_format, copy=True)
@@ -631,7 +584,7 @@ class _SequenceCall:
         block's Function inputs (parameters and external tensors)."""
         seq, stream = self.seq, self.stream
         block = seq.blocks[i]
-        for p, v in zip(self.block_inputs[i], self.versions[i]):
+        for p, v in zip(self.block_inputs[i][:len(self.versions[i])], self.versions[i]):
             if p._version != v:
                 name = next((n for n, q in seq.named_parameters() if q is p), "a parameter")
                 raise ReconstructionError(

@@ -10,7 +10,8 @@ from hypothesis import example, given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from revsnn_triton.ops import coupling as C
-from revsnn_triton.ops import coupling_reference as ref
+from revsnn_triton.ops.coupling import reference as ref
+from revsnn_triton.ops.coupling import spec
 from revsnn_triton.runtime import cpu_kernels
 from revsnn_triton.testing import assert_equal
 
@@ -61,7 +62,7 @@ def stream_and_branch(draw):
 
 # ------------------------------------------------------------------------------- oracle vs numpy
 
-@given(stream_and_branch(), st.integers(ref.MIN_FRAC_BITS, ref.MAX_FRAC_BITS))
+@given(stream_and_branch(), st.integers(spec.MIN_FRAC_BITS, spec.MAX_FRAC_BITS))
 @example((np.array([INT32_MAX, INT32_MIN, 0, 7], np.int32),
           np.array([2.0 ** -16, -(2.0 ** -16), 0.5 * 2 ** -16, 1.5 * 2 ** -16], np.float32)), 16)
 def test_oracle_couple_matches_numpy_and_inverts(data, frac_bits):
@@ -94,7 +95,7 @@ def test_round_half_to_even_and_saturation():
 
 # ----------------------------------------------------------------------------- Triton vs oracle
 
-@given(stream_and_branch(), st.integers(ref.MIN_FRAC_BITS, ref.MAX_FRAC_BITS), st.sampled_from(FLOAT_DTYPES))
+@given(stream_and_branch(), st.integers(spec.MIN_FRAC_BITS, spec.MAX_FRAC_BITS), st.sampled_from(FLOAT_DTYPES))
 @example((np.array([1, -1, INT32_MAX, INT32_MIN, 0, 5], np.int32),
           np.array([np.float32(1e-45), -0.0, 3e38, -3e38, 0.5 / 65536, 2.5 / 65536], np.float32)),
          16, torch.float32)
@@ -106,11 +107,10 @@ def test_triton_couple_equals_oracle_and_inverts(data, frac_bits, dtype):
     with triton_path(DEVICE):
         y = C.couple(xt, ft, frac_bits)
         back = C.uncouple(y, ft, frac_bits)
-        y2, yf = C.couple_decode(xt, ft, frac_bits, dtype)
+        flags = C.coupling_flags(xt, ft, frac_bits)
     assert_equal(y.cpu(), want_y, "couple (triton vs oracle)")
     assert_equal(back.cpu(), xt.cpu(), "uncouple(couple(x, f), f) (triton)")
-    assert_equal(y2.cpu(), want_y, "couple_decode stream")
-    assert_equal(yf.cpu(), ref.decode(want_y, frac_bits, dtype), "couple_decode float")
+    assert_equal(flags.cpu(), ref.coupling_flags(xt.cpu(), ft.cpu(), frac_bits), "coupling flags (triton vs oracle)")
 
 
 def test_triton_quantizer_non_finite_and_extremes(kernel_device):
@@ -131,7 +131,7 @@ def test_triton_quantizer_non_finite_and_extremes(kernel_device):
 
 
 @given(st.integers(1, 300).flatmap(lambda n: hnp.arrays(np.int32, n)),
-       st.integers(ref.MIN_FRAC_BITS, ref.MAX_FRAC_BITS), st.sampled_from(FLOAT_DTYPES))
+       st.integers(spec.MIN_FRAC_BITS, spec.MAX_FRAC_BITS), st.sampled_from(FLOAT_DTYPES))
 def test_triton_decode_equals_oracle(q, frac_bits, dtype):
     qt = torch.from_numpy(q)
     # independent: float64 q * 2**-R is exact; the oracle rounds it to float32 once, then to dtype.
@@ -179,32 +179,99 @@ def test_encode_errors_and_saturation(kernel_device):
         C.encode(torch.tensor([hi + 2.0 ** -17], dtype=torch.float64), 16)
 
 
-def test_uncouple_step_equals_oracle_and_poisoned_outputs_are_written(kernel_device):
-    from revsnn_triton.kernels.coupling import coupling as launch
+# ------------------------------------------------------------------------------ in-place stream ops
 
-    torch.manual_seed(3)
-    n = 1000  # several interpreter blocks plus a masked tail
-    y = torch.randint(INT32_MIN, INT32_MAX, (n,), dtype=torch.int32)
-    f = torch.randn(n) * 10.0 ** torch.randint(-8, 8, (n,))
-    for gdtype in (torch.float32, torch.bfloat16, torch.float64):
-        ga, gb = torch.randn(n).to(gdtype), torch.randn(n).to(gdtype)
-        want = ref.uncouple_step(y, f, ga, gb, 12, torch.float32)
-        with triton_path(kernel_device):
-            got = C.uncouple_step(y.to(kernel_device), f.to(kernel_device), ga.to(kernel_device),
-                                  gb.to(kernel_device), 12, torch.float32)
-            out_q = torch.full((n,), 12345, dtype=torch.int32, device=kernel_device)
-            out_f = torch.full((n,), float("nan"), device=kernel_device)
-            grad = torch.full((n,), float("nan"), dtype=gdtype, device=kernel_device)
-            launch(q=y.to(kernel_device), f=f.to(kernel_device), out_q=out_q, out_f=out_f,
-                   grad_a=ga.to(kernel_device), grad_b=gb.to(kernel_device), grad=grad, frac_bits=12,
-                   subtract=True, block_size=128, num_warps=1)
-        for name, a, b in zip(("x_q", "x", "grad"), got, want):
-            assert_equal(a.cpu(), b, f"uncouple_step {name} ({gdtype})")
-        for name, a, b in zip(("x_q", "x", "grad"), (out_q, out_f, grad), want):
-            assert_equal(a.cpu(), b, f"launcher {name} ({gdtype})")
-    # independent check of the accumulation in float32
-    ga, gb = torch.randn(n), torch.randn(n)
-    assert_equal(ref.uncouple_step(y, f, ga, gb, 12, torch.float32)[2], ga + gb, "grad_a + grad_b")
+def _true_flags(x: np.ndarray, f: np.ndarray, frac_bits: int) -> list[int]:
+    """Independent model of the flags of ``couple(x, f)``: OVERFLOW where f is finite and either the exact sum leaves
+    int32 or f's scaled value does; NONFINITE where f is not finite; INEXACT where the wrapped result has |q| >= 2**24."""
+    finite = np.isfinite(f)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.rint(f.astype(np.float64) * 2.0 ** frac_bits)
+        exact = x.astype(np.float64) + np.clip(np.where(np.isnan(scaled), 0, scaled), INT32_MIN, INT32_MAX)
+    out_of_range = (scaled > INT32_MAX) | (scaled < INT32_MIN) | (exact > INT32_MAX) | (exact < INT32_MIN)
+    y = wrap(x.astype(np.int64) + expected_quantize(f, frac_bits)).astype(np.int64)
+    return [int((out_of_range & finite).any()), int((~finite).any()), int((np.abs(y) >= 2 ** 24).any())]
+
+
+@given(stream_and_branch(), st.sampled_from([4, 16, 30]))
+@example((np.array([INT32_MAX, 0], np.int32), np.array([1.0, 0.0], np.float32)), 16)
+@example((np.array([0, 0], np.int32), np.array([np.inf, 1.0], np.float32)), 16)
+@example((np.array([2 ** 23, 0], np.int32), np.array([2.0 ** 23, 0.0], np.float32)), 0 + 1)
+def test_flags_match_an_independent_model(data, frac_bits):
+    x, f = data
+    got = ref.coupling_flags(torch.from_numpy(x), torch.from_numpy(f), frac_bits)
+    assert got.tolist() == _true_flags(x, f, frac_bits)
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan")) if t.is_floating_point() else torch.full_like(t, -12345)
+
+
+@pytest.mark.parametrize("storage", [torch.int32, torch.float32, torch.float64])
+def test_stream_ops_on_strided_halves_equal_the_oracle_and_invert(storage, kernel_device):
+    """The in-place ops on the views the engine uses (a channel half of [T, B, C, H, W], a micro-batch of it): the
+    kernel equals the reference bit for bit, uncouple undoes couple, and the rest of the stream is untouched."""
+    torch.manual_seed(4)
+    T, B, C2, H, W = 2, 3, 6, 3, 5
+    x = torch.randn(T, B, C2, H, W) * 50
+    f = torch.randn(T, B, C2 // 2, H, W) * 10.0 ** torch.randint(-6, 3, (T, B, C2 // 2, H, W))
+    f[0, 0, 0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+    results = []
+    for path in (contextlib.nullcontext(), triton_path(kernel_device)):
+        with path:
+            s = _poisoned(torch.empty(T, B, C2, H, W, dtype=storage, device=kernel_device))
+            flags = C.new_flags(3, kernel_device)
+            C.stream_encode_(s, x.to(kernel_device), 12, flags[0])
+            start = s.clone()
+            half = s[:, :, C2 // 2:]
+            C.stream_couple_(half, f.to(kernel_device), 12, flags[1])
+            C.stream_couple_(s[:, 1:3, :C2 // 2], f[:, 1:3].to(kernel_device), 12, flags[2])  # a micro-batch
+            coupled = s.clone()
+            decoded = C.stream_decode(half, 12, torch.bfloat16)
+            C.stream_uncouple_(s[:, 1:3, :C2 // 2], f[:, 1:3].to(kernel_device), 12)
+            C.stream_uncouple_(half, f.to(kernel_device), 12)
+            results.append((start.cpu(), coupled.cpu(), decoded.cpu(), flags.cpu(), s.cpu()))
+    (start, coupled, decoded, flags, back), kernel = results[0], results[1]
+    for a, b, what in zip(results[0], kernel, ("encoded", "coupled", "decoded", "flags", "uncoupled")):
+        assert_equal(b, a, f"{what} ({storage}, triton vs reference)")
+    if storage == torch.float32:
+        # the saturated inf put |q| >= 2**24 into the stream, which float32 storage cannot hold: flagged, and the
+        # reason the engine then keeps an int32 stream
+        assert flags[1, C.INEXACT] == 1
+    else:
+        assert_equal(back, start, f"uncouple(couple(s)) ({storage})")
+    q_start = C.encode(x, 12)
+    assert_equal(start if storage == torch.int32 else C.encode(start, 12), q_start, "stream_encode_")
+    assert flags[0].tolist() == [0, 0, 0] and flags[1, C.NONFINITE] == 1
+    if storage != torch.float32:
+        want = ref.couple(q_start[:, :, C2 // 2:].contiguous(), f, 12)
+        got = coupled[:, :, C2 // 2:]
+        assert_equal(got if storage == torch.int32 else C.encode(got.contiguous(), 12, saturate=True), want,
+                     "couple on a strided half")
+
+
+def test_float32_storage_round_trip_and_to_float(kernel_device):
+    q = torch.randint(-(2 ** 24) + 1, 2 ** 24, (4, 5, 6), dtype=torch.int32)
+    for path in (contextlib.nullcontext(), triton_path(kernel_device)):
+        with path:
+            s = q.clone().to(kernel_device)
+            fl = C.stream_to_float_(s, 10)
+            assert fl.data_ptr() == s.data_ptr()  # the same memory
+            assert_equal(fl.cpu(), ref.decode(q, 10, torch.float32), "stream_to_float_")
+
+
+def test_stream_ops_validate_their_arguments():
+    s = torch.zeros(2, 4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="s must have dtype"):
+        C.stream_couple_(s.to(torch.int16), torch.zeros(2, 4), 8)
+    with pytest.raises(ValueError, match="f must have shape"):
+        C.stream_couple_(s, torch.zeros(2, 3), 8)
+    with pytest.raises(ValueError, match="flags must have shape"):
+        C.stream_couple_(s, torch.zeros(2, 4), 8, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous"):
+        C.stream_to_float_(s.t(), 8)
+    with pytest.raises(TypeError, match="s must have dtype"):
+        C.stream_to_float_(s.float(), 8)
 
 
 def test_straight_through_gradients():
@@ -230,17 +297,21 @@ def test_opcheck_all_ops(kernel_device):
     xq = C.encode(torch.randn(3, 4), 10)
     xf = C.decode(xq, 10)
     f = torch.randn(3, 4)
+    s32 = xq.clone()
     ops = [
         (torch.ops.revsnn.fixed_encode.default, (torch.randn(3, 4), 10, False)),
         (torch.ops.revsnn.fixed_decode.default, (xq, 10, torch.float32)),
         (torch.ops.revsnn.fixed_couple.default, (xq, f, 10)),
         (torch.ops.revsnn.fixed_uncouple.default, (xq, f, 10)),
-        (torch.ops.revsnn.fixed_couple_decode.default, (xq, f, 10, torch.float64)),
+        (torch.ops.revsnn.fixed_coupling_flags.default, (xq, f, 10)),
         (torch.ops.revsnn.fixed_encode_ste.default, (torch.randn(3, 4, requires_grad=True), 10, False)),
         (torch.ops.revsnn.fixed_couple_ste.default,
          (xq, xf.clone().requires_grad_(), f.clone().requires_grad_(), 10)),
-        (torch.ops.revsnn.fixed_uncouple_step.default, (xq, f, torch.randn(3, 4), torch.randn(3, 4), 10,
-                                                         torch.float32)),
+        (torch.ops.revsnn.stream_encode_.default, (s32.clone(), torch.randn(3, 4), 10, C.new_flags(1, "cpu")[0])),
+        (torch.ops.revsnn.stream_couple_.default, (s32.clone(), f, 10, C.new_flags(1, "cpu")[0])),
+        (torch.ops.revsnn.stream_uncouple_.default, (xf.clone(), f, 10)),
+        (torch.ops.revsnn.stream_to_float_.default, (s32.clone(), 10)),
+        (torch.ops.revsnn.stream_decode.default, (xf.clone(), 10, torch.bfloat16)),
     ]
     # The schema, fake and autograd registrations do not depend on which implementation runs, so the
     # interpreted kernel (slow under opcheck's many calls) is left to the bitwise tests above; on a GPU
@@ -271,8 +342,8 @@ def test_api_validation():
         C.decode(q, 16, torch.int64)
     with pytest.raises(TypeError, match="saturate must be a bool"):
         C.encode(f, 16, saturate=1)
-    with pytest.raises(ValueError, match="grad_b must have shape"):
-        C.uncouple_step(q, f, f, torch.zeros(3), 16)
+    with pytest.raises(ValueError, match="f must have shape"):
+        C.coupling_flags(q, torch.zeros(3), 16)
 
 
 # Compiles the coupling kernel for an H100 (sm_90) without a GPU, in a subprocess without the
@@ -298,16 +369,13 @@ for ptr_types, consts in json.loads(sys.argv[1]):
         cvt=sorted(set(re.findall(r"cvt\.(\w+)\.s32\.f(?:32|64)", ptx)))))
 print(json.dumps(report))
 """
-_BASE_CONSTS = dict(SCALE=65536.0, INV_SCALE=2.0 ** -16, HAS_Q=True, HAS_F=True, SUBTRACT=False, WRITE_Q=True,
-                    WRITE_F=True, ACCUMULATE=False, F_F64=False, OUT_F64=False, GRAD_F64=False, OUT_BF16=False,
-                    GRAD_BF16=False, BLOCK_SIZE=1024)
-_PTRS = dict(q_ptr="*i32", f_ptr="*fp32", out_q_ptr="*i32", out_f_ptr="*fp32", grad_a_ptr="*fp32",
-             grad_b_ptr="*fp32", grad_ptr="*fp32")
+_BASE_CONSTS = dict(SCALE=65536.0, INV_SCALE=2.0 ** -16, OP=2, S_INT=True, S_F64=False, F_F64=False,
+                    OUT_F64=False, OUT_BF16=False, FLAGS=True, BLOCK_SIZE=1024)
+_PTRS = dict(s_ptr="*i32", f_ptr="*fp32", out_ptr="*fp32", flags_ptr="*i32")
 _COMPILE_VARIANTS = [
-    (_PTRS, _BASE_CONSTS),
-    (dict(_PTRS, f_ptr="*fp64", out_f_ptr="*bf16"), dict(_BASE_CONSTS, F_F64=True, OUT_BF16=True)),
-    (dict(_PTRS, f_ptr="*bf16", grad_a_ptr="*bf16", grad_b_ptr="*bf16", grad_ptr="*bf16"),
-     dict(_BASE_CONSTS, SUBTRACT=True, ACCUMULATE=True, GRAD_BF16=True)),
+    (_PTRS, _BASE_CONSTS),  # couple, int32 stream, float32 branch output, flags
+    (dict(_PTRS, f_ptr="*fp64", s_ptr="*fp64"), dict(_BASE_CONSTS, F_F64=True, S_INT=False, S_F64=True)),
+    (dict(_PTRS, f_ptr="*bf16", s_ptr="*fp32"), dict(_BASE_CONSTS, OP=3, S_INT=False, FLAGS=False)),  # uncouple
 ]
 
 

@@ -189,7 +189,10 @@ def channel_sum(partial: torch.Tensor, channel_dim: int) -> torch.Tensor:
     others = [d for d in range(partial.dim()) if d != channel_dim]
     if not others:
         return partial.clone(memory_format=torch.contiguous_format)
-    return partial.sum(dim=others, dtype=torch.float64).to(partial.dtype)
+    # float32 over the inner dims, float64 over the outermost one: no float64 copy of the partials
+    inner = [d for d in others if d != others[0]]
+    rows = partial.sum(dim=inner, keepdim=True) if inner else partial
+    return rows.sum(dim=others, dtype=torch.float64).to(partial.dtype).reshape(partial.shape[channel_dim])
 
 
 def initial_membrane(x_seq: torch.Tensor, v_reset: float | None) -> torch.Tensor:
