@@ -25,6 +25,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # the lazily imported names (create_model, list_models, models) belong in dir() and tab completion too
+    return sorted(set(globals()) | {"create_model", "list_models", "models"})
+
+
 __all__ = [
     "IFNode", "LIFNode", "ParametricLIFNode", "RevBlock", "RevSequence", "ReconstructionError", "Recompute",
     "recompute",
