@@ -90,8 +90,11 @@ def _start_profiler_quietly() -> None:
         return
     from torch.profiler import ProfilerActivity, profile
 
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
+    try:
+        sys.stderr.flush()
+        saved_fd = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr to filter: start it plainly
+        return
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
