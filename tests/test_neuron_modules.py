@@ -202,6 +202,7 @@ def test_zero_dim_input_in_single_step_mode_matches_spikingjelly(cls) -> None:
     (lambda: IFNode(v_threshold=True), TypeError, "v_threshold must be a real number"),
     (lambda: IFNode(v_reset="0"), TypeError, "v_reset must be a real number or None"),
     (lambda: IFNode(detach_reset=1), TypeError, "detach_reset must be a bool"),
+    (lambda: IFNode(store_v_seq=1), TypeError, "store_v_seq must be a bool"),
     (lambda: LIFNode(decay_input=None), TypeError, "decay_input must be a bool"),
     (lambda: IFNode(step_mode="multi"), ValueError, "step_mode must be one of"),
     (lambda: IFNode(backend="cuda"), ValueError, "backend must be one of"),
