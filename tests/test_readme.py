@@ -39,10 +39,10 @@ def _blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.MULTILINE | re.DOTALL)
 
 
-def _commands() -> list[str]:
-    """Every command line of the bash blocks, comments stripped."""
+def _commands(block: str | None = None) -> list[str]:
+    """Every command line of ``block`` (default: of all bash blocks), comments stripped."""
     lines = []
-    for block in _blocks("bash"):
+    for block in _blocks("bash") if block is None else [block]:
         for line in block.splitlines():
             command = line.split("  #")[0].split(" #")[0].strip() if not line.lstrip().startswith("#") else ""
             if command:
@@ -82,18 +82,26 @@ def test_every_bash_command_is_run_or_excused() -> None:
     assert not stale, f"tests/test_readme.py excuses commands the README no longer has: {stale}"
 
 
-def _cheap_commands() -> list[str]:
-    return [c for c in _commands() if c.startswith("revsnn ") and c not in NOT_RUN]
+def _cheap_blocks() -> list[list[str]]:
+    """The bash blocks that have cheap offline ``revsnn`` commands, as lists of those commands in order."""
+    blocks = []
+    for block in _blocks("bash"):
+        commands = [c for c in _commands(block) if c.startswith("revsnn ") and c not in NOT_RUN]
+        if commands:
+            blocks.append(commands)
+    return blocks
 
 
-@pytest.mark.parametrize("command", _cheap_commands())
-def test_readme_bash_command_runs(command: str, tmp_path) -> None:
-    """Each cheap, offline ``revsnn`` command of the README, from a fresh directory, exits 0."""
-    argv = shlex.split(command) + QUICKER.get(command, [])
-    result = subprocess.run([sys.executable, "-m", "revsnn_triton", *argv[1:]], cwd=tmp_path, env=_env(),
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    assert "Traceback" not in result.stderr
+@pytest.mark.parametrize("commands", _cheap_blocks(), ids=lambda cs: cs[0])
+def test_readme_bash_commands_run(commands: list[str], tmp_path) -> None:
+    """The cheap, offline ``revsnn`` commands of one README block, in order, from one fresh directory (a later
+    command may read what an earlier one wrote), each exit 0 without a traceback."""
+    for command in commands:
+        argv = shlex.split(command) + QUICKER.get(command, [])
+        result = subprocess.run([sys.executable, "-m", "revsnn_triton", *argv[1:]], cwd=tmp_path, env=_env(),
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        assert "Traceback" not in result.stderr, command
 
 
 def test_package_dir_lists_the_lazy_names() -> None:
