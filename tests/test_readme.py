@@ -20,7 +20,7 @@ NOT_RUN = {
     'pip install "revsnn-triton[train]"': "installs packages (needs network and changes the environment)",
     "revsnn train --config cifar10_revsresnet --model RevSResNet37 --data-dir data --download --amp bf16 --compile":
         "downloads CIFAR-10 and trains a full-size model",
-    "torchrun --nproc-per-node 4 -m revsnn_triton train --config cifar100_revsformer --data-dir data":
+    "torchrun --nproc-per-node 4 -m revsnn_triton train --config cifar100_revsformer --batch-size 16 --data-dir data":
         "needs CIFAR-100 and 4 processes (DDP is tested in tests/test_train_ddp.py)",
     "revsnn train --resume runs/train/checkpoint_last.pt": "needs the checkpoint of an earlier full run",
     "revsnn bench neurons": "times CUDA kernels: needs a GPU",
