@@ -139,3 +139,16 @@ def test_peak_rss_follows_allocations_with_a_fixed_threshold() -> None:
 def test_measure_peak_rss_argument() -> None:
     with pytest.raises(TypeError, match="fn must be callable"):
         memory.measure_peak_rss(3)
+
+
+def test_input_sizes_agree_with_the_registry() -> None:
+    """The benchmark's input size of every registered model is the one the registry states for it."""
+    from revsnn_triton.models import create_model, list_models
+    from revsnn_triton.models.registry import model_info
+
+    for name in list_models():
+        with torch.device("meta"):
+            model = create_model(name, neuron_impl="torch")
+        stated = re.search(r"(\d+), (\d+)\]$", model_info(name).input)
+        assert stated, (name, model_info(name).input)
+        assert bench_memory.input_size(name, model) == int(stated.group(1)) == int(stated.group(2)), name
