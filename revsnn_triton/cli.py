@@ -190,9 +190,16 @@ def train_main(argv: Sequence[str]) -> int:
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"revsnn train: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("revsnn train: interrupted; the checkpoint of the last finished epoch is kept (continue with "
-              "revsnn train --resume <run folder>)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        folder, kept = getattr(exc, "run_folder", None), getattr(exc, "last_good", None)
+        if folder is None:
+            print("revsnn train: interrupted", file=sys.stderr)
+        elif kept is None:
+            print(f"revsnn train: interrupted before the first epoch ended; nothing to resume in {folder}",
+                  file=sys.stderr)
+        else:
+            print(f"revsnn train: interrupted; the last good checkpoint is {kept}; continue with revsnn train "
+                  f"--resume {folder}", file=sys.stderr)
         return 130
     return 0
 

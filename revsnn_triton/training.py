@@ -70,6 +70,14 @@ class OutputError(RuntimeError):
     was kept."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``run_folder`` and ``last_good`` (the last good checkpoint, or None) say what is kept."""
+
+    def __init__(self, run_folder: str, last_good: str | None):
+        super().__init__(run_folder)
+        self.run_folder, self.last_good = run_folder, last_good
+
+
 @dataclass
 class TrainResult:
     """What a run produced. Accuracies are fractions in [0, 1]; ``memory`` maps model name -> bytes per image
@@ -267,11 +275,12 @@ def _summary_writer_class():
 
 
 class _RunLog:
-    """Prints to stdout (rank 0 only) and appends the same lines to the run's ``train.log``."""
+    """Prints to stdout (rank 0 only) and writes the same lines to the run's ``train.log`` (appended to when the
+    run continues in its own folder)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, append: bool):
         try:
-            self.file = None if path is None else open(path, "a", encoding="utf-8")
+            self.file = None if path is None else open(path, "a" if append else "w", encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"could not write {str(path)!r} ({exc.strerror or exc}); pass --out with a folder you "
                               f"can write to") from None
@@ -525,7 +534,8 @@ def _run(cfg: TrainConfig, d: _Dist, device: torch.device, resumed: _Resumed | N
     session, progress = _build_session(cfg, data, d, device, resumed)
     if d.main:
         _make_folder(session.out)
-    log = _RunLog(session.out / LOG if d.main else None)
+    continued = resumed is not None and resumed.path.parent.resolve() == session.out.resolve()
+    log = _RunLog(session.out / LOG if d.main else None, append=continued)
     try:
         _start(session, progress, log, changes)
         writer = _summary_writer_class()(str(session.out), purge_step=progress.start_epoch + 1) if (
@@ -550,7 +560,7 @@ def _run(cfg: TrainConfig, d: _Dist, device: torch.device, resumed: _Resumed | N
         raise
     except KeyboardInterrupt:
         log.write(f"revsnn train: interrupted; the last good checkpoint is {progress.last_good or 'none'}")
-        raise
+        raise RunInterrupted(str(session.out), progress.last_good) from None
     finally:
         log.close()
 
@@ -703,10 +713,15 @@ def _divergence_message(exc: BaseException, session: _Session, progress: _Progre
     smaller = max(1, frac_bits[0] - 4) if len(frac_bits) == 1 else 12
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     detail = detail.replace(" (pass saturate=True to clamp)", "")  # an option of the op, not of a training run
-    return (f"values left the fixed-point range of the reversible blocks ({bits}) during epoch {epoch + 1} "
-            f"({phase}): the model diverged. {_kept(progress)}. Lower the learning rate (--lr), or start a new run "
-            f"with a smaller frac_bits for a wider range (e.g. --set 'model_kwargs={{frac_bits: {smaller}}}'). "
-            f"[{detail[:300]}]")
+    if "non-finite" in detail:
+        what = "non-finite values (NaN or inf) reached the fixed-point encoding"
+        remedy = "Lower the learning rate (--lr), or try --amp none or gradient clipping (--set grad_clip=1.0)"
+    else:
+        what = "values left the fixed-point range"
+        remedy = (f"Lower the learning rate (--lr), or start a new run with a smaller frac_bits for a wider range "
+                  f"(e.g. --set 'model_kwargs={{frac_bits: {smaller}}}')")
+    return (f"{what} of the reversible blocks ({bits}) during epoch {epoch + 1} ({phase}): the model diverged. "
+            f"{_kept(progress)}. {remedy}. [{detail[:300]}]")
 
 
 def _kept(progress: _Progress) -> str:

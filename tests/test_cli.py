@@ -397,3 +397,17 @@ def test_one_epoch_one_process_wording(tmp_path, capsys):
 def test_eval_of_a_missing_checkpoint(tmp_path, capsys):
     status, err = _run(["eval", str(tmp_path / "nothing.pt")], capsys)
     assert status == 2 and "does not exist" in err
+
+
+def test_ctrl_c_names_what_to_resume(tmp_path, capsys, monkeypatch):
+    from revsnn_triton import training
+    real_epoch = training._train_epoch
+
+    def interrupted_in_epoch_2(session, progress, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(session, progress, epoch)
+    monkeypatch.setattr(training, "_train_epoch", interrupted_in_epoch_2)
+    status, err = _run(["train", "--out", str(tmp_path), *TINY_RUN, "--epochs", "2"], capsys)
+    assert status == 130 and f"--resume {tmp_path}" in err and "(end of epoch 1)" in err
+    assert "interrupted" in (tmp_path / "train.log").read_text()
