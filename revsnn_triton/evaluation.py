@@ -75,14 +75,11 @@ def model_from_config(cfg: TrainConfig, num_classes: int | None, name: str | Non
     kwargs = dict(cfg.model_kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if name not in list_models():
-        try:
-            create_model(name)          # the registry's own message (with its "did you mean")
-        except ValueError as exc:
-            raise ConfigError(str(exc).removeprefix("create_model: ")) from None
     try:
         return create_model(name, T=cfg.T, neuron_impl=cfg.neuron_impl, **kwargs)
     except (TypeError, ValueError) as exc:
+        if name not in list_models():  # the registry's own message, with its choices
+            raise ConfigError(str(exc).removeprefix("create_model: ")) from None
         raise ConfigError(f"model {name!r} could not be built with T={cfg.T}, neuron_impl={cfg.neuron_impl!r}, "
                           f"model_kwargs={cfg.model_kwargs!r}: {exc}") from None
 
