@@ -58,10 +58,12 @@ def _train_parser() -> argparse.ArgumentParser:
     what.add_argument("--config", metavar="RECIPE",
                       help="recipe file (.yaml/.yml/.toml) or the name of a shipped recipe (see --list-configs)")
     what.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
+    what.add_argument("--verbose", "-v", action="store_true", help="with --list-configs: each recipe's card (the "
+                      "original it reproduces, the paper's and our accuracy, deliberate differences)")
     what.add_argument("--list-models", action="store_true", help="list the registered models and exit")
     what.add_argument("--model", help="registered model name (default: the dataset's default model)")
-    what.add_argument("--dataset", help="digits, cifar10, cifar100, cifar10-dvs, dvs128-gesture or "
-                      "synthetic-cifar10" + default("dataset"))
+    what.add_argument("--dataset", help="digits, cifar10, cifar100, cifar10-dvs, dvs128-gesture, "
+                      "dvs128-gesture-tonic or synthetic-cifar10" + default("dataset"))
     what.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="dataset folder" + default("data_dir"))
     what.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     what.add_argument("--T", "-T", dest="T", type=int, help="time steps" + default("T"))
@@ -136,18 +138,9 @@ def list_models() -> str:
 
     rows = []
     for name in names():
-        if hasattr(registry, "model_info"):
-            info = registry.model_info(name)
-            row = [info.input, info.T, info.num_classes, info.num_parameters()]
-        else:  # until the registry has model_info: build on the meta device (no memory, no initialisation)
-            import torch
-            with torch.device("meta"):
-                model = registry.create_model(name, neuron_impl="torch")
-            kind = "event frames" if getattr(model, "event_input", False) else "images"
-            row = [f"{kind}, {getattr(model, 'in_channels', '?')} channels", getattr(model, "T", None),
-                   getattr(model, "num_classes", None), sum(p.numel() for p in model.parameters())]
-        rows.append([name, row[0], "-" if row[1] is None else row[1], "-" if row[2] is None else row[2],
-                     f"{row[3] / 1e6:.2f}M"])
+        info = registry.model_info(name)
+        rows.append([name, info.input, "-" if info.T is None else info.T,
+                     "-" if info.num_classes is None else info.num_classes, f"{info.num_parameters() / 1e6:.2f}M"])
     return _table(["model", "input", "T", "classes", "parameters"], rows)
 
 
@@ -166,9 +159,16 @@ def train_main(argv: Sequence[str]) -> int:
     from .data import DataError
 
     try:
+        verbose = args.pop("verbose", False)
         if args.pop("list_configs", False):
-            print(list_configs())
+            if verbose:
+                from .recipes import format_cards
+                print(format_cards())
+            else:
+                print(list_configs())
             return 0
+        if verbose:
+            raise ConfigError("--verbose goes with --list-configs")
         if args.pop("list_models", False):
             print(list_models())
             return 0

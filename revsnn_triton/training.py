@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
+from . import schedule
 from .config import ConfigError, TrainConfig, field_names, make_config, resume_config
-from .data import DataBundle, DataError, batch_mixer, build_data, default_model
+from .data import DataBundle, DataError, batch_transforms, build_data, default_model, head_classes
 from .evaluation import autocast, evaluate, model_from_config, resolve_device
 from .fileio import atomic_write, atomic_write_text, remove_stale_temps
 from .functional import reset_net
@@ -208,10 +209,10 @@ def _resume(request: dict) -> tuple[TrainConfig, list[str], _Resumed]:
         if "the checkpoint's config" in str(exc):
             raise ckpt.CheckpointError(f"checkpoint {str(path)!r}: {exc}") from None
         raise
-    done = int(state["epoch"]) + 1
-    if done >= cfg.epochs:
-        raise ConfigError(f"checkpoint {str(path)!r} already finished epoch {done} of {cfg.epochs}; pass --epochs "
-                          f"larger than {done} to continue training")
+    done, total = int(state["epoch"]) + 1, schedule.total_epochs(cfg)
+    if done >= total:
+        raise ConfigError(f"checkpoint {str(path)!r} already finished epoch {done} of {total} (epochs + "
+                          f"cooldown_epochs); pass a larger --epochs to continue training")
     return cfg, changes, _Resumed(path, state)
 
 
@@ -363,13 +364,14 @@ def _seed_everything(seed: int) -> None:
 
 def build_model(cfg: TrainConfig, data: DataBundle, name: str | None = None) -> nn.Module:
     """``create_model`` for the config and dataset (unknown names -> :class:`ConfigError` listing choices)."""
-    return model_from_config(cfg, data.num_classes, name)
+    return model_from_config(cfg, head_classes(cfg, data), name)
 
 
 def _optimizer_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
-    # No weight decay on biases, norm parameters and other 1-d parameters (e.g. PLIF's w).
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    # No weight decay on biases, norm parameters and other 1-d parameters (e.g. PLIF's w), unless the recipe
+    # decays every parameter (decay_bias_and_norm, as torch's optimizers on model.parameters()).
+    decay = [p for p in model.parameters() if p.requires_grad and (p.dim() > 1 or cfg.decay_bias_and_norm)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1 and not cfg.decay_bias_and_norm]
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -391,32 +393,11 @@ def _apply_hyperparameters(cfg: TrainConfig, optimizer: torch.optim.Optimizer, m
             group["momentum"] = cfg.momentum
 
 
-def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate after ``step`` optimizer steps: linear warmup, then cosine to ``min_lr`` (held through
-    the cooldown), multistep decay at ``milestones`` epochs, or constant."""
-    warm = cfg.warmup_epochs * steps_per_epoch
-    if step < warm:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warm
-    if cfg.scheduler == "constant":
-        return cfg.lr
-    if cfg.scheduler == "multistep":
-        return cfg.lr * cfg.gamma ** sum(step // steps_per_epoch >= m for m in cfg.milestones)
-    span = max(1, (cfg.epochs - cfg.warmup_epochs - cfg.cooldown_epochs) * steps_per_epoch)
-    progress = min(1.0, (step - warm) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, start_step: int = 0
                    ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The per-step learning-rate schedule (stepped after every optimizer step), positioned at ``start_step``.
-
-    The rate is a function of the config and the step alone, so a resumed run follows its (possibly changed)
-    config rather than a saved scheduler state.
-    """
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step, steps_per_epoch) / cfg.lr,
-                                             last_epoch=start_step - 1)
+    """The run's learning-rate schedule (:mod:`revsnn_triton.schedule`, stepped after every optimizer step),
+    positioned at ``start_step`` for a resumed run."""
+    return schedule.build_scheduler(cfg, optimizer, steps_per_epoch, start_step=start_step)
 
 
 def _loss_fn(cfg: TrainConfig):
@@ -462,6 +443,8 @@ class _Session:
     sampler: DistributedSampler
     test_loader: DataLoader
     steps_per_epoch: int
+    epochs: int                   # epochs + cooldown_epochs
+    num_classes: int              # width of the model's head
 
 
 @dataclass
@@ -497,7 +480,8 @@ def _build_session(cfg: TrainConfig, data: DataBundle, d: _Dist, device: torch.d
     if cfg.compile:
         model = torch.compile(model)
     session = _Session(cfg, d, device, Path(cfg.out), data, model_name, raw, model, optimizer, scheduler, scaler,
-                       train_loader, sampler, test_loader, steps_per_epoch)
+                       train_loader, sampler, test_loader, steps_per_epoch, schedule.total_epochs(cfg),
+                       head_classes(cfg, data))
     return session, progress
 
 
@@ -541,13 +525,13 @@ def _run(cfg: TrainConfig, d: _Dist, device: torch.device, resumed: _Resumed | N
         writer = _summary_writer_class()(str(session.out), purge_step=progress.start_epoch + 1) if (
             d.main and cfg.log == "tensorboard") else None
         train_images = train_time = 0.0
-        for epoch in range(progress.start_epoch, cfg.epochs):
+        for epoch in range(progress.start_epoch, session.epochs):
             row = _run_epoch(session, progress, epoch)
             train_images += row.pop("_seen")
             train_time += row.pop("_train_time")
             _check_finite(session, progress, epoch, row)
             _save_epoch(session, progress, row)
-            log.print(_epoch_line(row, cfg.epochs))
+            log.print(_epoch_line(row, session.epochs))
             if writer is not None:
                 _log_scalars(writer, row)
             if d.on:
@@ -578,7 +562,7 @@ def _start(session: _Session, progress: _Progress, log: _RunLog, changes: list[s
     resume = f", resuming at epoch {progress.start_epoch + 1}" if cfg.resume else ""
     log.print(f"revsnn train: {session.model_name} ({n_params / 1e6:.3f}M parameters) on {cfg.dataset} "
               f"({len(data.train)} train / {len(data.test)} test), {_plural(d.world, 'process', 'processes')} on "
-              f"{session.device}, T={cfg.T}, batch {cfg.batch_size}x{d.world}, {_plural(cfg.epochs, 'epoch')}, "
+              f"{session.device}, T={cfg.T}, batch {cfg.batch_size}x{d.world}, {_plural(session.epochs, 'epoch')}, "
               f"amp={cfg.amp}, neurons={cfg.neuron_impl}{resume}")
     if cfg.resume:
         log.print(f"resuming {cfg.resume}" + (": changed " + "; ".join(changes) if changes else
@@ -626,18 +610,15 @@ def _train_epoch(session: _Session, progress: _Progress, epoch: int) -> tuple[fl
     cfg, d, device, raw, model = session.cfg, session.d, session.device, session.raw, session.model
     optimizer, scaler = session.optimizer, session.scaler
     session.sampler.set_epoch(epoch)
-    mixer = batch_mixer(cfg, session.data.num_classes)
-    use_mix = mixer is not None and (cfg.mixup_off_epoch is None or epoch < cfg.mixup_off_epoch)
+    batch_transform = batch_transforms(cfg, session.num_classes)  # MixUp/CutMix, then random erasing
     loss_fn = _loss_fn(cfg)
     model.train()
     loss_sum = correct = seen = 0.0
     bar = _progress(_take(session.train_loader, session.steps_per_epoch), session.steps_per_epoch,
-                    f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and d.main)
+                    f"epoch {epoch + 1}/{session.epochs}", cfg.progress and d.main)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        target = y
-        if use_mix:
-            x, target = mixer(x, y)
+        x, target = batch_transform(x, y, epoch)
         reset_net(raw)
         with autocast(cfg.amp, device):
             logits = model(x)
@@ -743,7 +724,7 @@ def _save_epoch(session: _Session, progress: _Progress, row: dict) -> None:
              "scheduler": session.scheduler.state_dict(),
              "scaler": session.scaler.state_dict() if session.scaler else {}, "rng": rngs,
              "history": progress.history, "best_acc": progress.best_acc, "best_epoch": progress.best_epoch,
-             "model_name": session.model_name, "num_classes": session.data.num_classes,
+             "model_name": session.model_name, "num_classes": session.num_classes,
              "config": session.cfg.to_dict()}
     out = session.out
     _write_output(out / LAST, progress, lambda p: ckpt.save_checkpoint(p, state))
@@ -818,7 +799,7 @@ def _finish(session: _Session, progress: _Progress, log: _RunLog, train_images: 
     """The memory report, ``summary.json`` and the end-of-run report."""
     cfg, d, history = session.cfg, session.d, progress.history
     images_per_s = train_images / train_time if train_time else (history[-1]["images_per_s"] if history else 0.0)
-    result = TrainResult(out_dir=str(session.out), epochs_run=cfg.epochs - progress.start_epoch,
+    result = TrainResult(out_dir=str(session.out), epochs_run=session.epochs - progress.start_epoch,
                          final_test_acc=history[-1]["test_acc"] if history else float("nan"),
                          best_test_acc=progress.best_acc, best_epoch=progress.best_epoch, images_per_s=images_per_s,
                          wall_time_s=0.0, history=history)
@@ -865,24 +846,25 @@ def memory_report(cfg: TrainConfig, data: DataBundle, device: torch.device, mode
     import warnings
 
     from .bench.memory import Case, measure_case
-    from .models import list_models
+    from .models import counterpart, model_info
 
     # The CPU measurement uses the profiler's allocation events; keep its log lines out of the report.
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-    other = _counterpart(model_name)
-    names = [model_name] + [other for _ in [0] if other and other in list_models()]
+    other = counterpart(model_name)
+    names = [model_name] + ([other] if other else [])
     batch_sizes = (16, 64) if device.type == "cuda" else (8, 32)
     dtype = "bf16" if cfg.amp == "bf16" else "fp32"   # the benchmark's step knows fp32 and bf16 autocast
     shared = {k: v for k, v in cfg.model_kwargs.items() if k not in _NOT_SHARED}
     results: dict[str, float] = {}
     try:
         for name in names:
-            extra = {**(cfg.model_kwargs if name == model_name else shared), "num_classes": data.num_classes}
+            extra = {**(cfg.model_kwargs if name == model_name else shared), "num_classes": head_classes(cfg, data)}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                row = measure_case(Case(name, name, "", name == model_name and other is not None, 0),
+                info = model_info(name)
+                row = measure_case(Case(name, name, info.family, info.reversible, info.layers or 0),
                                    device=device, dtype=dtype, batch_sizes=batch_sizes, T=cfg.T,
                                    image_size=data.sample_shape[-1], neuron_impl=cfg.neuron_impl, extra=extra)
             results[name] = row["mib_per_image"] * 2**20
@@ -892,20 +874,6 @@ def memory_report(cfg: TrainConfig, data: DataBundle, device: torch.device, mode
             f"memory between batch {batch_sizes[0]} and {batch_sizes[1]}, "
             f"{'CUDA max_memory_allocated' if device.type == 'cuda' else 'CPU allocation accounting'}")
     return results, note
-
-
-# Until the registry records counterparts (models.registry.counterpart); removed once it does.
-_COUNTERPARTS_FALLBACK = {
-    "RevSResNet-digits": "MS-ResNet-digits", "RevSResNet21": "MS-ResNet18", "RevSResNet37": "MS-ResNet34",
-    "RevSResNet109": "MS-ResNet104", "RevSResNet24": "MS-ResNet20", "RevSFormer-2-384": "Spikingformer-2-384",
-    "RevSFormer-4-384": "Spikingformer-4-384", "RevSFormer-2-256": "Spikingformer-2-256"}
-
-
-def _counterpart(model_name: str) -> str | None:
-    from .models import registry
-
-    lookup = getattr(registry, "counterpart", None)
-    return lookup(model_name) if lookup is not None else _COUNTERPARTS_FALLBACK.get(model_name)
 
 
 # ---------------------------------------------------------------------------------------------------- wording
