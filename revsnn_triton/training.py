@@ -556,8 +556,10 @@ def _start(session: _Session, progress: _Progress, log: _RunLog, changes: list[s
         return
     from . import __version__
 
-    log.write(f"# revsnn-triton {__version__}, {datetime.now().isoformat(timespec='seconds')}, "
-              f"command: {' '.join(sys.argv) or '(python API)'}")
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    command = (" ".join(["revsnn", *sys.argv[1:]]) if program in ("revsnn", "__main__.py") else
+               " ".join(sys.argv) or "(python API)")
+    log.write(f"# revsnn-triton {__version__}, {datetime.now().isoformat(timespec='seconds')}, command: {command}")
     n_params = sum(p.numel() for p in session.raw.parameters())
     resume = f", resuming at epoch {progress.start_epoch + 1}" if cfg.resume else ""
     log.print(f"revsnn train: {session.model_name} ({n_params / 1e6:.3f}M parameters) on {cfg.dataset} "
