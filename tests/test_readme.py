@@ -22,7 +22,7 @@ NOT_RUN = {
         "downloads CIFAR-10 and trains a full-size model",
     "torchrun --nproc-per-node 4 -m revsnn_triton train --config cifar100_revsformer --batch-size 16 --data-dir data":
         "needs CIFAR-100 and 4 processes (DDP is tested in tests/test_train_ddp.py)",
-    "revsnn train --resume runs/train/checkpoint_last.pt": "needs the checkpoint of an earlier full run",
+    "revsnn train --resume runs/train/<run>": "needs an earlier full run (resuming is tested in tests/test_training.py)",
     "revsnn bench neurons": "times CUDA kernels: needs a GPU",
     "revsnn tune": "tunes CUDA kernels: needs a GPU",
 }
@@ -54,54 +54,55 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
-def test_readme_python_blocks_run(capsys) -> None:
+def _fenced_blocks() -> list[tuple[str, str]]:
+    """``(language, text)`` of every fenced block of the README, in order."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", README.read_text(), flags=re.MULTILINE | re.DOTALL)
+
+
+def test_readme_runs_in_order(tmp_path, monkeypatch, capsys) -> None:
+    """The README as a reader goes through it, from a fresh directory: every python block (in one namespace) and
+    the cheap, offline ``revsnn`` commands of every bash block (as subprocesses), in document order, so that a
+    later block may use what an earlier one made (the Python inference example loads the run the commands
+    trained)."""
     pytest.importorskip("spikingjelly")
     pytest.importorskip("sklearn")
-    blocks = _blocks("python")
-    assert len(blocks) >= 3, "the quick start has lost its code"
+    monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
-        except Exception as error:  # name the block: a reader sees which example broke
-            raise AssertionError(f"README.md python block {i + 1} failed: {type(error).__name__}: {error}") from error
+    python_blocks = 0
+    for language, text in _fenced_blocks():
+        if language == "python":
+            python_blocks += 1
+            try:
+                exec(compile(text, f"README.md python block {python_blocks}", "exec"), namespace)
+            except Exception as error:  # name the block: a reader sees which example broke
+                raise AssertionError(f"README.md python block {python_blocks} failed: {type(error).__name__}: "
+                                     f"{error}") from error
+        elif language == "bash":
+            for command in _commands(text):
+                if command in NOT_RUN:
+                    continue
+                argv = shlex.split(command) + QUICKER.get(command, [])
+                result = subprocess.run([sys.executable, "-m", "revsnn_triton", *argv[1:]], cwd=tmp_path,
+                                        env=_env(), capture_output=True, text=True, timeout=900)
+                assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+                assert "Traceback" not in result.stderr, command
+    assert python_blocks >= 4, "the quick start has lost its code"
     out = capsys.readouterr().out
     # what the quick start says it shows
     assert "False" in out.splitlines()[0], out  # a float x off the grid is not rebuilt bit for bit
     assert "save=input" in out
     accuracy = float(re.search(r"test accuracy ([\d.]+)%", out).group(1))
     assert accuracy > 80.0, out  # a converted spikingjelly MLP learns the digits (89.4% measured)
+    assert "RevSResNet-digits [" in out  # the model loaded from the run folder predicted
 
 
 def test_every_bash_command_is_run_or_excused() -> None:
     commands = _commands()
     assert commands, "no bash blocks found"
-    unknown = [c for c in commands if c not in NOT_RUN and not c.startswith("revsnn ")]
+    unknown = [c for c in commands if c not in NOT_RUN and not c.startswith("revsnn ")]  # revsnn ...: run
     assert not unknown, f"README commands with no decision in tests/test_readme.py: {unknown}"
     stale = [c for c in (*NOT_RUN, *QUICKER) if c not in commands]
     assert not stale, f"tests/test_readme.py excuses commands the README no longer has: {stale}"
-
-
-def _cheap_blocks() -> list[list[str]]:
-    """The bash blocks that have cheap offline ``revsnn`` commands, as lists of those commands in order."""
-    blocks = []
-    for block in _blocks("bash"):
-        commands = [c for c in _commands(block) if c.startswith("revsnn ") and c not in NOT_RUN]
-        if commands:
-            blocks.append(commands)
-    return blocks
-
-
-@pytest.mark.parametrize("commands", _cheap_blocks(), ids=lambda cs: cs[0])
-def test_readme_bash_commands_run(commands: list[str], tmp_path) -> None:
-    """The cheap, offline ``revsnn`` commands of one README block, in order, from one fresh directory (a later
-    command may read what an earlier one wrote), each exit 0 without a traceback."""
-    for command in commands:
-        argv = shlex.split(command) + QUICKER.get(command, [])
-        result = subprocess.run([sys.executable, "-m", "revsnn_triton", *argv[1:]], cwd=tmp_path, env=_env(),
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-        assert "Traceback" not in result.stderr, command
 
 
 def test_package_dir_lists_the_lazy_names() -> None:
