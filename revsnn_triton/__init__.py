@@ -52,7 +52,6 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-
 __all__ = [
     "IFNode", "LIFNode", "ParametricLIFNode", "RevBlock", "RevSequence", "ReconstructionError", "Recompute",
     "recompute",
