@@ -1,124 +1,55 @@
-"""Fused multi-step IF / LIF / PLIF neurons: Triton kernels and their launchers.
+"""Fused multi-step IF / LIF / PLIF neurons: the Triton kernels, their launchers and their tuning factories.
 
-One kernel family for the three neuron kinds (``KIND`` constexpr: 0 IF, 1 LIF, 2 PLIF), forward and backward,
-each looping over all T time steps inside the kernel; one program per block of ``block_size`` neurons. State
-and arithmetic are fp32 whatever the input dtype; spikes are written in the input dtype. The formulas (and their
-order of operations, so that fp32 spikes and membranes are bit-equal to spikingjelly 2.0) are those of
-``revsnn_triton.ops.neuron_reference``; the seven surrogate derivatives are constexpr-selected ``@triton.jit``
-functions with the formulas of ``revsnn_triton.surrogate``. Floating-point contraction is disabled
-(``enable_fp_fusion=False``) and divisions are correctly rounded (``div_rn``), so the forward rounds exactly
-as the PyTorch reference does (spikes, membranes and H bit-equal); the backward differs from it only where
-``exp`` is evaluated (surrogates), by an ulp or so.
+What the op computes, accepts and keeps is ``revsnn_triton.ops.neuron.spec`` (the only module of the package this
+file imports, with the launch-configuration leaf ``revsnn_triton.launch``): kinds and surrogates by the ids it
+defines, the neuron layout of every tensor, the save plans and the bytes each launch moves (tested against the
+addresses these kernels touch). The formulas, with their order of operations, are those of
+``revsnn_triton.ops.neuron.reference``; floating-point contraction is disabled (``enable_fp_fusion=False``) and
+divisions are correctly rounded, so the forward rounds exactly as the reference does (spikes, membranes and H
+bit-equal) and the backward differs from it only where ``exp`` is evaluated (surrogates), by an ulp or so.
 
-Input. The neuron's input is ``x`` converted to fp32, or with a per-channel affine transform (``AFFINE``)
-``y = x * scale[c] + shift[c]``: a multiply, then an add (two roundings), for the channel ``c`` of each neuron
-(:func:`channel_geometry`); ``y`` lives in registers only. Its backward writes ``dL/dx = dL/dy * scale[c]`` and,
-per neuron, the partial sums over time of ``dL/dy * x`` and ``dL/dy``, which the caller reduces per channel.
+Kernels. One forward and one backward kernel serve the three kinds (``KIND`` constexpr) and the seven surrogate
+derivatives (``SURROGATE``: constexpr-selected ``@triton.jit`` functions); each program loops over all T time
+steps of ``block_size`` neurons, with state and arithmetic in fp32 whatever the input dtype. The backward runs
+from the saved H (runtime T), or for ``save="input"`` with ``T <= MAX_RECOMPUTE_T`` recomputes H in registers
+(``RECOMPUTE_T == T``: both time loops unrolled, ``H[t]`` the t-th block of a tuple), so H never goes to memory;
+longer sequences re-run the forward into a transient H first. Either way the arithmetic is the forward's, so
+``"input"`` and ``"h"`` give bit-identical gradients.
 
-Layouts. ``x [T, *shape]`` is read in place with any strides: the launcher sorts the inner dims by stride,
-drops size-1 dims, merges dims that are contiguous with each other and passes up to ``MAX_DIMS`` (size, stride)
-pairs plus the time stride (0 for an input repeated over T with ``expand``); only layouts that need more dims
-are copied first. All outputs are dense in the *neuron layout* of ``x`` (:func:`empty_neuron_layout`): time
-outermost, inner dims in ``x``'s stride order (so ``channels_last`` stays ``channels_last``), which makes
-offset ``t * N + n`` for neuron ``n`` of step ``t``. ``v_init`` and the incoming gradients are copied into that
-layout when they are not in it already (for ``v_init`` and ``grad_v_final`` that is N floats).
+Input. The neuron's input is ``x`` in fp32, or with a per-channel affine transform (``AFFINE``)
+``y = x * scale[c] + shift[c]`` (a multiply, then an add: two roundings) for the channel ``c`` of each neuron
+(``spec.channel_geometry``); ``y`` lives in registers only. Its backward writes ``dL/dx = dL/dy * scale[c]``.
 
-What the forward keeps for backward (``save``), in bytes per neuron-step, besides a reference to ``x`` where
-it is needed (``save="input"``, and PLIF with ``decay_input``; it costs nothing extra when ``x`` is kept alive
-anyway, and an expanded ``x`` holds only one step) and ``v_init`` when one is given (N floats, PLIF and
-``"input"``):
+Layouts. ``x [T, *shape]`` is read in place with any strides: the launcher sorts the inner dims by stride, drops
+size-1 dims, merges dims that are contiguous with each other and passes up to ``MAX_DIMS`` (size, stride) pairs
+plus the time stride (0 for an input repeated over T with ``expand``); only layouts that need more dims are
+copied first. Every output is in the neuron layout of ``x``.
 
-- ``"h"``: 4 bytes, fp32 ``H``. Exact gradients.
-- ``"h_bf16"``: 2 bytes, ``H - v_threshold`` rounded to nearest-even bf16. Spikes in backward come from its sign
-  bit, so the reset gradient's spike mask is exact; the surrogate and ``v_reset - H`` terms see ``H`` with a
-  relative error up to 2^-9 of ``|H - v_threshold|``: gradients are approximate.
-- ``"input"``: 0 bytes. For ``T <= MAX_RECOMPUTE_T`` the backward kernel re-runs the forward recurrence on
-  ``x`` in registers (``T`` is then a compile-time constant, both time loops are unrolled and ``H[t]`` is the
-  t-th block of a tuple), then runs the reverse-time recurrence: H never goes to memory. Longer sequences re-run
-  the forward kernel into a transient fp32 ``H`` buffer (4 bytes per neuron-step, freed after the backward)
-  first. Either way the arithmetic is the forward's, so the gradients are bit-identical to ``"h"``'s.
-
-Traffic per call, bytes per neuron-step with ``b`` the input's element size (2 or 4), for the common case of
-a constant initial state (``v_init=None``: filled from ``v_reset``, not read), an unused ``v_final`` (its zero
-gradient is not read) and no grad of ``v_init`` (not written); each of these otherwise adds 4 bytes per neuron
-(not per step), as does writing ``v_final``:
-
-============  =====================  ==============================  ===========
-``save``      forward                backward                        total
-============  =====================  ==============================  ===========
-``"h"``       X, S, H: ``2b + 4``    dS, H, dX: ``2b + 4``           ``4b + 8``
-``"h_bf16"``  X, S, H: ``2b + 2``    dS, H, dX: ``2b + 2``           ``4b + 4``
-``"input"``   X, S: ``2b``           dS, X, dX: ``3b``               ``5b``
-============  =====================  ==============================  ===========
-
-``"input"`` is the 5-pass floor (fp32: 20 bytes vs 24 for ``"h"``; bf16: 10 vs 16). For
-``T > MAX_RECOMPUTE_T`` its backward costs ``b + 4`` (re-run) plus ``2b + 4`` more. PLIF with ``decay_input``
-also reads X in backward with ``"h"``/``"h_bf16"`` (``b`` more) and again with ``"input"`` (``b`` more).
-
-PLIF's gradient of ``w`` (and the affine input's of ``scale`` and ``shift``): the backward kernel writes, per
-neuron, ``sum_t dL/dH[t] * dH[t]/dq`` (summed over t in registers, t from T-1 down to 0); the caller reduces
+Reductions. PLIF's gradient of ``w`` and the affine input's of ``scale`` and ``shift``: the backward kernel
+writes, per neuron, the sum over t (in registers, t from T-1 down to 0) of that neuron's terms; the op reduces
 these partials with one ``torch.sum``. No atomics, and the result does not depend on the launch configuration.
-With the affine input the backward also reads X once per step for ``dL/dy * x`` (``b`` bytes per
-neuron-step more, unless it reads X anyway) and writes two fp32 partials per neuron.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-from revsnn_triton.surrogate import SURROGATE_IDS
+from revsnn_triton import launch
+from revsnn_triton.ops.neuron.spec import (FORWARD_KERNEL, KIND_IDS, MAX_RECOMPUTE_T, RECOMPUTE_KERNEL, SAVE_PLANS,
+                                           SURROGATE_IDS, NeuronConfig, channel_geometry, empty_neuron_layout,
+                                           has_neuron_layout, neuron_layout_strides, neuron_perm,
+                                           to_neuron_layout)
 
 MAX_DIMS = 3
-KIND_IDS = {"if": 0, "lif": 1, "plif": 2}
-SAVE_IDS = {"none": 0, "h": 1, "h_bf16": 2}
-# Longest sequence whose save="input" backward recomputes H in registers (T unrolled: one compiled variant per T).
-MAX_RECOMPUTE_T = 32
 
 
 # ------------------------------------------------------------------------------------------------ layouts
-
-def neuron_perm(x: torch.Tensor) -> list[int]:
-    """Inner dims of ``x [T, *shape]`` (numbered from 0 over ``shape``) from outermost to innermost in memory:
-    sorted by decreasing stride, ties by dim index; size-1 dims are left out (their stride is irrelevant)."""
-    dims = [d for d in range(x.dim() - 1) if x.shape[d + 1] != 1]
-    return sorted(dims, key=lambda d: -x.stride(d + 1))
-
-
-def neuron_layout_strides(x: torch.Tensor, with_time: bool) -> list[int]:
-    """Strides of the dense neuron layout of ``x``: time outermost (``with_time``), inner dims in
-    :func:`neuron_perm` order, size-1 dims stride 1. Applied to a tensor already in it, gives it back."""
-    shape = list(x.shape[1:])
-    strides = [1] * len(shape)
-    step = 1
-    for d in reversed(neuron_perm(x)):
-        strides[d] = step
-        step *= shape[d]
-    return [step] + strides if with_time else strides
-
-
-def empty_neuron_layout(x: torch.Tensor, dtype: torch.dtype, with_time: bool = True) -> torch.Tensor:
-    """An uninitialized tensor in the neuron layout of ``x``: ``[T, *shape]`` (or ``[*shape]``), ``dtype``."""
-    shape = list(x.shape) if with_time else list(x.shape[1:])
-    return torch.empty_strided(shape, neuron_layout_strides(x, with_time), dtype=dtype, device=x.device)
-
-
-def has_neuron_layout(t: torch.Tensor, template: torch.Tensor, with_time: bool) -> bool:
-    """Whether ``t`` is laid out as :func:`empty_neuron_layout` would make it (strides of size-1 dims ignored)."""
-    expected = neuron_layout_strides(template, with_time)
-    return all(size == 1 or stride == e for size, stride, e in zip(t.shape, t.stride(), expected))
-
-
-def to_neuron_layout(t: torch.Tensor, template: torch.Tensor, with_time: bool) -> torch.Tensor:
-    """``t`` itself if it already has the neuron layout of ``template``, else a copy in it."""
-    if has_neuron_layout(t, template, with_time):
-        return t
-    out = empty_neuron_layout(template, t.dtype, with_time)
-    out.copy_(t)
-    return out
-
 
 def coalesced_dims(x: torch.Tensor) -> list[tuple[int, int]] | None:
     """``x``'s inner dims as at most :data:`MAX_DIMS` (size, stride) pairs, outermost first, enumerating the
@@ -316,8 +247,8 @@ def _neuron_forward_kernel(
     N, T, stride_t, size1, size2, stride0, stride1, stride2, ch_inner, ch_size,
     tau, v_threshold, v_reset, v_fill,
     KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, NDIMS: tl.constexpr,
-    SAVE: tl.constexpr, STORE_SPIKES: tl.constexpr, V_INIT_CONST: tl.constexpr, AFFINE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SAVE: tl.constexpr, STORE_SPIKES: tl.constexpr, STORE_V_FINAL: tl.constexpr, V_INIT_CONST: tl.constexpr,
+    AFFINE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -345,7 +276,8 @@ def _neuron_forward_kernel(
         out += N
         x_cur += stride_t
         t += 1
-    tl.store(v_final_ptr + n, v, mask=mask)
+    if STORE_V_FINAL:
+        tl.store(v_final_ptr + n, v, mask=mask)
 
 
 @triton.jit
@@ -416,13 +348,14 @@ def _reverse_step(grad_s_ptr, grad_x_ptr, x_ptr, out, x_cur, mask, h, spike, v_p
         tl.store(grad_x_ptr + out, grad_y.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if (KIND == 2 and DECAY_INPUT) or AFFINE_GRAD:
         x = _load_input(x_ptr, x_cur, mask)
-        if AFFINE_GRAD:
-            scale_acc = scale_acc + grad_y * x
-            shift_acc = shift_acc + grad_y
-        if KIND == 2:  # dH[t]/dq = Y[t] - (V[t-1] - v_reset)
+    if AFFINE_GRAD:
+        scale_acc = scale_acc + grad_y * x
+        shift_acc = shift_acc + grad_y
+    if KIND == 2:
+        if DECAY_INPUT:  # dH[t]/dq = Y[t] - (V[t-1] - v_reset)
             w_acc = w_acc + grad_h * (_neuron_input(x, s, b, AFFINE) - (v_prev - v_reset))
-    elif KIND == 2:  # without decay_input: dH[t]/dq = -(V[t-1] - v_reset)
-        w_acc = w_acc + grad_h * -(v_prev - v_reset)
+        else:  # dH[t]/dq = -(V[t-1] - v_reset)
+            w_acc = w_acc + grad_h * -(v_prev - v_reset)
     return carry, w_acc, scale_acc, shift_acc
 
 
@@ -513,6 +446,43 @@ def _neuron_backward_kernel(
 
 # ---------------------------------------------------------------------------------------------- launchers
 
+@dataclass
+class Launch:
+    """One kernel launch as the launchers issue it: ``kernel[grid](*args, **kwargs)``."""
+    kernel: object
+    grid: tuple[int]
+    args: tuple
+    kwargs: dict
+    name: str  # the launch-configuration name (spec.KERNELS)
+
+
+_recording: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Inside the block the launchers record their launches (with the configuration the GPU heuristic picks)
+    instead of running them: the static report compiles exactly these. Tensors may be on the meta device."""
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous
+
+
+def _run(name: str, kernel, grid, *args, **kwargs) -> None:
+    if _recording is not None:
+        _recording.append(Launch(kernel, grid, args, kwargs, name))
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def resident_values(kernel: str, T: int) -> int:
+    """Values per neuron a kernel keeps in registers: T for the fused recompute backward (its H[0..T-1])."""
+    return T if kernel == RECOMPUTE_KERNEL else 1
+
+
 def _surrogate_constants(surrogate: str, alpha: float) -> tuple[float, float]:
     """The two scalars each surrogate formula takes, computed in double as spikingjelly's Python code does."""
     return {
@@ -526,23 +496,18 @@ def _surrogate_constants(surrogate: str, alpha: float) -> tuple[float, float]:
     }[surrogate]
 
 
-def _default_config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    try:
-        from revsnn_triton import tuning
-        cfg = tuning.launch_config(kernel, n, T, dtype, device)
-        return cfg.block_size, cfg.num_warps
-    except Exception:  # a missing or unreadable tuning cache must never fail a launch
-        if device.type != "cuda":
-            return 128, 1
-        return (1024, 4) if n >= 512 * 1024 else (256, 2)
-
-
-def _check_config(block_size: int, num_warps: int) -> None:
-    for name, value, lo, hi in (("block_size", block_size, 16, 1 << 16), ("num_warps", num_warps, 1, 32)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if not lo <= value <= hi or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value}")
+def _config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device, block_size: int | None,
+            num_warps: int | None) -> tuple[int, int, tuple[int]]:
+    """``(block_size, num_warps, grid)``: the given values, else :func:`revsnn_triton.launch.launch_config`'s
+    (the GPU heuristic's while recording)."""
+    if block_size is None or num_warps is None:
+        resident = resident_values(kernel, T)
+        cfg = (launch.heuristic(n, T, on_gpu=True, resident=resident) if _recording is not None
+               else launch.launch_config(kernel, n, T, dtype, device, resident=resident))
+        block_size = cfg.block_size if block_size is None else block_size
+        num_warps = cfg.num_warps if num_warps is None else num_warps
+    launch.LaunchConfig(block_size, num_warps)  # validates
+    return block_size, num_warps, (triton.cdiv(n, block_size),)
 
 
 def _x_geometry(x: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -559,109 +524,97 @@ def _x_geometry(x: torch.Tensor) -> tuple[torch.Tensor, list]:
     return x, [x.stride(0), n1, n2, s0, s1, s2, ndims]
 
 
-def _launch_args(kernel: str, x: torch.Tensor, dtype: torch.dtype, block_size: int | None,
-                 num_warps: int | None):
-    n, T = x[0].numel(), x.shape[0]
-    if block_size is None or num_warps is None:
-        b, w = _default_config(kernel, n, T, dtype, x.device)
-        block_size = b if block_size is None else block_size
-        num_warps = w if num_warps is None else num_warps
-    _check_config(block_size, num_warps)
-    return n, T, block_size, num_warps, (triton.cdiv(n, block_size),)
-
-
 def _check_out(name: str, t: torch.Tensor, template: torch.Tensor, dtype: torch.dtype, with_time: bool) -> None:
     shape = tuple(template.shape) if with_time else tuple(template.shape[1:])
-    if (tuple(t.shape) != shape or t.dtype != dtype or t.device != template.device
-            or not has_neuron_layout(t, template, with_time)):
+    if (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype
+            or t.device != template.device or not has_neuron_layout(t, template, with_time)):
+        got = (f"shape {tuple(t.shape)}, dtype {t.dtype}, strides {tuple(t.stride())}"
+               if isinstance(t, torch.Tensor) else repr(t))
         raise ValueError(f"{name}: expected shape {shape}, dtype {dtype}, device {template.device} in the neuron "
-                         f"layout (strides {neuron_layout_strides(template, with_time)}); got shape "
-                         f"{tuple(t.shape)}, dtype {t.dtype}, strides {tuple(t.stride())}")
+                         f"layout (strides {neuron_layout_strides(template, with_time)}); got {got}")
 
 
-def channel_geometry(x: torch.Tensor, channel_dim: int) -> tuple[int, int]:
-    """``(inner, size)`` such that neuron ``n`` of ``x [T, *shape]``, numbered in its neuron layout, belongs to
-    channel ``(n // inner) % size`` of dim ``channel_dim`` of ``shape``: ``inner`` is the number of neurons of
-    the dims laid out inside that dim."""
-    perm = neuron_perm(x)
-    if channel_dim not in perm:  # a channel dim of size 1
-        return 1, 1
-    inner = math.prod(x.shape[1 + d] for d in perm[perm.index(channel_dim) + 1:])
-    return inner, x.shape[1 + channel_dim]
+def _outputs(out, wanted: list[tuple[str, torch.dtype | None, bool]], template: torch.Tensor) -> list:
+    """Preallocated outputs (checked) or new ones, in the neuron layout of ``template``: one per
+    ``(name, dtype or None = not wanted, with_time)``."""
+    if out is None:
+        return [None if d is None else empty_neuron_layout(template, d, w) for _, d, w in wanted]
+    if len(out) != len(wanted):
+        raise ValueError(f"out: expected {len(wanted)} tensors ({', '.join(n for n, _, _ in wanted)}), got {len(out)}")
+    for i, (name, d, w) in enumerate(wanted):
+        if d is not None:
+            _check_out(f"out[{i}] ({name})", out[i], template, d, w)
+    return [None if d is None else t for t, (_, d, _) in zip(out, wanted)]
 
 
 def _affine_args(template: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
-                 channel_dim: int, any_ptr: torch.Tensor) -> list:
+                 cfg: NeuronConfig, any_ptr: torch.Tensor) -> list:
     """Kernel arguments ``[scale_ptr, shift_ptr, ch_inner, ch_size]`` (pointers stand in when unused)."""
     if scale is None:
         return [any_ptr, any_ptr, 1, 1]
-    return [scale, shift, *channel_geometry(template, channel_dim)]
+    return [scale, shift, *channel_geometry(template, cfg.channel_dim)]
 
 
-def neuron_forward(x: torch.Tensor, v_init: torch.Tensor | None, q: torch.Tensor | None, *, kind: str, tau: float,
-                   decay_input: bool, v_threshold: float, hard_reset: bool, v_reset: float, save: str,
-                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, channel_dim: int = 0,
-                   block_size: int | None = None, num_warps: int | None = None, out=None):
+def neuron_forward(x: torch.Tensor, v_init: torch.Tensor | None, q: torch.Tensor | None, cfg: NeuronConfig,
+                   save: str, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, *,
+                   store_v_final: bool = True, block_size: int | None = None, num_warps: int | None = None,
+                   out=None):
     """Multi-step neuron forward.
 
     ``x [T, *shape]`` fp32/fp16/bf16 (any strides), ``v_init [*shape]`` fp32 or None (the default initial
-    state ``v_reset``, which is 0.0 for soft reset: nothing is read), ``q`` a 1-element fp32 tensor
-    ``sigmoid(w)`` (PLIF) or None; ``v_reset`` is the hard-reset value (0.0 for soft reset). ``save`` in
-    ``"h"``, ``"h_bf16"``, ``"input"``. ``scale``, ``shift``: None, or contiguous fp32 ``[C]`` with
-    ``C = shape[channel_dim]``: the neuron's input is then ``x * scale[c] + shift[c]`` (fp32, two roundings).
-    Returns ``(spikes [T, *shape] x.dtype, v_final [*shape] fp32, saved)``,
-    all in the neuron layout of ``x``: ``saved`` is fp32 ``H``, bf16 ``H - v_threshold``, or an empty tensor.
-    ``out``: optional preallocated ``(spikes, v_final, saved)`` in that layout (the tests poison them).
+    state ``cfg.v_reset``, which is 0.0 for soft reset: nothing is read), ``q`` a 1-element fp32 tensor
+    ``sigmoid(w)`` (PLIF) or None; ``save`` a key of ``spec.SAVE_PLANS``; ``scale``, ``shift``: None, or
+    contiguous fp32 ``[C]`` with ``C = shape[cfg.channel_dim]``: the neuron's input is then
+    ``x * scale[c] + shift[c]`` (fp32, two roundings). Returns ``(spikes [T, *shape] x.dtype, v_final [*shape]
+    fp32 or None without store_v_final, saved or None)``, all in the neuron layout of ``x``: ``saved`` is the
+    plan's tensor (fp32 ``H``, bf16 ``H - v_threshold``). ``out``: optional preallocated
+    ``(spikes, v_final, saved)`` in that layout (None where not produced; the tests poison them).
     """
-    saved_dtype = {"h": torch.float32, "h_bf16": torch.bfloat16, "input": torch.float32}[save]
-    if out is None:
-        spikes = empty_neuron_layout(x, x.dtype)
-        v_final = empty_neuron_layout(x, torch.float32, with_time=False)
-        saved = empty_neuron_layout(x, saved_dtype) if save != "input" else x.new_empty(0, dtype=torch.float32)
-    else:
-        spikes, v_final, saved = out
-        _check_out("out[0] (spikes)", spikes, x, x.dtype, True)
-        _check_out("out[1] (v_final)", v_final, x, torch.float32, False)
-        if save != "input":
-            _check_out("out[2] (saved)", saved, x, saved_dtype, True)
-    _forward_into(x, v_init, q, spikes, v_final, saved, kind=kind, tau=tau, decay_input=decay_input,
-                  v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset,
-                  save_id=SAVE_IDS["none" if save == "input" else save], store_spikes=True,
-                  scale=scale, shift=shift, channel_dim=channel_dim, block_size=block_size, num_warps=num_warps)
+    plan = SAVE_PLANS[save]
+    spikes, v_final, saved = _outputs(out, [("spikes", x.dtype, True),
+                                            ("v_final", torch.float32 if store_v_final else None, False),
+                                            ("saved", plan.saved_dtype, True)], x)
+    _forward_into(x, v_init, q, cfg, spikes, v_final, saved, plan.forward_save_id, scale, shift,
+                  block_size=block_size, num_warps=num_warps)
     return spikes, v_final, saved
 
 
-def _forward_into(x, v_init, q, spikes, v_final, saved, *, kind, tau, decay_input, v_threshold, hard_reset,
-                  v_reset, save_id, store_spikes, scale, shift, channel_dim, block_size, num_warps):
-    n, T, block_size, num_warps, grid = _launch_args("neuron_forward", x, x.dtype, block_size, num_warps)
+def _forward_into(x, v_init, q, cfg: NeuronConfig, spikes, v_final, saved, save_id: int, scale, shift, *,
+                  block_size, num_warps) -> None:
+    """Launch the forward kernel; ``spikes``, ``v_final`` and ``saved`` (for ``save_id``) are written where not
+    None."""
+    n, T = x[0].numel(), x.shape[0]
     if n == 0:
         return
+    block_size, num_warps, grid = _config(FORWARD_KERNEL, n, T, x.dtype, x.device, block_size, num_warps)
     if v_init is not None:
         v_init = to_neuron_layout(v_init, x, with_time=False)
-    affine = _affine_args(x, scale, shift, channel_dim, v_final)
+    any_ptr = next(t for t in (spikes, saved, v_final) if t is not None)
+    affine = _affine_args(x, scale, shift, cfg, any_ptr)
     x, geometry = _x_geometry(x)
-    _neuron_forward_kernel[grid](
-        x, v_final if v_init is None else v_init, q if q is not None else v_final, affine[0], affine[1],
-        spikes if store_spikes else v_final, v_final, saved if save_id else v_final,
-        n, T, *geometry[:6], affine[2], affine[3], float(tau), float(v_threshold), float(v_reset), float(v_reset),
-        KIND=KIND_IDS[kind], DECAY_INPUT=bool(decay_input), HARD_RESET=bool(hard_reset), NDIMS=geometry[6],
-        SAVE=save_id, STORE_SPIKES=store_spikes, V_INIT_CONST=v_init is None, AFFINE=scale is not None,
-        BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
+    _run(FORWARD_KERNEL, _neuron_forward_kernel, grid,
+         x, any_ptr if v_init is None else v_init, any_ptr if q is None else q, affine[0], affine[1],
+         any_ptr if spikes is None else spikes, any_ptr if v_final is None else v_final,
+         any_ptr if saved is None else saved,
+         n, T, *geometry[:6], affine[2], affine[3], float(cfg.tau), float(cfg.v_threshold), float(cfg.v_reset),
+         float(cfg.v_reset),
+         KIND=KIND_IDS[cfg.kind], DECAY_INPUT=cfg.decay_input, HARD_RESET=cfg.hard_reset, NDIMS=geometry[6],
+         SAVE=save_id if saved is not None else 0, STORE_SPIKES=spikes is not None,
+         STORE_V_FINAL=v_final is not None, V_INIT_CONST=v_init is None, AFFINE=scale is not None,
+         BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
 
 
-def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None, saved: torch.Tensor,
-                    x: torch.Tensor | None, v_init: torch.Tensor | None, q: torch.Tensor | None, *, kind: str,
-                    tau: float, decay_input: bool, v_threshold: float, hard_reset: bool, v_reset: float,
-                    detach_reset: bool, surrogate: str, alpha: float, save: str, need_grad_v_init: bool = True,
-                    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, channel_dim: int = 0,
-                    need_grad_affine: bool = True, block_size: int | None = None, num_warps: int | None = None,
-                    out=None):
+def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None, saved: torch.Tensor | None,
+                    x: torch.Tensor | None, v_init: torch.Tensor | None, q: torch.Tensor | None, cfg: NeuronConfig,
+                    save: str, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, *,
+                    need_grad_v_init: bool = True, need_grad_affine: bool = True, block_size: int | None = None,
+                    num_warps: int | None = None, out=None):
     """Multi-step neuron backward through time.
 
     ``grad_spikes [T, *shape]`` (spikes' dtype), ``grad_v_final [*shape]`` or None (zero: nothing read);
-    ``saved`` from :func:`neuron_forward`; ``x`` is read for ``save="input"``, for PLIF with ``decay_input``
-    and for the grad of ``scale``; ``v_init`` (None = the constant default state ``v_reset``) matters for PLIF
-    and ``"input"``; ``scale``, ``shift``, ``channel_dim`` as given to the forward.
+    ``saved`` from :func:`neuron_forward` (None for ``"input"``); ``x`` is read for ``save="input"``, for PLIF
+    with ``decay_input`` and for the grad of ``scale``; ``v_init`` (None = the constant default state
+    ``v_reset``) matters for PLIF and ``"input"``; ``scale``, ``shift`` as given to the forward.
     ``save="input"`` with ``T <= MAX_RECOMPUTE_T`` runs one kernel that recomputes H in registers; longer
     sequences re-run the forward kernel into a transient fp32 H buffer first. Gradients are bit-identical to
     ``save="h"``'s in both cases.
@@ -670,61 +623,101 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None
     fp32, or None when ``need_grad_v_init`` is false (not written); ``w_partial [*shape]`` fp32 per-neuron
     partial sums for PLIF's grad of ``w`` (None otherwise); ``scale_partial``, ``shift_partial [*shape]`` fp32
     per-neuron ``sum_t dL/dY[t] * X[t]`` and ``sum_t dL/dY[t]`` (None without ``scale`` or without
-    ``need_grad_affine``). ``out``: optional preallocated tuple of the same five.
+    ``need_grad_affine``). ``out``: optional preallocated tuple of the same five (None where not produced).
     """
-    template = x if save == "input" else saved
-    recompute = save == "input" and template.shape[0] <= MAX_RECOMPUTE_T  # fused: H in registers
-    affine_grad = scale is not None and need_grad_affine
-    if save == "input" and not recompute:
-        h = empty_neuron_layout(x, torch.float32)
-        scratch_v = empty_neuron_layout(x, torch.float32, with_time=False)
-        _forward_into(x, v_init, q, None, scratch_v, h, kind=kind, tau=tau, decay_input=decay_input,
-                      v_threshold=v_threshold, hard_reset=hard_reset, v_reset=v_reset, save_id=SAVE_IDS["h"],
-                      store_spikes=False, scale=scale, shift=shift, channel_dim=channel_dim,
+    plan = SAVE_PLANS[save]
+    template = x if plan.recomputes else saved
+    n, T = template[0].numel(), template.shape[0]
+    kernel = plan.backward_kernel(T)
+    fused = kernel == RECOMPUTE_KERNEL
+    affine_grad = cfg.affine and need_grad_affine
+    per_neuron = lambda want: torch.float32 if want else None  # noqa: E731
+    outs = _outputs(out, [("grad_x", grad_spikes.dtype, True), ("grad_v_init", per_neuron(need_grad_v_init), False),
+                          ("w_partial", per_neuron(cfg.kind == "plif"), False),
+                          ("scale_partial", per_neuron(affine_grad), False),
+                          ("shift_partial", per_neuron(affine_grad), False)], template)
+    if n == 0:
+        return tuple(outs)
+    if plan.recomputes and not fused:  # re-run the forward into a transient H, then the backward from it
+        saved = empty_neuron_layout(x, torch.float32)
+        _forward_into(x, v_init, q, cfg, None, None, saved, SAVE_PLANS["h"].forward_save_id, scale, shift,
                       block_size=block_size, num_warps=num_warps)
-        del scratch_v
-    else:
-        h = saved  # empty for the fused recompute: the kernel never reads it
-    wanted = (True, need_grad_v_init, kind == "plif", affine_grad, affine_grad)
-    dtypes = (grad_spikes.dtype,) + (torch.float32,) * 4
-    names = ("grad_x", "grad_v_init", "w_partial", "scale_partial", "shift_partial")
-    if out is None:
-        outs = [empty_neuron_layout(template, d, with_time=i == 0) if want else None
-                for i, (want, d) in enumerate(zip(wanted, dtypes))]
-    else:
-        outs = list(out)
-        for i, (want, d, name) in enumerate(zip(wanted, dtypes, names)):
-            if want:
-                _check_out(f"out[{i}] ({name})", outs[i], template, d, i == 0)
-            else:
-                outs[i] = None
-    grad_x, grad_v_init, w_partial, scale_partial, shift_partial = outs
+    grad_x = outs[0]
+    block_size, num_warps, grid = _config(kernel, n, T, grad_spikes.dtype, template.device, block_size, num_warps)
     grad_spikes = to_neuron_layout(grad_spikes, template, with_time=True)
     if grad_v_final is not None:
         grad_v_final = to_neuron_layout(grad_v_final.float(), template, with_time=False)
-    kernel = "neuron_backward_recompute" if recompute else "neuron_backward"
-    n, T, block_size, num_warps, grid = _launch_args(kernel, template, grad_spikes.dtype, block_size, num_warps)
-    if n == 0:
-        return grad_x, grad_v_init, w_partial, scale_partial, shift_partial
-    reads_x = recompute or (kind == "plif" and decay_input) or affine_grad
-    if v_init is not None and (kind == "plif" or recompute):
+    reads_x = plan.backward_reads_x(cfg, affine_grad)
+    if v_init is not None and (cfg.kind == "plif" or fused):
         v_init = to_neuron_layout(v_init, template, with_time=False)
+    geometry = [0, 1, 1, 0, 0, 0, 1]
     if reads_x:
         x, geometry = _x_geometry(x)
-    else:
-        geometry = [0, 1, 1, 0, 0, 0, 1]
-    sg_a, sg_b = _surrogate_constants(surrogate, alpha)
+    sg_a, sg_b = _surrogate_constants(cfg.surrogate, cfg.alpha)
     any_ptr = grad_x
-    affine = _affine_args(template, scale, shift, channel_dim, any_ptr)
-    _neuron_backward_kernel[grid](
-        grad_spikes, any_ptr if grad_v_final is None else grad_v_final, any_ptr if recompute else h,
-        x if reads_x else any_ptr, any_ptr if v_init is None else v_init, any_ptr if q is None else q,
-        affine[0], affine[1], grad_x, *(any_ptr if t is None else t for t in outs[1:]),
-        n, T, (T - 1) * n, (T - 1) * geometry[0], *geometry[:6], affine[2], affine[3], float(tau),
-        float(v_threshold), float(v_reset), float(v_reset), float(sg_a), float(sg_b),
-        KIND=KIND_IDS[kind], DECAY_INPUT=bool(decay_input), HARD_RESET=bool(hard_reset),
-        DETACH_RESET=bool(detach_reset), SURROGATE=SURROGATE_IDS[surrogate], H_BF16=save == "h_bf16",
-        NDIMS=geometry[6], V_INIT_CONST=v_init is None, LOAD_GRAD_V=grad_v_final is not None,
-        STORE_GRAD_V_INIT=grad_v_init is not None, AFFINE=scale is not None, AFFINE_GRAD=affine_grad,
-        RECOMPUTE_T=T if recompute else 0, BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
-    return grad_x, grad_v_init, w_partial, scale_partial, shift_partial
+    affine = _affine_args(template, scale, shift, cfg, any_ptr)
+    _run(kernel, _neuron_backward_kernel, grid,
+         grad_spikes, any_ptr if grad_v_final is None else grad_v_final, any_ptr if fused else saved,
+         x if reads_x else any_ptr, any_ptr if v_init is None else v_init, any_ptr if q is None else q,
+         affine[0], affine[1], grad_x, *(any_ptr if t is None else t for t in outs[1:]),
+         n, T, (T - 1) * n, (T - 1) * geometry[0], *geometry[:6], affine[2], affine[3], float(cfg.tau),
+         float(cfg.v_threshold), float(cfg.v_reset), float(cfg.v_reset), float(sg_a), float(sg_b),
+         KIND=KIND_IDS[cfg.kind], DECAY_INPUT=cfg.decay_input, HARD_RESET=cfg.hard_reset,
+         DETACH_RESET=cfg.detach_reset, SURROGATE=SURROGATE_IDS[cfg.surrogate], H_BF16=save == "h_bf16",
+         NDIMS=geometry[6], V_INIT_CONST=v_init is None, LOAD_GRAD_V=grad_v_final is not None,
+         STORE_GRAD_V_INIT=outs[1] is not None, AFFINE=scale is not None, AFFINE_GRAD=affine_grad,
+         RECOMPUTE_T=T if fused else 0, BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
+    return tuple(outs)
+
+
+# ------------------------------------------------------------------------------------------------- tuning
+# The launch configuration of a kernel is tuned on the benchmark's neuron (LIF tau=2, hard reset,
+# detach_reset, ATan); the winner serves every neuron kind and save mode of that kernel (the cache key has no
+# kind or save mode: the memory traffic per neuron-step, which decides the best block, is similar).
+
+TUNING_NEURON = NeuronConfig(kind="lif", tau=2.0, decay_input=True, v_threshold=1.0, hard_reset=True, v_reset=0.0,
+                             detach_reset=True, surrogate="atan", alpha=2.0)
+
+
+def _tune_forward(T: int, n: int, dtype: torch.dtype, device: torch.device):
+    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
+    v_init = torch.zeros(n, device=device)
+    out = (torch.empty_like(x), torch.empty_like(v_init), torch.empty(T, n, device=device))
+
+    def run(block_size: int, num_warps: int):
+        return neuron_forward(x, v_init, None, TUNING_NEURON, "h", block_size=block_size, num_warps=num_warps,
+                              out=out)
+    return run
+
+
+def _tune_backward(T: int, n: int, dtype: torch.dtype, device: torch.device):
+    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
+    _, _, saved = neuron_forward(x, torch.zeros(n, device=device), None, TUNING_NEURON, "h")
+    grad_s = torch.randn(T, n, device=device).to(dtype)
+    grad_v = torch.zeros(n, device=device)
+    out = (torch.empty_like(grad_s), torch.empty_like(grad_v), None, None, None)
+
+    def run(block_size: int, num_warps: int):
+        return neuron_backward(grad_s, grad_v, saved, None, None, None, TUNING_NEURON, "h", block_size=block_size,
+                               num_warps=num_warps, out=out)
+    return run
+
+
+def _tune_backward_recompute(T: int, n: int, dtype: torch.dtype, device: torch.device):
+    if T > MAX_RECOMPUTE_T:
+        raise ValueError(f"{RECOMPUTE_KERNEL} runs for T <= {MAX_RECOMPUTE_T} only, got T={T}")
+    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
+    grad_s = torch.randn(T, n, device=device).to(dtype)
+    out = (torch.empty_like(grad_s), None, None, None, None)
+
+    def run(block_size: int, num_warps: int):  # as the benchmark's call: no v_init, v_final unused
+        return neuron_backward(grad_s, None, None, x, None, None, TUNING_NEURON, "input", need_grad_v_init=False,
+                               block_size=block_size, num_warps=num_warps, out=out)
+    return run
+
+
+def tunable_kernels() -> list[launch.TunableKernel]:
+    """The neuron kernels ``revsnn tune`` measures, by the names the launchers pass to ``launch_config``."""
+    return [launch.TunableKernel(FORWARD_KERNEL, _tune_forward),
+            launch.TunableKernel(SAVE_PLANS["h"].backward_kernel(1), _tune_backward),
+            launch.TunableKernel(RECOMPUTE_KERNEL, _tune_backward_recompute, lambda T: T)]
