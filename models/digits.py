@@ -9,15 +9,17 @@ CIFAR ResNets. Overrides (``widths``, ``blocks``, ``neuron``, ``reversible``, ..
 """
 from __future__ import annotations
 
-from .layers import CIFAR_RESNET_NEURON
+from .neurons import CIFAR_RESNET_NEURON
 from .ms_resnet import MSResNet
 from .registry import register_variants
 from .revs_resnet import RevSResNet
 
 DIGITS_WIDTHS = (16, 32)
-_DIGITS = dict(num_classes=10, T=4, neuron=CIFAR_RESNET_NEURON, in_channels=1, event_input=False)
+_DIGITS = dict(num_classes=10, T=4, neuron=CIFAR_RESNET_NEURON, in_channels=1, event_input=False,
+               dataset="scikit-learn digits", input="images [B, 1, 8, 8]")
 
 register_variants(RevSResNet, {"RevSResNet-digits": dict(widths=DIGITS_WIDTHS, blocks=(2, 2))}, **_DIGITS,
+                  reversible=True, counterparts={"RevSResNet-digits": "MS-ResNet-digits"},
                   doc="Reversible spiking ResNet for [B, 1, 8, 8] digits: per-half widths {widths}, blocks {blocks}.")
 register_variants(MSResNet, {"MS-ResNet-digits": dict(widths=DIGITS_WIDTHS, blocks=(4, 4))}, **_DIGITS,
                   doc="Non-reversible counterpart of RevSResNet-digits: MS-ResNet, widths {widths}, blocks {blocks}.")

@@ -47,4 +47,4 @@ class RevSFormer(SpikingTransformerBase):
         return self.head(x.mean(dim=(0, 3)))
 
 
-register_family("RevSFormer", RevSFormer)
+register_family("RevSFormer", RevSFormer, reversible=True, counterpart_prefix="Spikingformer")

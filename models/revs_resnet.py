@@ -1,23 +1,24 @@
-"""Reversible spiking ResNets (RevSResNet21/37/109 on CIFAR, RevSResNet24 on DVS frames).
+"""Reversible spiking ResNets (RevSResNet21/37/109 and the 1001-layer RevSResNet1001 on CIFAR, RevSResNet24 on
+DVS frames).
 
 Architecture (Zhang & Zhang, AAAI 2024): stem (conv3x3 -> BN, no neuron) -> stages of reversible blocks with
 ``F = G = neuron -> conv3x3 -> BN -> neuron -> conv3x3 -> BN`` acting on one half of the channels -> between
-stages a non-reversible :class:`~revsnn_triton.models.layers.Downsample` (neuron -> AvgPool(3, s2, p1) -> 1x1
+stages a non-reversible :class:`~revsnn_triton.models.conv.Downsample` (neuron -> AvgPool(3, s2, p1) -> 1x1
 conv -> BN) -> neuron -> global mean -> Linear. ``widths`` are per half, so a stage carries ``2 * width``
 channels. Each stage is one :class:`revsnn_triton.reversible.RevSequence`: its forward keeps no graph, and its
 backward recomputes one F or G at a time from reset neuron state on the exactly reconstructed input.
 
-Where the training memory per image goes, and what the model side does about it (issue 4's target:
-RevSResNet37 <= 6 MiB per image, fp32, T=4, CIFAR 32x32; the original code needs 19.5 on an H100):
+Where the training memory per image goes, and what the model side does about it (for scale: the original
+RevSNN code needs 19.5 MiB per image for RevSResNet37 on an H100, fp32, T=4, CIFAR 32x32):
 
 1. One block's recomputation graph, alive only while the engine walks that block in backward; stage 1's is the
    largest and sets the peak. Its conv inputs are spikes kept as 1-byte bools (``compact_spikes=True``,
-   :func:`~revsnn_triton.models.layers.spike_conv`) instead of fp32; BN inputs and the neurons' saved state
+   :func:`~revsnn_triton.ops.spike_conv.spike_conv`) instead of fp32; BN inputs and the neurons' saved state
    stay (``neuron_save``: the neuron op's default unless set; keeping the input or H costs the same here, as
    the input is a BN output that nothing else keeps, and ``"h_bf16"`` halves it at approximate gradients).
 2. Stored stage outputs: one stream per stage, kept by the engine as the stage's float output itself (which the
    next layer keeps anyway) -- nothing per block.
-3. Neuron state: every neuron is a :class:`~revsnn_triton.models.layers.SequenceNeuron`, which drops its final
+3. Neuron state: every neuron is a :class:`~revsnn_triton.models.neurons.SequenceNeuron`, which drops its final
    membrane tensor after each call. Without that, each F and G of every block holds one ``[B, C, H, W]`` tensor
    from its forward until its recomputation, and memory grows with depth.
 4. Non-reversible parts: the downsample's pooled map is not kept (pool fused into ``spike_conv``), its 1x1
@@ -40,9 +41,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .layers import (CIFAR_RESNET_NEURON, DVS_NEURON, Downsample, SpikingHead, SpikingModel, SpikingResidualBranch,
-                     Stem, check_widths_blocks, init_conv_bn, neuron_factory)
+from .base import SpikingModel, check_widths_blocks, init_conv_bn
+from .conv import Downsample, SpikingResidualBranch
+from .neurons import CIFAR_RESNET_NEURON, DVS_NEURON, neuron_factory
 from .registry import register_variants
+from .stems import SpikingHead, Stem
 
 
 class RevSResNet(SpikingModel):
@@ -57,13 +60,16 @@ class RevSResNet(SpikingModel):
             ``[B, T, in_channels, H, W]``, stem stride 2 followed by AvgPool(3, 2, 1).
         reversible, frac_bits: passed to every stage's ``RevSequence``.
         compact_spikes: keep conv input spikes as bool for backward; neuron_save: our neurons' ``save`` option.
+        zero_init_last: start every F and G with its last BatchNorm weight at 0, so each block is the identity
+            at initialisation (on for RevSResNet1001: with it off, its stage-1 gradients are ~1e7 times those of
+            stage 4 at initialisation and the first SGD step drives the stream out of the fixed-point range).
     Forward returns logits ``[B, num_classes]`` (mean over T).
     """
 
     def __init__(self, widths: Sequence[int], blocks: Sequence[int], *, num_classes: int, T: int,
                  neuron_impl: str, neuron: dict, in_channels: int, event_input: bool, reversible: bool = True,
                  frac_bits: int = 16, compact_spikes: bool = True, neuron_save: Optional[str] = None,
-                 name: str = "RevSResNet"):
+                 zero_init_last: bool = False, name: str = "RevSResNet"):
         from revsnn_triton.reversible import RevBlock, RevSequence  # the engine; imported when a model is built
 
         super().__init__()
@@ -86,7 +92,13 @@ class RevSResNet(SpikingModel):
                           for _ in range(n)]
             self.stages.append(RevSequence(rev_blocks, frac_bits=frac_bits, reversible=reversible))
         self.head = SpikingHead(2 * widths[-1], num_classes, sn)
-        init_conv_bn(self)
+        init_conv_bn(self, zero_init_last=zero_init_last)
+
+    @staticmethod
+    def layer_count(blocks: Sequence[int]) -> int:
+        """Weighted layers, counted as the zoo's names do: the stem conv, four 3x3 convs per reversible block
+        (two in F, two in G), the 1x1 conv of each downsample between stages, and the Linear head."""
+        return 1 + 4 * sum(blocks) + (len(blocks) - 1) + 1
 
     def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -98,21 +110,35 @@ class RevSResNet(SpikingModel):
 
 
 CIFAR_WIDTHS = (64, 128, 256, 448)
+# RevSResNet1001, in the spirit of ResNet-1001 on CIFAR (He et al., 2016: narrow widths, many blocks): the four
+# stages of RevSResNet21 at a quarter of its per-half widths in the first three (stage 1 carries 32 channels) and
+# 249 reversible blocks, so 1 + 4 * 249 + 3 + 1 = 1001 layers; 48.91M parameters with 100 classes (counted by
+# the zoo's tests), 36.6M of them in stage 4. With widths=CIFAR_WIDTHS the same depth has RevSResNet21's widths.
+DEEP_WIDTHS = (16, 32, 64, 128)
 CONFIGS = {
     "RevSResNet21": dict(widths=CIFAR_WIDTHS, blocks=(1, 1, 1, 1)),
     "RevSResNet37": dict(widths=CIFAR_WIDTHS, blocks=(1, 2, 3, 2)),
     "RevSResNet109": dict(widths=CIFAR_WIDTHS, blocks=(2, 4, 16, 4)),
+    "RevSResNet1001": dict(widths=DEEP_WIDTHS, blocks=(62, 62, 63, 62), zero_init_last=True),
 }
+# The non-reversible MS-ResNet of each (ms_resnet.py): a reversible block holds two residual functions (F and G)
+# of the half width, an MS-ResNet basic block one, so the counterpart has twice the blocks at about the per-half
+# widths (MS-ResNet18: 64..512 next to RevSResNet21's 64..448).
+COUNTERPARTS = {"RevSResNet21": "MS-ResNet18", "RevSResNet37": "MS-ResNet34", "RevSResNet109": "MS-ResNet104",
+                "RevSResNet1001": "MS-ResNet998"}
 
 
 register_variants(RevSResNet, CONFIGS, num_classes=100, T=4, neuron=CIFAR_RESNET_NEURON, in_channels=3,
-                  event_input=False,
+                  event_input=False, reversible=True, counterparts=COUNTERPARTS,
+                  dataset="CIFAR-10/100", input="images [B, 3, 32, 32]",
                   doc="{name} (CIFAR, images [B, 3, H, W]): widths per half {widths}, blocks {blocks}, IF neurons, "
                       "ATan(2), detach_reset. Overrides: see RevSResNet.")
 
 
 register_variants(RevSResNet, {"RevSResNet24": dict(widths=(16, 32, 48), blocks=(1, 2, 2))}, num_classes=10, T=10,
-                  neuron=DVS_NEURON, in_channels=2, event_input=True,
+                  neuron=DVS_NEURON, in_channels=2, event_input=True, reversible=True,
+                  counterparts={"RevSResNet24": "MS-ResNet20"},
+                  dataset="DVS128 Gesture / CIFAR10-DVS", input="event frames [B, T, 2, 128, 128]",
                   doc="{name} (DVS, event frames [B, T, 2, 128, 128]): widths per half {widths}, blocks {blocks}, "
                       "LIF tau=1.5 with Sigmoid(4), detach_reset; stem conv stride 2 + AvgPool. Overrides: see "
                       "RevSResNet.")

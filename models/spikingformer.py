@@ -1,7 +1,7 @@
 """Non-reversible spiking transformers: Spikingformer-2-384, Spikingformer-4-384 (CIFAR), Spikingformer-2-256 (DVS).
 
 Spikingformer (Zhou et al.): a convolutional spiking tokenizer, then ``depth`` blocks of ``x + SSA(x)`` and
-``x + MLP(x)`` (spiking self-attention and spiking MLP from :mod:`revsnn_triton.models.layers`, shared with
+``x + MLP(x)`` (spiking self-attention and spiking MLP from :mod:`revsnn_triton.models.transformer`, shared with
 RevSFormer), then the mean over tokens and time and a Linear head. Tokens are ``[T, B, E, N]``.
 """
 from __future__ import annotations
@@ -13,9 +13,10 @@ import torch.nn as nn
 
 from revsnn_triton.recompute import recompute
 
-from .layers import (CIFAR_TRANSFORMER_NEURON, DVS_NEURON, SpikingMLP, SpikingModel,
-                     SpikingSelfAttention, SpikingTokenizer, init_conv_bn, init_transformer, neuron_factory)
-from .registry import register_model
+from .base import SpikingModel, init_conv_bn, init_transformer
+from .neurons import CIFAR_TRANSFORMER_NEURON, DVS_NEURON, neuron_factory
+from .registry import register_variants
+from .transformer import SpikingMLP, SpikingSelfAttention, SpikingTokenizer
 
 
 def _check_transformer_args(name: str, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
@@ -134,34 +135,25 @@ class Spikingformer(SpikingTransformerBase):
 CIFAR = dict(num_heads=12, mlp_ratio=4.0, patch=4, neuron=CIFAR_TRANSFORMER_NEURON, in_channels=3,
              event_input=False)
 DVS = dict(num_heads=16, mlp_ratio=4.0, patch=16, neuron=DVS_NEURON, in_channels=2, event_input=True)
-# name suffix -> (depth, embed_dim, dataset config, default T, default classes)
-CONFIGS = {
-    "2-384": (2, 384, CIFAR, 4, 10),
-    "4-384": (4, 384, CIFAR, 4, 10),
-    "2-256": (2, 256, DVS, 10, 10),
-}
+# (model config, default T, default classes, dataset, input, {name suffix: (depth, embed_dim)})
+FAMILY = (
+    (CIFAR, 4, 10, "CIFAR-10/100", "images [B, 3, 32, 32]", {"2-384": (2, 384), "4-384": (4, 384)}),
+    (DVS, 10, 10, "DVS128 Gesture / CIFAR10-DVS", "event frames [B, T, 2, 128, 128]", {"2-256": (2, 256)}),
+)
 
 
-def _make_factory(cls: type, name: str, config: dict, default_T: int, default_classes: int):
-    def factory(num_classes: int = default_classes, T: int = default_T, neuron_impl: str = "triton",
-                **overrides) -> nn.Module:
-        kw = dict(config)
-        kw.update(overrides)
-        return cls(num_classes=num_classes, T=T, neuron_impl=neuron_impl, name=name, **kw)
-    return factory
-
-
-def register_family(prefix: str, cls: type) -> None:
-    """Register ``<prefix>-<depth>-<embed_dim>`` for every entry of :data:`CONFIGS`."""
-    for suffix, (depth, dim, dataset, default_T, default_classes) in CONFIGS.items():
-        name = f"{prefix}-{suffix}"
-        factory = _make_factory(cls, name, dict(dataset, depth=depth, embed_dim=dim), default_T, default_classes)
-
-        where = "event frames [B, T, 2, 128, 128]" if dataset["event_input"] else "images [B, 3, 32, 32]"
-        factory.__doc__ = (f"{name}: {depth} blocks, E={dim}, {dataset['num_heads']} heads, patch "
-                           f"{dataset['patch']}, LIF tau={dataset['neuron']['tau']}; input {where}. "
-                           f"Overrides: see {cls.__name__}.")
-        register_model(name)(factory)
+def register_family(prefix: str, cls: type, *, reversible: bool = False, counterpart_prefix: Optional[str] = None
+                    ) -> None:
+    """Register ``<prefix>-<depth>-<embed_dim>`` for every entry of :data:`FAMILY`; a reversible family names
+    its counterparts ``<counterpart_prefix>-<depth>-<embed_dim>``."""
+    for config, T, num_classes, dataset, where, sizes in FAMILY:
+        configs = {f"{prefix}-{suffix}": dict(depth=depth, embed_dim=dim) for suffix, (depth, dim) in sizes.items()}
+        counterparts = (None if counterpart_prefix is None else
+                        {f"{prefix}-{suffix}": f"{counterpart_prefix}-{suffix}" for suffix in sizes})
+        register_variants(cls, configs, num_classes=num_classes, T=T, dataset=dataset, input=where,
+                          reversible=reversible, counterparts=counterparts, **config,
+                          doc="{name}: {depth} blocks, E={embed_dim}, {num_heads} heads, patch {patch}, LIF "
+                              "tau={neuron[tau]}; input " + where + ". Overrides: see " + cls.__name__ + ".")
 
 
 register_family("Spikingformer", Spikingformer)

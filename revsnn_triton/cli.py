@@ -36,10 +36,12 @@ def _train_parser() -> argparse.ArgumentParser:
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="recipe file (.yaml/.yml/.toml) or the name of a shipped recipe")
     p.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--verbose", "-v", action="store_true", help="with --list-configs: each recipe's card (the "
+                   "original it reproduces, the paper's and our accuracy, deliberate differences)")
     p.add_argument("--list-models", action="store_true", help="list the registered models and exit")
     p.add_argument("--model", help="model name (default: the dataset's default model)")
     p.add_argument("--dataset", help="digits (default), cifar10, cifar100, cifar10-dvs, dvs128-gesture, "
-                   "synthetic-cifar10")
+                   "dvs128-gesture-tonic, synthetic-cifar10")
     p.add_argument("--data-dir", dest="data_dir", help="dataset folder (default: ./data)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--epochs", type=int)
@@ -89,9 +91,21 @@ def train_main(argv: Sequence[str]) -> int:
     from .data import DataError
 
     args = vars(_train_parser().parse_args(list(argv)))
+    verbose = args.pop("verbose", False)
     if args.pop("list_configs", False):
-        print("\n".join(shipped_configs()))
+        if verbose:
+            from .recipes import format_cards
+            try:
+                print(format_cards())
+            except ConfigError as exc:
+                print(f"revsnn train: error: {exc}", file=sys.stderr)
+                return 2
+        else:
+            print("\n".join(shipped_configs()))
         return 0
+    if verbose:
+        print("revsnn train: error: --verbose goes with --list-configs", file=sys.stderr)
+        return 2
     if args.pop("list_models", False):
         from .models import list_models
         print("\n".join(list_models()))

@@ -27,8 +27,14 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
+SCHEDULER_INTERVALS = ("step", "epoch")
 AMP_MODES = ("none", "bf16", "fp16")
-AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment", "event-geometric")
+# Per-sample training augmentation: torchvision's image policies, the event-frame policy SNNAugmentWide, or a
+# timm RandAugment string (``rand-m9-n1-mstd0.4-inc1``; parsed by timm when the data is built).
+AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment", "snn-augment-wide")
+TIMM_RANDAUGMENT_PREFIX = "rand-"
+# Top-level key of a recipe file that holds its card (paper accuracy, deliberate differences), not a setting.
+RECIPE_CARD_KEY = "recipe"
 NEURON_IMPLS = ("triton", "spikingjelly", "torch")
 
 
@@ -41,9 +47,15 @@ class TrainConfig:
     """Everything a training run needs. The defaults are the offline digits demo recipe.
 
     ``batch_size`` is per process (with ``torchrun`` the global batch is ``batch_size * world_size``).
-    ``model=None`` picks the dataset's default model. ``lr`` is the peak learning rate; ``warmup_epochs`` ramp
-    linearly from ``warmup_lr`` to it; cosine decays to ``min_lr`` over the remaining epochs minus
-    ``cooldown_epochs`` (held at ``min_lr``). ``cpu_threads``: torch's intra-op threads when training on the CPU
+    ``model=None`` picks the dataset's default model; ``num_classes`` widens its head beyond the dataset's
+    classes (null: as many outputs as classes). ``lr`` is the peak learning rate; the schedules follow timm
+    (see :mod:`revsnn_triton.schedule`): ``warmup_epochs`` ramp linearly from ``warmup_lr``, cosine decays to
+    ``min_lr`` over ``epochs``, and ``cooldown_epochs`` are trained on top of ``epochs`` at ``min_lr``;
+    ``scheduler_interval`` is ``"epoch"`` (rate fixed within an epoch, as timm) or ``"step"``.
+    ``decay_bias_and_norm`` applies ``weight_decay`` to biases and normalization parameters too (torch's plain
+    optimizers); by default they are not decayed (timm's ``filter_bias_and_bn``). ``mean`` / ``std`` override
+    the dataset's normalization. ``random_erasing`` acts on the batch after MixUp/CutMix, as timm's loader does.
+    ``cpu_threads``: torch's intra-op threads when training on the CPU
     (1 by default: the small digits model gains nothing from more, and one thread per process avoids the severe
     slowdowns of oversubscribed cores on busy machines and under ``torchrun``); null keeps torch's default.
     ``max_steps_per_epoch`` / ``max_eval_samples`` shorten epochs and evaluation (smoke tests, benchmarks); the
@@ -54,6 +66,7 @@ class TrainConfig:
     model: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     dataset: str = "digits"
+    num_classes: int | None = None
     data_dir: str = "data"
     download: bool = False
     T: int = 4
@@ -66,7 +79,9 @@ class TrainConfig:
     lr: float = 4e-3
     momentum: float = 0.9
     weight_decay: float = 1e-2
+    decay_bias_and_norm: bool = False
     scheduler: str = "cosine"
+    scheduler_interval: str = "step"
     milestones: list = field(default_factory=list)
     gamma: float = 0.1
     warmup_epochs: int = 1
@@ -76,6 +91,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     # augmentation
+    mean: list | None = None
+    std: list | None = None
     crop_padding: int = 0
     hflip: bool = False
     augment: str = "none"
@@ -117,10 +134,12 @@ class TrainConfig:
         need(isinstance(self.model_kwargs, dict), "model_kwargs", "a mapping")
         need(isinstance(self.dataset, str) and self.dataset, "dataset", "a dataset name")
         need(isinstance(self.data_dir, str), "data_dir", "a path")
-        for name in ("download", "compile", "sync_bn", "memory_report", "progress"):
+        for name in ("download", "compile", "sync_bn", "memory_report", "progress", "decay_bias_and_norm"):
             need(isinstance(getattr(self, name), bool), name, "true or false")
         need(is_int(self.T) and self.T >= 1, "T", "an integer >= 1")
         need(self.neuron_impl in NEURON_IMPLS, "neuron_impl", f"one of {NEURON_IMPLS}")
+        need(self.num_classes is None or (is_int(self.num_classes) and self.num_classes >= 2), "num_classes",
+             "an integer >= 2 or null")
         need(is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1")
         need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.eval_batch_size is None or (is_int(self.eval_batch_size) and self.eval_batch_size >= 1),
@@ -133,6 +152,7 @@ class TrainConfig:
         for name in ("label_smoothing", "random_erasing", "mixup_prob"):
             need(getattr(self, name) <= 1, name, "at most 1")
         need(self.scheduler in SCHEDULERS, "scheduler", f"one of {SCHEDULERS}")
+        need(self.scheduler_interval in SCHEDULER_INTERVALS, "scheduler_interval", f"one of {SCHEDULER_INTERVALS}")
         need(isinstance(self.milestones, list) and all(is_int(m) and m >= 0 for m in self.milestones),
              "milestones", "a list of epoch numbers")
         need(is_int(self.warmup_epochs) and self.warmup_epochs >= 0, "warmup_epochs", "an integer >= 0")
@@ -141,7 +161,14 @@ class TrainConfig:
              "a number > 0 or null")
         need(is_int(self.crop_padding) and self.crop_padding >= 0, "crop_padding", "an integer >= 0")
         need(isinstance(self.hflip, bool), "hflip", "true or false")
-        need(self.augment in AUGMENTATIONS, "augment", f"one of {AUGMENTATIONS}")
+        need(self.augment in AUGMENTATIONS or (isinstance(self.augment, str) and
+                                               self.augment.startswith(TIMM_RANDAUGMENT_PREFIX)),
+             "augment", f"one of {AUGMENTATIONS} or a timm RandAugment string such as 'rand-m9-n1-mstd0.4-inc1'")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, list) and len(value) >= 1 and all(is_num(v) for v in value)),
+                 name, "a list of per-channel numbers or null")
+        need(self.std is None or all(v > 0 for v in self.std), "std", "positive")
         need(is_int(self.augment_magnitude) and 0 <= self.augment_magnitude <= 30, "augment_magnitude",
              "an integer in [0, 30]")
         need(self.mixup_off_epoch is None or (is_int(self.mixup_off_epoch) and self.mixup_off_epoch >= 0),
@@ -208,6 +235,7 @@ def read_config_file(name_or_path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, "
                           f"got {type(data).__name__}")
+    data.pop(RECIPE_CARD_KEY, None)  # the recipe's card (revsnn_triton.recipes), not a setting
     check_keys(data, source=f"config file {str(path)!r}")
     return data
 

@@ -1,34 +1,48 @@
-"""Datasets and augmentation for ``revsnn train``, built from scikit-learn, torchvision and tonic.
+"""Datasets and augmentation for ``revsnn train``, built from scikit-learn, torchvision, timm, spikingjelly and tonic.
 
 Samples come out as float32 tensors in the layout the models take:
 
 - ``digits``: scikit-learn's bundled UCI handwritten digits (offline), ``[1, 8, 8]`` in [0, 1], 10 classes,
   a fixed stratified 80/20 split (the same test set for every run).
-- ``cifar10`` / ``cifar100``: torchvision datasets, ``[3, 32, 32]`` normalized; training transforms from
-  ``torchvision.transforms.v2`` (random crop with padding, flip, AutoAugment / RandAugment / TrivialAugment,
-  random erasing) as the recipe says.
-- ``cifar10-dvs`` / ``dvs128-gesture``: tonic datasets, events binned by ``tonic.transforms.ToFrame`` into
-  ``T`` frames by event count (``n_event_bins``), ``[T, 2, 128, 128]`` event counts. CIFAR10-DVS has no
-  official split: the first 90% of each class train, the rest test (as the original RevSNN code).
+- ``cifar10`` / ``cifar100``: torchvision datasets, ``[3, 32, 32]`` normalized (``mean`` / ``std`` of the config,
+  CIFAR's statistics by default); training transforms as the recipe says: random crop with padding, flip, then
+  torchvision's AutoAugment / RandAugment / TrivialAugment or a timm RandAugment string
+  (``rand-m9-n1-mstd0.4-inc1``: timm's ``rand_augment_transform`` with bicubic interpolation and the dataset
+  mean as fill, as timm's ``create_transform`` builds it).
+- ``cifar10-dvs`` / ``dvs128-gesture``: spikingjelly's frame datasets (the RevSNN code's loaders) under
+  ``<data_dir>/CIFAR10DVS`` and ``<data_dir>/DVS128Gesture``: ``[T, 2, 128, 128]`` event counts, the events of a
+  sample cut into ``T`` frames of equal event count (``split_by="number"``; the last frame takes the remainder),
+  frame ``[p, y, x]``. CIFAR10-DVS coordinates as spikingjelly maps them from the original AEDAT files
+  (``x = 127 - y_raw``, ``y = 127 - x_raw``, ``p = 1 - p_raw``); its split is the first 90% of each class in
+  sorted file-name order for training and the rest (100 per class) for testing, the same on every machine.
+  DVS128 Gesture keeps the official trials split and cuts every labelled segment of a recording into a sample,
+  repeated labels included (1176 train / 288 test); labels are the gesture ids 0-10. The frames are computed
+  once and cached next to the data (``frames_number_<T>_split_by_number``).
+- ``dvs128-gesture-tonic``: tonic's preprocessed DVSGesture files under ``<data_dir>/DVSGesture`` (1077 / 264
+  samples: tonic's files keep one segment per label and recording), binned into ``T`` frames by tonic's
+  ``ToFrame(n_event_bins=T)``.
 - ``synthetic-cifar10``: torchvision ``FakeData`` of CIFAR's shape, for speed/memory runs without the data.
 
-MixUp / CutMix (``torchvision.transforms.v2.MixUp`` / ``CutMix``) act on whole batches: see
-:func:`batch_mixer`; the training loop applies it and trains on the resulting soft targets.
+Per-sample augmentation runs in the datasets (DataLoader workers); MixUp / CutMix and random erasing act on
+whole batches in the training loop (:func:`batch_transforms`), in timm's order: mix first, then erase.
 """
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .config import TrainConfig
+from .config import TIMM_RANDAUGMENT_PREFIX, TrainConfig
 
-DATASETS = ("digits", "cifar10", "cifar100", "cifar10-dvs", "dvs128-gesture", "synthetic-cifar10")
+DATASETS = ("digits", "cifar10", "cifar100", "cifar10-dvs", "dvs128-gesture", "dvs128-gesture-tonic",
+            "synthetic-cifar10")
 
 # Model used when the config names none.
 DEFAULT_MODELS = {
@@ -38,12 +52,16 @@ DEFAULT_MODELS = {
     "synthetic-cifar10": "RevSResNet21",
     "cifar10-dvs": "RevSResNet24",
     "dvs128-gesture": "RevSResNet24",
+    "dvs128-gesture-tonic": "RevSResNet24",
 }
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 DIGITS_SPLIT_SEED = 0
 CIFAR10_DVS_TRAIN_FRACTION = 0.9
+# timm's RandAugment settings as its create_transform derives them (translation 45% of the image side).
+TIMM_TRANSLATE_FRACTION = 0.45
+TIMM_INTERPOLATION = "bicubic"
 
 
 class DataError(ValueError):
@@ -80,12 +98,28 @@ def build_data(cfg: TrainConfig) -> DataBundle:
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}")
     if cfg.dataset == "digits":
-        return _digits()
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return _cifar(cfg)
-    if cfg.dataset == "synthetic-cifar10":
-        return _synthetic_cifar(cfg)
-    return _events(cfg)
+        data = _digits()
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        data = _cifar(cfg)
+    elif cfg.dataset == "synthetic-cifar10":
+        data = _synthetic_cifar(cfg)
+    elif cfg.dataset == "dvs128-gesture-tonic":
+        data = _tonic_gesture(cfg)
+    else:
+        data = _spikingjelly_frames(cfg)
+    head_classes(cfg, data)  # a too narrow num_classes fails here, before any model is built
+    return data
+
+
+def head_classes(cfg: TrainConfig, data: DataBundle) -> int:
+    """Width of the model's head: ``cfg.num_classes`` if set (at least the dataset's classes), else the
+    dataset's number of classes."""
+    if cfg.num_classes is None:
+        return data.num_classes
+    if cfg.num_classes < data.num_classes:
+        raise DataError(f"config: num_classes {cfg.num_classes} is smaller than the {data.num_classes} classes of "
+                        f"{data.name!r}; leave it null for one output per class")
+    return cfg.num_classes
 
 
 # ----------------------------------------------------------------------------------------------------- digits
@@ -101,12 +135,50 @@ def _digits() -> DataBundle:
     return DataBundle("digits", train, test, 10, (1, 8, 8), False)
 
 
-# ------------------------------------------------------------------------------------------------------ CIFAR
+# ------------------------------------------------------------------------------------------------------ images
+def _normalization(cfg: TrainConfig, channels: int, mean: Sequence[float], std: Sequence[float]):
+    mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
+    for name, value in (("mean", mean), ("std", std)):
+        if len(value) != channels:
+            raise DataError(f"config: {name} must have {channels} values (one per channel of {cfg.dataset!r}), "
+                            f"got {list(value)}")
+    return mean, std
+
+
+def timm_randaugment(policy: str, mean: Sequence[float], size: int):
+    """timm's RandAugment for PIL images from a config string such as ``rand-m9-n1-mstd0.4-inc1``, with the
+    hyper-parameters timm's ``create_transform`` gives it: translation up to 45% of ``size`` pixels, fill with
+    ``mean`` (in [0, 1], per channel) and bicubic interpolation. Raises :class:`DataError` if timm is missing or
+    rejects the string."""
+    if not (isinstance(policy, str) and policy.startswith(TIMM_RANDAUGMENT_PREFIX)):
+        raise DataError(f"augment: expected a timm RandAugment string starting with {TIMM_RANDAUGMENT_PREFIX!r}, "
+                        f"got {policy!r}")
+    try:
+        from timm.data import rand_augment_transform
+        from timm.data.transforms import str_to_pil_interp
+    except ModuleNotFoundError:
+        raise DataError(f"augment {policy!r} is timm's RandAugment: install timm (`pip install timm`, part of the "
+                        "[train] extra)") from None
+    hparams = dict(translate_const=int(size * TIMM_TRANSLATE_FRACTION),
+                   img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                   interpolation=str_to_pil_interp(TIMM_INTERPOLATION))
+    try:
+        return rand_augment_transform(policy, hparams)
+    except (AssertionError, ValueError, KeyError) as exc:
+        reason = str(exc) or "an unknown section"
+        raise DataError(f"augment {policy!r}: timm could not parse this RandAugment string ({reason}); the form "
+                        "is rand-m<magnitude>-n<ops>[-mstd<std>][-inc1]") from None
+
+
 def image_transforms(cfg: TrainConfig, train: bool, mean=CIFAR_MEAN, std=CIFAR_STD, size: int = 32):
-    """torchvision v2 pipeline: PIL/uint8 image -> normalized float32 ``[3, size, size]``."""
+    """PIL image -> normalized float32 ``[3, size, size]``: (training) random crop, flip and the policy of
+    ``cfg.augment`` on the PIL image, then ``ToImage``, ``ToDtype(float32, scale=True)`` and ``Normalize``
+    with ``cfg.mean`` / ``cfg.std`` (default: ``mean`` / ``std``). Random erasing is not here: it acts on the
+    batch (:func:`batch_transforms`)."""
     from torchvision.transforms import v2
 
-    ops: list = [v2.ToImage()]
+    mean, std = _normalization(cfg, 3, mean, std)
+    ops: list = []
     if train:
         if cfg.crop_padding:
             ops.append(v2.RandomCrop(size, padding=cfg.crop_padding))
@@ -118,12 +190,12 @@ def image_transforms(cfg: TrainConfig, train: bool, mean=CIFAR_MEAN, std=CIFAR_S
             ops.append(v2.RandAugment(num_ops=1, magnitude=cfg.augment_magnitude))
         elif cfg.augment == "trivialaugment":
             ops.append(v2.TrivialAugmentWide())
-        elif cfg.augment == "event-geometric":
-            raise DataError("config: augment 'event-geometric' is for event datasets; use autoaugment, "
-                            "randaugment, trivialaugment or none for images")
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if train and cfg.random_erasing > 0:
-        ops.append(v2.RandomErasing(p=cfg.random_erasing, value=0))
+        elif cfg.augment.startswith(TIMM_RANDAUGMENT_PREFIX):
+            ops.append(timm_randaugment(cfg.augment, mean, size))
+        elif cfg.augment == "snn-augment-wide":
+            raise DataError("config: augment 'snn-augment-wide' is for event frames; use autoaugment, "
+                            "randaugment, trivialaugment, a timm 'rand-...' string or none for images")
+    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
 
 
@@ -133,9 +205,10 @@ def _cifar(cfg: TrainConfig) -> DataBundle:
     cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
     folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
     root = os.path.expanduser(cfg.data_dir)
+    train_tf, test_tf = image_transforms(cfg, True), image_transforms(cfg, False)
     try:
-        train = cls(root, train=True, download=cfg.download, transform=image_transforms(cfg, True))
-        test = cls(root, train=False, download=cfg.download, transform=image_transforms(cfg, False))
+        train = cls(root, train=True, download=cfg.download, transform=train_tf)
+        test = cls(root, train=False, download=cfg.download, transform=test_tf)
     except RuntimeError as exc:
         if "not found" in str(exc).lower() or "corrupted" in str(exc).lower():
             raise DataError(_missing(cfg.dataset, root, f"the extracted {folder!r} folder of the official "
@@ -155,12 +228,14 @@ def _synthetic_cifar(cfg: TrainConfig) -> DataBundle:
 
 # ----------------------------------------------------------------------------------------------------- events
 class EventFrames(Dataset):
-    """Wrap a tonic dataset whose transform yields ``[T, 2, H, W]`` frames: float32 tensor + int label, with an
-    optional tensor transform (training augmentation) applied to the whole frame sequence."""
+    """Wrap a dataset of ``[T, 2, H, W]`` frame arrays: float32 tensor + int label, with an optional tensor
+    transform (training augmentation) applied to the whole frame sequence and an optional ``labels`` table
+    (dataset index of a class -> the label to return)."""
 
-    def __init__(self, base: Dataset, transform: Callable | None = None):
+    def __init__(self, base: Dataset, transform: Callable | None = None, labels: Sequence[int] | None = None):
         self.base = base
         self.transform = transform
+        self.labels = None if labels is None else list(labels)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -170,30 +245,126 @@ class EventFrames(Dataset):
         x = torch.as_tensor(np.asarray(frames), dtype=torch.float32)
         if self.transform is not None:
             x = self.transform(x)
-        return x, int(target)
+        target = int(target)
+        return x, (target if self.labels is None else self.labels[target])
 
 
 def event_augment(cfg: TrainConfig):
-    """Training augmentation for frame sequences ``[T, 2, H, W]`` from torchvision v2 geometric ops (one of
-    shear / translate / rotate / erase per sample, same for all frames), after an optional flip."""
+    """Training augmentation for frame sequences ``[T, 2, H, W]``: a horizontal flip (``cfg.hflip``, p = 0.5,
+    mirrors x) followed by :class:`~revsnn_triton.augment.SNNAugmentWide` (``augment: snn-augment-wide``), the
+    same draw for every frame of a sample. None when both are off."""
     from torchvision.transforms import v2
 
+    from .augment import SNNAugmentWide
+
+    if cfg.mean is not None or cfg.std is not None:
+        raise DataError(f"config: mean / std normalize images; {cfg.dataset!r} gives raw event counts")
     ops: list = []
     if cfg.hflip:
         ops.append(v2.RandomHorizontalFlip())
-    if cfg.augment == "event-geometric":
-        m = cfg.augment_magnitude / 30.0
-        ops.append(v2.RandomChoice([
-            v2.RandomAffine(degrees=0, shear=(-30 * m, 30 * m, 0, 0)),
-            v2.RandomAffine(degrees=0, shear=(0, 0, -30 * m, 30 * m)),
-            v2.RandomAffine(degrees=0, translate=(0.5 * m, 0.5 * m)),
-            v2.RandomRotation(30 * m),
-            v2.RandomErasing(p=1.0, scale=(0.02, 0.1 + 0.2 * m), value=0),
-        ]))
+    if cfg.augment == "snn-augment-wide":
+        ops.append(SNNAugmentWide())
     elif cfg.augment != "none":
         raise DataError(f"config: augment {cfg.augment!r} works on RGB images; event datasets take "
-                        "'event-geometric' or 'none'")
+                        "'snn-augment-wide' or 'none'")
     return v2.Compose(ops) if ops else None
+
+
+def sorted_split_per_class(samples: Sequence[tuple[str, int]], fraction: float) -> tuple[list[int], list[int]]:
+    """Indices ``(train, test)`` of ``samples`` (``(path, label)`` pairs): per class, the first
+    ``ceil(fraction * n)`` samples in sorted file-name order train, the rest test. The result depends on the
+    file names only, not on the order in which the files were listed or created."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"sorted_split_per_class: fraction must be in (0, 1), got {fraction!r}")
+    per_class: dict[int, list[int]] = {}
+    for i, (path, label) in enumerate(samples):
+        per_class.setdefault(int(label), []).append(i)
+    train, test = [], []
+    for label in sorted(per_class):
+        idx = sorted(per_class[label], key=lambda i: os.path.basename(samples[i][0]))
+        cut = math.ceil(len(idx) * fraction)
+        train += idx[:cut]
+        test += idx[cut:]
+    return train, test
+
+
+_SPIKINGJELLY_SETS = {
+    # dataset -> (spikingjelly module, class, folder under data_dir, classes)
+    "cifar10-dvs": ("spikingjelly.datasets.cifar10_dvs", "CIFAR10DVS", "CIFAR10DVS", 10),
+    "dvs128-gesture": ("spikingjelly.datasets.dvs128_gesture", "DVS128Gesture", "DVS128Gesture", 11),
+}
+
+
+def _spikingjelly_frames(cfg: TrainConfig) -> DataBundle:
+    module, cls_name, folder, num_classes = _SPIKINGJELLY_SETS[cfg.dataset]
+    if importlib.util.find_spec("spikingjelly") is None:
+        raise DataError(f"{cfg.dataset}: the frames come from spikingjelly's dataset classes: install spikingjelly "
+                        "(`pip install 'spikingjelly>=2.0,<2.1'`)")
+    cls = getattr(importlib.import_module(module), cls_name)
+    root = Path(os.path.expanduser(cfg.data_dir)) / folder
+    _check_spikingjelly_files(cfg, cls, root)
+    augment = event_augment(cfg)
+    frames = dict(data_type="frame", frames_number=cfg.T, split_by="number")
+
+    def build():
+        if cfg.dataset == "cifar10-dvs":
+            return (cls(str(root), **frames),)
+        return cls(str(root), train=True, **frames), cls(str(root), train=False, **frames)
+    try:
+        # The first use converts the archives and writes the frames once; under torchrun rank 0 does it alone.
+        built = _rank0_first(build)
+    except (NotImplementedError, RuntimeError, FileNotFoundError) as exc:  # spikingjelly's and DatasetFolder's
+        raise DataError(f"{cfg.dataset}: spikingjelly could not prepare the frames under {str(root)!r}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if cfg.dataset == "cifar10-dvs":
+        full = built[0]
+        train_idx, test_idx = sorted_split_per_class(full.samples, CIFAR10_DVS_TRAIN_FRACTION)
+        train_base, test_base, labels = Subset(full, train_idx), Subset(full, test_idx), None
+    else:
+        train_base, test_base = built
+        labels = [int(name) for name in train_base.classes]  # class folders are the gesture ids "0".."10"
+        if [int(name) for name in test_base.classes] != labels:
+            raise DataError(f"{cfg.dataset}: the train and test class folders under {str(root)!r} differ")
+    if len(train_base) == 0 or len(test_base) == 0:
+        raise DataError(f"{cfg.dataset}: no samples found under {str(root)!r} (train {len(train_base)}, test "
+                        f"{len(test_base)})")
+    h, w = cls.get_H_W()
+    return DataBundle(cfg.dataset, EventFrames(train_base, augment, labels), EventFrames(test_base, None, labels),
+                      num_classes, (cfg.T, 2, h, w), True)
+
+
+def _rank0_first(build: Callable):
+    """``build()`` on rank 0 first, then on the other ranks of an initialized process group (so that a cache
+    is written by one process); plain ``build()`` otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return build()
+    if dist.get_rank() != 0:
+        dist.barrier()
+        return build()
+    try:
+        return build()
+    finally:
+        dist.barrier()  # also when rank 0 failed: the others then fail with their own message, not a hang
+
+
+def _check_spikingjelly_files(cfg: TrainConfig, cls, root: Path) -> None:
+    """Fail with a clear message before spikingjelly would download (or refuse) missing files."""
+    if (root / "events_np").is_dir():  # converted before, by spikingjelly or by the original code
+        return
+    download = root / "download"
+    missing = [name for name, _, _ in cls.resource_url_md5() if not (download / name).is_file()]
+    if not missing:
+        return
+    if cls.downloadable():
+        if cfg.download:
+            root.mkdir(parents=True, exist_ok=True)
+            return
+        raise DataError(_missing(cfg.dataset, str(download), ", ".join(missing) + " (the original archives)"))
+    raise DataError(f"dataset {cfg.dataset!r} not found under {str(download)!r}: it cannot be downloaded "
+                    f"automatically; download {', '.join(missing)} from IBM's DVS128 Gesture page and put them "
+                    f"there (or point --data-dir at a folder whose DVS128Gesture/ spikingjelly has converted)")
 
 
 def _refuse_download(dataset: str, where: str, what: str):
@@ -202,20 +373,13 @@ def _refuse_download(dataset: str, where: str, what: str):
     return download
 
 
-def _events(cfg: TrainConfig) -> DataBundle:
+def _tonic_gesture(cfg: TrainConfig) -> DataBundle:
     import tonic
 
     root = os.path.expanduser(cfg.data_dir)
-    if cfg.dataset == "cifar10-dvs":
-        base_cls, num_classes = tonic.datasets.CIFAR10DVS, 10
-        what = "CIFAR10DVS.zip and its extracted class folders (airplane/ ... truck/ with .aedat4 files)"
-        if importlib.util.find_spec("aedat") is None:
-            raise DataError("cifar10-dvs: tonic reads its .aedat4 files with the 'aedat' package; "
-                            "install it with `pip install aedat`")
-    else:
-        base_cls, num_classes = tonic.datasets.DVSGesture, 11
-        what = ("ibmGestureTrain.tar.gz / ibmGestureTest.tar.gz and the extracted ibmGestureTrain/, "
-                "ibmGestureTest/ folders (user*_*/<label>.npy)")
+    base_cls = tonic.datasets.DVSGesture
+    what = ("ibmGestureTrain.tar.gz / ibmGestureTest.tar.gz and the extracted ibmGestureTrain/, "
+            "ibmGestureTest/ folders (user*_*/<label>.npy)")
     where = os.path.join(root, base_cls.__name__)
     # tonic downloads on construction whenever files are missing: the subclass keeps the class name (tonic
     # derives the folder from it) and turns that download into a clear error unless --download was given.
@@ -223,30 +387,13 @@ def _events(cfg: TrainConfig) -> DataBundle:
         "download": _refuse_download(cfg.dataset, where, what)})
     sensor_size = base_cls.sensor_size
     to_frames = tonic.transforms.ToFrame(sensor_size=sensor_size, n_event_bins=cfg.T)
-    if cfg.dataset == "cifar10-dvs":
-        full = cls(root, transform=to_frames)
-        train_idx, test_idx = _split_per_class(full.targets, num_classes, CIFAR10_DVS_TRAIN_FRACTION)
-        train_base, test_base = Subset(full, train_idx), Subset(full, test_idx)
-    else:
-        train_base = cls(root, train=True, transform=to_frames)
-        test_base = cls(root, train=False, transform=to_frames)
+    train_base = cls(root, train=True, transform=to_frames)
+    test_base = cls(root, train=False, transform=to_frames)
     if len(train_base) == 0 or len(test_base) == 0:
         raise DataError(_missing(cfg.dataset, where, what))
     shape = (cfg.T, sensor_size[2], sensor_size[1], sensor_size[0])
-    return DataBundle(cfg.dataset, EventFrames(train_base, event_augment(cfg)), EventFrames(test_base), num_classes,
-                      shape, True)
-
-
-def _split_per_class(targets, num_classes: int, fraction: float) -> tuple[list[int], list[int]]:
-    per_class: list[list[int]] = [[] for _ in range(num_classes)]
-    for i, t in enumerate(targets):
-        per_class[int(t)].append(i)
-    train, test = [], []
-    for idx in per_class:
-        cut = int(np.ceil(len(idx) * fraction))
-        train += idx[:cut]
-        test += idx[cut:]
-    return train, test
+    return DataBundle(cfg.dataset, EventFrames(train_base, event_augment(cfg)), EventFrames(test_base), 11, shape,
+                      True)
 
 
 def _missing(dataset: str, where: str, what: str) -> str:
@@ -254,11 +401,8 @@ def _missing(dataset: str, where: str, what: str) -> str:
             f"(with --data-dir to choose the folder)")
 
 
-# ------------------------------------------------------------------------------------------------- batch mixing
-def batch_mixer(cfg: TrainConfig, num_classes: int) -> Callable | None:
-    """``(images, labels) -> (images, soft_labels [B, num_classes])`` with torchvision v2 MixUp and/or CutMix
-    (one of them per batch when both are on), applied with probability ``cfg.mixup_prob``; None when off.
-    Images may be ``[B, C, H, W]`` or frame sequences ``[B, T, C, H, W]`` (mixing is per sample)."""
+# ---------------------------------------------------------------------------------------------- batch transforms
+def _mixer(cfg: TrainConfig, num_classes: int) -> Callable | None:
     from torchvision.transforms import v2
 
     choices = []
@@ -278,4 +422,43 @@ def batch_mixer(cfg: TrainConfig, num_classes: int) -> Callable | None:
             mixed, soft = mix(images.reshape(b, t * c, h, w), labels)
             return mixed.reshape(b, t, c, h, w), soft
         return mix(images, labels)
+    return apply
+
+
+def _eraser(cfg: TrainConfig) -> Callable | None:
+    if cfg.random_erasing <= 0:
+        return None
+    try:
+        from timm.data.random_erasing import RandomErasing
+    except ModuleNotFoundError:
+        raise DataError("random_erasing uses timm's RandomErasing: install timm (`pip install timm`, part of the "
+                        "[train] extra)") from None
+
+    def apply(images: torch.Tensor) -> torch.Tensor:
+        # timm's batch mode: per sample, with probability p, one box of 2%-33% of the area, aspect 0.3-3.3, set
+        # to 0 (the mean after normalization); frame sequences share the box over time steps and channels.
+        erase = RandomErasing(probability=cfg.random_erasing, mode="const", device=images.device)
+        flat = images.reshape(images.shape[0], -1, *images.shape[-2:]) if images.dim() == 5 else images
+        erase(flat)
+        return flat.reshape(images.shape)
+    return apply
+
+
+def batch_transforms(cfg: TrainConfig, num_classes: int) -> Callable:
+    """``(images, labels, epoch) -> (images, targets)`` for a training batch: MixUp / CutMix (torchvision v2,
+    one of them per batch when both are on, with probability ``cfg.mixup_prob``, before epoch
+    ``cfg.mixup_off_epoch``) giving soft targets ``[B, num_classes]``, then random erasing (timm's, probability
+    ``cfg.random_erasing`` per sample). Without mixing the labels pass through. Images may be ``[B, C, H, W]``
+    or frame sequences ``[B, T, C, H, W]``; ``num_classes`` is the width of the model's head."""
+    if not (isinstance(num_classes, int) and num_classes >= 2):
+        raise ValueError(f"batch_transforms: num_classes must be an integer >= 2, got {num_classes!r}")
+    mix, erase = _mixer(cfg, num_classes), _eraser(cfg)
+
+    def apply(images: torch.Tensor, labels: torch.Tensor, epoch: int):
+        targets = labels
+        if mix is not None and (cfg.mixup_off_epoch is None or epoch < cfg.mixup_off_epoch):
+            images, targets = mix(images, labels)
+        if erase is not None:
+            images = erase(images)
+        return images, targets
     return apply

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
+from . import schedule
 from .config import ConfigError, TrainConfig, make_config
-from .data import DataBundle, batch_mixer, build_data, default_model
+from .data import DataBundle, batch_transforms, build_data, default_model, head_classes
 from .fileio import atomic_write, atomic_write_text
 from .functional import reset_net
 
@@ -41,17 +42,6 @@ BEST = "checkpoint_best.pt"
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
                   "epoch_time_s")
 
-# Non-reversible counterpart measured next to a reversible model in the memory report.
-COUNTERPARTS = {
-    "RevSResNet-digits": "MS-ResNet-digits",
-    "RevSResNet21": "MS-ResNet18",
-    "RevSResNet37": "MS-ResNet34",
-    "RevSResNet109": "MS-ResNet104",
-    "RevSResNet24": "MS-ResNet20",
-    "RevSFormer-2-384": "Spikingformer-2-384",
-    "RevSFormer-4-384": "Spikingformer-4-384",
-    "RevSFormer-2-256": "Spikingformer-2-256",
-}
 _NOT_SHARED = ("blocks", "depth", "reversible", "frac_bits", "check")
 
 
@@ -140,7 +130,7 @@ def build_model(cfg: TrainConfig, data: DataBundle, name: str | None = None) -> 
     if name not in list_models():
         raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     try:
-        return create_model(name, num_classes=data.num_classes, T=cfg.T, neuron_impl=cfg.neuron_impl,
+        return create_model(name, num_classes=head_classes(cfg, data), T=cfg.T, neuron_impl=cfg.neuron_impl,
                             **cfg.model_kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model {name!r} could not be built with T={cfg.T}, neuron_impl={cfg.neuron_impl!r}, "
@@ -148,9 +138,10 @@ def build_model(cfg: TrainConfig, data: DataBundle, name: str | None = None) -> 
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on biases, norm parameters and other 1-d parameters (e.g. PLIF's w).
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    # No weight decay on biases, norm parameters and other 1-d parameters (e.g. PLIF's w), unless the recipe
+    # decays every parameter (decay_bias_and_norm, as torch's optimizers on model.parameters()).
+    decay = [p for p in model.parameters() if p.requires_grad and (p.dim() > 1 or cfg.decay_bias_and_norm)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1 and not cfg.decay_bias_and_norm]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -159,19 +150,12 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate after ``step`` optimizer steps: linear warmup, then cosine to ``min_lr`` (held through
-    the cooldown), multistep decay at ``milestones`` epochs, or constant."""
-    warm = cfg.warmup_epochs * steps_per_epoch
-    if step < warm:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warm
-    if cfg.scheduler == "constant":
-        return cfg.lr
-    if cfg.scheduler == "multistep":
-        return cfg.lr * cfg.gamma ** sum(step // steps_per_epoch >= m for m in cfg.milestones)
-    span = max(1, (cfg.epochs - cfg.warmup_epochs - cfg.cooldown_epochs) * steps_per_epoch)
-    progress = min(1.0, (step - warm) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+# ---- learning-rate schedule (revsnn_triton.schedule) ----
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+               ) -> tuple[torch.optim.lr_scheduler.LambdaLR, int]:
+    """The run's scheduler (stepped after every optimizer step) and its number of epochs (``epochs`` plus
+    ``cooldown_epochs``, as timm)."""
+    return schedule.build_scheduler(cfg, optimizer, steps_per_epoch), schedule.total_epochs(cfg)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -308,8 +292,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t_start: float) -> 
     train_loader, sampler, test_loader = _loaders(cfg, data, d, device)
     steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(
         len(train_loader), cfg.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(cfg, step, steps_per_epoch) / cfg.lr)
+    scheduler, num_epochs = _scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     if d.rank:
         _seed_everything(cfg.seed + d.rank)  # different augmentation draws per rank
@@ -339,31 +322,28 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t_start: float) -> 
         model = torch.compile(model)
     eval_model = raw if d.on else model
     loss_fn = _loss_fn(cfg)
-    mixer = batch_mixer(cfg, data.num_classes)
+    batch_transform = batch_transforms(cfg, head_classes(cfg, data))  # MixUp/CutMix, then random erasing
 
     if d.main:
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"revsnn train: {model_name} ({n_params / 1e6:.3f}M parameters) on {cfg.dataset} "
               f"({len(data.train)} train / {len(data.test)} test), {d.world} process(es) on {device}, "
-              f"T={cfg.T}, batch {cfg.batch_size}x{d.world}, {cfg.epochs} epochs, amp={cfg.amp}, "
+              f"T={cfg.T}, batch {cfg.batch_size}x{d.world}, {num_epochs} epochs, amp={cfg.amp}, "
               f"neurons={cfg.neuron_impl}" + (f", resuming at epoch {start_epoch + 1}" if cfg.resume else ""),
               flush=True)
 
     train_images = train_time = 0.0
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, num_epochs):
         sampler.set_epoch(epoch)
-        use_mix = mixer is not None and (cfg.mixup_off_epoch is None or epoch < cfg.mixup_off_epoch)
         model.train()
         t0 = time.perf_counter()
         loss_sum = correct = seen = 0.0
         bar = _progress(_take(train_loader, steps_per_epoch), steps_per_epoch,
-                        f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and d.main)
+                        f"epoch {epoch + 1}/{num_epochs}", cfg.progress and d.main)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            target = y
-            if use_mix:
-                x, target = mixer(x, y)
+            x, target = batch_transform(x, y, epoch)
             reset_net(raw)
             with _autocast(cfg, device):
                 logits = model(x)
@@ -418,14 +398,14 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device, t_start: float) -> 
             if improved:
                 ckpt.save_checkpoint(out / BEST, state)
             _write_metrics(out, history)
-            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc "
+            print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {row['train_loss']:.4f} acc "
                   f"{100 * row['train_acc']:6.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:6.2f}%  "
                   f"{row['images_per_s']:8.1f} img/s  {row['epoch_time_s']:6.1f} s", flush=True)
         if d.on:
             dist.barrier()
 
     images_per_s = train_images / train_time if train_time else (history[-1]["images_per_s"] if history else 0.0)
-    result = TrainResult(out_dir=str(out), epochs_run=cfg.epochs - start_epoch,
+    result = TrainResult(out_dir=str(out), epochs_run=num_epochs - start_epoch,
                          final_test_acc=history[-1]["test_acc"] if history else float("nan"),
                          best_test_acc=best_acc, best_epoch=best_epoch, images_per_s=images_per_s,
                          wall_time_s=0.0, history=history)
@@ -466,9 +446,10 @@ def _load_resume(cfg: TrainConfig, model_name: str) -> dict:
     if state.get("model_name") != model_name:
         raise ckpt.CheckpointError(f"checkpoint {str(path)!r} was written for model {state.get('model_name')!r}, "
                                    f"not {model_name!r}")
-    if int(state["epoch"]) + 1 >= cfg.epochs:
-        raise ConfigError(f"checkpoint {str(path)!r} already finished epoch {int(state['epoch']) + 1}; pass "
-                          f"--epochs larger than that to continue training")
+    if int(state["epoch"]) + 1 >= schedule.total_epochs(cfg):
+        raise ConfigError(f"checkpoint {str(path)!r} already finished epoch {int(state['epoch']) + 1} of "
+                          f"{schedule.total_epochs(cfg)} (epochs + cooldown_epochs); pass a larger --epochs to "
+                          f"continue training")
     return state
 
 
@@ -484,18 +465,18 @@ def _nan_message(value: float, epoch: int, step: int, out: Path, history: list[d
 def memory_report(cfg: TrainConfig, data: DataBundle, device: torch.device, model_name: str
                   ) -> tuple[dict[str, float], str]:
     """Memory per image of one training step (forward + backward) of ``model_name`` and of its non-reversible
-    counterpart (:data:`COUNTERPARTS`), measured by ``revsnn_triton.memory.memory_per_image`` with freshly built
-    models on ``device``. Returns ``({name: bytes per image}, note)``."""
+    counterpart (``revsnn_triton.models.counterpart``), measured by ``revsnn_triton.memory.memory_per_image``
+    with freshly built models on ``device``. Returns ``({name: bytes per image}, note)``."""
     import warnings
 
     from .memory import memory_per_image
-    from .models import list_models
+    from .models import counterpart
 
     # The CPU measurement uses the profiler's allocation events; keep its log lines out of the report.
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-    names = [model_name] + [n for n in [COUNTERPARTS.get(model_name)] if n and n in list_models()]
+    names = [model_name] + [n for n in [counterpart(model_name)] if n]
     batch_sizes = (16, 64) if device.type == "cuda" else (8, 32)
     results: dict[str, float] = {}
     for name in names:

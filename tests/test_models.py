@@ -11,8 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from revsnn_triton.models import create_model, list_models
-from revsnn_triton.models import layers as L
+from revsnn_triton.models import counterpart, create_model, list_models, model_info, register_model
+from revsnn_triton.models.base import image_sequence
+from revsnn_triton.models.conv import SpikingResidualBranch
+from revsnn_triton.models.neurons import NEURON_KINDS, make_neuron, neuron_factory
+from revsnn_triton.models.stems import Stem
 from revsnn_triton.testing import assert_close, assert_equal
 
 
@@ -21,7 +24,7 @@ ZOO = ["RevSResNet21", "RevSResNet37", "RevSResNet109", "RevSResNet24", "RevSFor
        "Spikingformer-4-384", "Spikingformer-2-256"]
 HEAVY = {"RevSResNet109", "MS-ResNet104"}   # ~70-77M parameters: the slowest to run three times on a CPU
 
-# Published parameter counts in millions (DESIGN.md section 1; Spikingformer paper for Spikingformer-*),
+# Published parameter counts in millions (RevSNN paper; Spikingformer paper for Spikingformer-*),
 # CIFAR-100 head for the CIFAR ResNets, 10 classes otherwise.
 PUBLISHED_M = {
     "RevSResNet21": 11.05, "RevSResNet37": 23.59, "RevSResNet109": 70.08, "MS-ResNet18": 11.22,
@@ -36,8 +39,13 @@ PUBLISHED_M = {
 #  MS-ResNet20: stem 2*16*9+32 = 320; stage 1: 3 * (2*16*16*9+64) = 14016; stage 2: (16*32*9+32*32*9+128) +
 #    (16*32+64) + 2 * (2*32*32*9+128) = 51648; stage 3: (32*64*9+64*64*9+256) + (32*64+128) +
 #    2 * (2*64*64*9+256) = 205696; head 64*10+10 = 650.                                        Total 272330.
-HAND_COUNTED = {"RevSResNet24": 260362, "MS-ResNet20": 272330}
-CIFAR100 = {"RevSResNet21", "RevSResNet37", "RevSResNet109", "MS-ResNet18", "MS-ResNet34", "MS-ResNet104"}
+#  RevSResNet1001 (100 classes): stem 3*32*9+64 = 928; per reversible block of half width w 2 branches *
+#    (2*w*w*9+2*2w) = 36w^2+8w: 62*9344 + 62*37120 + 63*147968 + 62*590848 = 48835328 (w = 16, 32, 64, 128);
+#    downsamples 32->64, 64->128, 128->256: (2048+128) + (8192+256) + (32768+512) = 43904; head 256*100+100 =
+#    25700.                                                                                   Total 48905860.
+HAND_COUNTED = {"RevSResNet24": 260362, "MS-ResNet20": 272330, "RevSResNet1001": 48905860}
+CIFAR100 = {"RevSResNet21", "RevSResNet37", "RevSResNet109", "MS-ResNet18", "MS-ResNet34", "MS-ResNet104",
+            "RevSResNet1001"}
 
 
 def _params(model: nn.Module) -> int:
@@ -73,6 +81,16 @@ def test_every_zoo_model_has_a_parameter_check():
     assert ms104 - ms34 == 4 * block(128) + 26 * block(256) + 5 * block(512)
     # RevSFormer-2-256 equals Spikingformer-2-256 except that its head reads both streams (256 more inputs)
     assert _count("RevSFormer-2-256") - _count("Spikingformer-2-256") == 256 * 10
+
+
+def test_deep_narrow_ms_resnets_grow_by_whole_blocks():
+    # MS-ResNet250/498/998 share widths 16..128; each step adds basic blocks of known size to every stage
+    # (block() as above; same stride-1 blocks, so no extra shortcut)
+    block = lambda c: 2 * (9 * c * c + 2 * c)  # noqa: E731
+    ms250, ms498, ms998 = (_count(n, num_classes=100) for n in ("MS-ResNet250", "MS-ResNet498", "MS-ResNet998"))
+    per_stage = sum(block(c) for c in (16, 32, 64, 128))
+    assert ms498 - ms250 == 31 * per_stage
+    assert ms998 - ms498 == 62 * per_stage + 2 * block(64)
 
 
 def _inputs(model: nn.Module, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,87 +157,40 @@ def test_reversible_gradients_equal_ordinary_autograd(name, kernel_device):
     _assert_grads_close(grads_rev, grads_ref, f"{name} reversible vs reversible=False")
 
 
+def test_1001_layer_model_at_tiny_width(kernel_device):
+    # All 249 reversible blocks (62, 62, 63, 62 per stage) at per-half width 2: the engine's exactness over a
+    # thousand layers, at a size the CPU runs in seconds. Without zero_init_last, so that every F and G adds
+    # non-zero values to the streams.
+    tiny = dict(widths=(2, 2, 2, 2), zero_init_last=False)
+    loss_rev, grads_rev = _loss_and_grads("RevSResNet1001", "triton", kernel_device, reversible=True, **tiny)
+    loss_ref, grads_ref = _loss_and_grads("RevSResNet1001", "triton", kernel_device, reversible=False, **tiny)
+    assert_equal(loss_rev, loss_ref, "RevSResNet1001 loss")
+    _assert_grads_close(grads_rev, grads_ref, "RevSResNet1001 reversible vs reversible=False")
+
+
 # ------------------------------------------------------------------------------------------------ shared layers
-@pytest.mark.parametrize("pool,stride,dims", [(None, 1, 2), ("avg", 1, 2), ("max", 1, 2), (None, 2, 2),
-                                             (None, 1, 1)])
-def test_spike_conv_matches_plain_conv(pool, stride, dims):
-    torch.manual_seed(0)
-    conv = (nn.Conv2d(6, 5, 1 if pool == "avg" else 3, stride=stride, padding=0 if pool == "avg" else 1,
-                      bias=dims == 1) if dims == 2 else nn.Conv1d(6, 5, 1, bias=True))
-    shape = (3, 6, 9, 7) if dims == 2 else (3, 6, 11)
-    spikes = (torch.rand(shape) > 0.6).float().requires_grad_()   # many ties inside MaxPool windows
-    out = L.spike_conv(spikes, conv, pool=pool)
-    ref_in = spikes.detach().clone().requires_grad_()
-    ref = conv({"avg": F.avg_pool2d, "max": F.max_pool2d}[pool](ref_in, 3, 2, 1) if pool else ref_in)
-    assert_close(out, ref, "forward")
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, [spikes, conv.weight, conv.bias] if conv.bias is not None else
-                                [spikes, conv.weight], g)
-    refs = torch.autograd.grad(ref, [ref_in, conv.weight, conv.bias] if conv.bias is not None else
-                               [ref_in, conv.weight], g)
-    for a, e, what in zip(grads, refs, ("input", "weight", "bias")):
-        assert_close(a, e, f"grad {what}")
-
-
-@pytest.mark.parametrize("pool", [None, "avg", "max"])
-@pytest.mark.parametrize("bias,frozen", [(False, False), (True, False), (True, True)])
-def test_spike_conv_gradients_are_bit_identical_to_plain_autograd(pool, bias, frozen):
-    # The backward reorders the work to keep fewer input-sized tensors alive (rebuilt spikes, pooled map and
-    # input gradients never together); the results must stay exactly those of conv(pool(x)) under autograd.
-    torch.manual_seed(1)
-    k = 1 if pool == "avg" else 3
-    conv = nn.Conv2d(6, 5, k, padding=k // 2, bias=bias).requires_grad_(not frozen)
-    spikes = (torch.rand(3, 6, 9, 7) > 0.6).float().requires_grad_()
-    out = L.spike_conv(spikes, conv, pool=pool)
-    ref_in = spikes.detach().clone().requires_grad_()
-    ref = conv({"avg": F.avg_pool2d, "max": F.max_pool2d}[pool](ref_in, 3, 2, 1) if pool else ref_in)
-    params = [] if frozen else [p for p in conv.parameters()]
-    g = torch.randn_like(ref)
-    for got, want, what in zip(torch.autograd.grad(out, [spikes, *params], g),
-                               torch.autograd.grad(ref, [ref_in, *params], g), ("input", "weight", "bias")):
-        assert_equal(got, want, f"grad {what} (pool={pool}, bias={bias}, frozen={frozen})")
-
-
-def test_spike_conv_keeps_one_byte_per_spike():
-    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-    spikes = (torch.rand(2, 4, 8, 8) > 0.5).float().requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        L.spike_conv(spikes, conv)
-    assert sorted(str(t.dtype) for t in saved) == ["torch.bool", "torch.float32"]   # spikes as bool, weight
-    assert any(t.dtype == torch.bool and t.shape == spikes.shape for t in saved)
-
-
-def test_spike_conv_under_autocast_runs_in_autocast_dtype():
-    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-    spikes = (torch.rand(2, 4, 8, 8) > 0.5).float().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = L.spike_conv(spikes, conv)
-        ref = conv(spikes)
-    assert out.dtype == ref.dtype == torch.bfloat16
-    assert_close(out.float(), ref.float(), "bf16 forward", dtype=torch.bfloat16)
-    out.float().sum().backward()
-    assert spikes.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
-
-
-def test_spike_conv_rejects_bad_arguments():
-    with pytest.raises(TypeError, match="conv must be"):
-        L.spike_conv(torch.zeros(1, 4, 4, 4), nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="expected input"):
-        L.spike_conv(torch.zeros(1, 3, 4, 4), nn.Conv2d(4, 4, 3))
-    with pytest.raises(ValueError, match="pool must be"):
-        L.spike_conv(torch.zeros(1, 4, 4, 4), nn.Conv2d(4, 4, 3), pool="min")
+def test_zero_init_last_makes_every_residual_branch_start_at_zero():
+    deep = create_model("RevSResNet1001", neuron_impl="torch", widths=(2, 2, 2, 2))       # on by default
+    ms = create_model("MS-ResNet250", neuron_impl="torch", widths=(2, 2, 2, 2))
+    plain = create_model("RevSResNet21", neuron_impl="torch", widths=(2, 2, 2, 2))        # off by default
+    for model, zero in ((deep, True), (ms, True), (plain, False)):
+        branches = [m for m in model.modules() if isinstance(m, SpikingResidualBranch)]
+        assert len(branches) == {deep: 2 * 249, ms: 124, plain: 8}[model]
+        for b in branches:
+            assert torch.equal(b.conv_bn2.bn.weight, torch.zeros_like(b.conv_bn2.bn.weight) if zero
+                               else torch.ones_like(b.conv_bn2.bn.weight))
+            assert torch.equal(b.conv_bn1.bn.weight, torch.ones_like(b.conv_bn1.bn.weight))
 
 
 def test_stem_runs_once_on_an_expanded_input():
     torch.manual_seed(0)
-    stem = L.Stem(3, 8)
+    stem = Stem(3, 8)
     images = torch.randn(4, 3, 8, 8)
-    expanded = L.image_sequence(images, 3)
+    expanded = image_sequence(images, 3)
     assert expanded.stride(0) == 0
     out = stem(expanded)
     assert out.shape == (3, 4, 8, 8, 8) and out.stride(0) == 0      # computed once, repeated by a view
-    ref = L.Stem(3, 8)
+    ref = Stem(3, 8)
     ref.load_state_dict(stem.state_dict())
     ref.conv_bn.bn.reset_running_stats()
     ref_out = ref(expanded.contiguous())                             # the T copies, as the original code does
@@ -229,11 +200,11 @@ def test_stem_runs_once_on_an_expanded_input():
 @pytest.mark.parametrize("impl", ["spikingjelly", "torch", "triton"])
 def test_make_neuron_kinds_and_release_of_state(impl):
     x = torch.rand(3, 2, 5) * 2
-    for kind in L.NEURON_KINDS:
-        n = L.make_neuron(impl, kind, surrogate="atan", alpha=2.0, detach_reset=True)
+    for kind in NEURON_KINDS:
+        n = make_neuron(impl, kind, surrogate="atan", alpha=2.0, detach_reset=True)
         assert n.step_mode == "m"
         assert n(x).shape == x.shape
-    build = L.neuron_factory(impl, "lif", tau=1.5)
+    build = neuron_factory(impl, "lif", tau=1.5)
     wrapped = build(v_threshold=0.5)
     assert wrapped.neuron.v_threshold == 0.5 and wrapped.neuron.tau == 1.5
     wrapped(x)
@@ -242,13 +213,79 @@ def test_make_neuron_kinds_and_release_of_state(impl):
 
 def test_make_neuron_rejects_bad_arguments():
     with pytest.raises(ValueError, match="neuron_impl"):
-        L.make_neuron("cuda", "if")
+        make_neuron("cuda", "if")
     with pytest.raises(ValueError, match="kind"):
-        L.make_neuron("torch", "izhikevich")
+        make_neuron("torch", "izhikevich")
     with pytest.raises(ValueError, match="surrogate"):
-        L.make_neuron("torch", "if", surrogate="relu")
+        make_neuron("torch", "if", surrogate="relu")
     with pytest.raises(ValueError, match="save="):
-        L.make_neuron("spikingjelly", "if", save="input")
+        make_neuron("spikingjelly", "if", save="input")
+
+
+# ---------------------------------------------------------------------------------------------- registry facts
+# Layers as the names count them, from the architecture: stem conv + 4 convs per reversible block + 1 per
+# downsample + Linear head (RevSResNet); stem conv + 2 convs per basic block + Linear head (MS-ResNet).
+LAYERS = {"RevSResNet21": 1 + 4 * 4 + 3 + 1, "RevSResNet37": 1 + 4 * 8 + 3 + 1, "RevSResNet109": 1 + 4 * 26 + 3 + 1,
+          "RevSResNet1001": 1 + 4 * (62 + 62 + 63 + 62) + 3 + 1, "RevSResNet24": 1 + 4 * 5 + 2 + 1,
+          "MS-ResNet18": 1 + 2 * 8 + 1, "MS-ResNet34": 1 + 2 * 16 + 1, "MS-ResNet104": 1 + 2 * 51 + 1,
+          "MS-ResNet20": 1 + 2 * 9 + 1, "MS-ResNet250": 1 + 2 * 124 + 1, "MS-ResNet498": 1 + 2 * 248 + 1,
+          "MS-ResNet998": 1 + 2 * 498 + 1}
+COUNTERPARTS = {"RevSResNet-digits": "MS-ResNet-digits", "RevSResNet21": "MS-ResNet18", "RevSResNet37": "MS-ResNet34",
+                "RevSResNet109": "MS-ResNet104", "RevSResNet1001": "MS-ResNet998", "RevSResNet24": "MS-ResNet20",
+                "RevSFormer-2-384": "Spikingformer-2-384", "RevSFormer-4-384": "Spikingformer-4-384",
+                "RevSFormer-2-256": "Spikingformer-2-256"}
+
+
+def _weighted_layers(model: nn.Module) -> int:
+    """Convolutions and Linear layers of a built ResNet, without MS-ResNet's 1x1 shortcut convolutions."""
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) and ".shortcut." not in f".{name}."
+               for name, m in model.named_modules())
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_count(name):
+    assert model_info(name).layers == LAYERS[name]
+    assert name.endswith(str(LAYERS[name]))
+    # the same count from the built network (tiny widths on the meta device: only the structure matters)
+    stages = 3 if name in ("RevSResNet24", "MS-ResNet20") else 4
+    with torch.device("meta"):
+        model = create_model(name, neuron_impl="torch", widths=(2,) * stages)
+    assert _weighted_layers(model) == LAYERS[name]
+
+
+def test_model_info_and_counterparts():
+    assert {n: counterpart(n) for n in list_models() if counterpart(n)} == COUNTERPARTS
+    for name in list_models():
+        info = model_info(name)
+        assert info.name == name and info.reversible == name.startswith("Rev")
+        assert info.T in (4, 10) and info.num_classes in (10, 100) and info.dataset and info.input
+        if info.reversible:
+            other = model_info(info.counterpart)
+            assert not other.reversible and other.counterpart is None
+            assert (other.dataset, other.input, other.T, other.num_classes) == (info.dataset, info.input, info.T,
+                                                                                info.num_classes)
+    info = model_info("RevSResNet37")
+    assert (info.family, info.dataset, info.input, info.T, info.num_classes, info.layers) == (
+        "RevSResNet", "CIFAR-10/100", "images [B, 3, 32, 32]", 4, 100, 37)
+    assert info.description.startswith("RevSResNet37 (CIFAR")
+    assert model_info("Spikingformer-2-256").input == "event frames [B, T, 2, 128, 128]"
+    assert model_info("RevSFormer-2-384").layers is None
+    assert info.num_parameters() == _count("RevSResNet37") and info.num_parameters(10) == _count("RevSResNet37",
+                                                                                               num_classes=10)
+    with pytest.raises(ValueError, match="num_classes"):
+        info.num_parameters(0)
+
+
+def test_register_model_rejects_bad_facts():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("RevSResNet21")(lambda **kw: nn.Identity())
+    with pytest.raises(ValueError, match="counterpart"):
+        register_model("test-model", counterpart="MS-ResNet18")          # only a reversible model has one
+    with pytest.raises(ValueError, match="layers"):
+        register_model("test-model", layers=0)
+    with pytest.raises(TypeError, match="name"):
+        register_model("")
+    assert "test-model" not in list_models()
 
 
 # -------------------------------------------------------------------------------------------------- bad input
@@ -256,6 +293,10 @@ def test_unknown_model_lists_choices():
     with pytest.raises(ValueError, match="RevSResNet37") as info:
         create_model("RevSResNet38")
     assert "MS-ResNet34" in str(info.value)
+    assert "did you mean 'RevSResNet37'" in str(info.value)
+    for lookup in (model_info, counterpart):
+        with pytest.raises(ValueError, match=r"unknown model 'revsresnet21' \(did you mean 'RevSResNet21'"):
+            lookup("revsresnet21")
 
 
 @pytest.mark.parametrize("name", ["RevSResNet21", "MS-ResNet18", "RevSFormer-2-384", "Spikingformer-2-384"])

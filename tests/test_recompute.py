@@ -18,19 +18,22 @@ import torch.nn.functional as F
 from revsnn_triton.bench import memory as bench_memory
 from revsnn_triton.memory import measure_memory, memory_per_image
 from revsnn_triton.models import create_model
-from revsnn_triton.models import layers as L
+from revsnn_triton.models.base import image_sequence
+from revsnn_triton.models.conv import SeqConvBN
+from revsnn_triton.models.neurons import CIFAR_TRANSFORMER_NEURON, NeuronFactory, neuron_factory
+from revsnn_triton.models.transformer import SpikingTokenizer
 from revsnn_triton.recompute import Recompute, recompute
 from revsnn_triton.testing import assert_equal
 
 
-def _neuron() -> L.NeuronFactory:
-    kw = dict(L.CIFAR_TRANSFORMER_NEURON)
-    return L.neuron_factory("triton", kw.pop("kind"), **kw)
+def _neuron() -> NeuronFactory:
+    kw = dict(CIFAR_TRANSFORMER_NEURON)
+    return neuron_factory("triton", kw.pop("kind"), **kw)
 
 
 def _tokenizer() -> nn.Module:
     """SpikingTokenizer at E=16 (channels 2, 4, 8, 16, 16), patch 4: BatchNorm and LIF neurons at every stage."""
-    return L.SpikingTokenizer(3, 16, 4, _neuron())
+    return SpikingTokenizer(3, 16, 4, _neuron())
 
 
 class _DropoutStack(nn.Module):
@@ -38,10 +41,10 @@ class _DropoutStack(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv_bn1 = L.SeqConvBN(3, 8, 3, spike_input=False)
+        self.conv_bn1 = SeqConvBN(3, 8, 3, spike_input=False)
         self.drop = nn.Dropout(0.3)
         self.sn = _neuron()()
-        self.conv_bn2 = L.SeqConvBN(8, 8, 3)
+        self.conv_bn2 = SeqConvBN(8, 8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_bn2(self.sn(self.drop(self.conv_bn1(x))))
@@ -54,7 +57,7 @@ def _images(batch: int = 2, size: int = 16) -> torch.Tensor:
 
 def _step(module: nn.Module, images: torch.Tensor, T: int = 2, seed: int = 1):
     """One forward/backward with a fixed random cotangent: (output, input grad, parameter grads)."""
-    x = L.image_sequence(images, T)           # a stride-0 expand view, as the models pass it
+    x = image_sequence(images, T)           # a stride-0 expand view, as the models pass it
     out = module(x)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     params = [p for p in module.parameters()]
@@ -144,7 +147,7 @@ def test_autocast_state_of_forward_is_used_in_backward():
     results = []
     for module in (plain, wrapped):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = module(L.image_sequence(images, 2))
+            out = module(image_sequence(images, 2))
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
         results.append(torch.autograd.grad(out, [images, *module.parameters()], g))
     for a, b in zip(*results):
@@ -156,7 +159,7 @@ def test_forward_keeps_only_the_input_view():
     """The only tensor saved for backward is the input itself: the stride-0 expand view, not a copy."""
     module = Recompute(_tokenizer().train())
     images = torch.randn(2, 3, 16, 16)
-    x = L.image_sequence(images, 4)
+    x = image_sequence(images, 4)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = module(x)
@@ -171,7 +174,7 @@ def test_forward_keeps_only_the_input_view():
 def test_input_modified_before_backward_is_an_error():
     module = Recompute(_tokenizer().train())
     images = torch.randn(2, 3, 16, 16)
-    out = module(L.image_sequence(images, 2))
+    out = module(image_sequence(images, 2))
     images.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
@@ -179,7 +182,7 @@ def test_input_modified_before_backward_is_an_error():
 
 def test_no_grad_and_eval_run_plainly():
     module = Recompute(_tokenizer().eval())
-    x = L.image_sequence(torch.randn(2, 3, 16, 16), 2)
+    x = image_sequence(torch.randn(2, 3, 16, 16), 2)
     reference = module.module(x)
     with torch.no_grad():
         out = module(x)

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     import torch.nn as nn
     from revsnn_triton import training
-    from revsnn_triton.models.layers import make_neuron
+    from revsnn_triton.models.neurons import make_neuron
 
     class SpikingMLP(nn.Module):
         def __init__(self, num_classes, T):

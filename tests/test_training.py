@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -12,8 +11,7 @@ import pytest
 import torch
 
 from revsnn_triton.checkpoint import load_checkpoint
-from revsnn_triton.config import make_config
-from revsnn_triton.training import LAST, TrainingError, lr_at, train
+from revsnn_triton.training import LAST, TrainingError, train
 
 # Tiny but real: the default RevSResNet-digits on digits, 3 epochs of 3 steps of 16 images.
 TINY = dict(epochs=3, batch_size=16, max_steps_per_epoch=3, memory_report=False, progress=False, seed=3)
@@ -110,13 +108,3 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_lr_schedule():
-    cfg = make_config(epochs=10, lr=1.0, warmup_epochs=2, warmup_lr=0.0, min_lr=0.1, cooldown_epochs=2)
-    assert lr_at(cfg, 0, 5) == 0.0
-    assert lr_at(cfg, 5, 5) == pytest.approx(0.5)          # half-way through warmup
-    assert lr_at(cfg, 10, 5) == pytest.approx(1.0)         # peak right after warmup
-    assert lr_at(cfg, 10 + 15, 5) == pytest.approx(0.55)   # half-way through 6 cosine epochs
-    assert lr_at(cfg, 40, 5) == pytest.approx(0.1) and lr_at(cfg, 49, 5) == pytest.approx(0.1)  # cooldown
-    step = make_config(epochs=10, lr=0.1, scheduler="multistep", milestones=[3, 6], gamma=0.1, warmup_epochs=0)
-    assert [round(lr_at(step, e * 4, 4), 6) for e in (0, 2, 3, 5, 6, 9)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
-    assert math.isclose(lr_at(make_config(scheduler="constant", warmup_epochs=0, lr=0.3), 99, 5), 0.3)
