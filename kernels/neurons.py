@@ -5,8 +5,10 @@ file imports, with the launch-configuration leaf ``revsnn_triton.launch``): kind
 defines, the neuron layout of every tensor, the save plans and the bytes each launch moves (tested against the
 addresses these kernels touch). The formulas, with their order of operations, are those of
 ``revsnn_triton.ops.neuron.reference``; floating-point contraction is disabled (``enable_fp_fusion=False``) and
-divisions are correctly rounded, so the forward rounds exactly as the reference does (spikes, membranes and H
-bit-equal) and the backward differs from it only where ``exp`` is evaluated (surrogates), by an ulp or so.
+the forward's divisions are correctly rounded (or multiplications by an exact ``1 / tau`` where tau is a power
+of two), so the forward rounds exactly as the reference does (spikes, membranes and H bit-equal). The backward
+differs from the reference by a few ulp: ``exp`` and, compiled, the surrogates' approximate divisions and a
+``1 / tau`` rounded once per launch; ``"input"`` and ``"h"`` still run the same backward arithmetic.
 
 Kernels. One forward and one backward kernel serve the three kinds (``KIND`` constexpr) and the seven surrogate
 derivatives (``SURROGATE``: constexpr-selected ``@triton.jit`` functions); each program loops over all T time
@@ -39,6 +41,7 @@ from typing import Iterator
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from revsnn_triton import launch
 from revsnn_triton.ops.neuron.spec import (FORWARD_KERNEL, KIND_IDS, MAX_RECOMPUTE_T, RECOMPUTE_KERNEL, SAVE_PLANS,
@@ -47,6 +50,10 @@ from revsnn_triton.ops.neuron.spec import (FORWARD_KERNEL, KIND_IDS, MAX_RECOMPU
                                            to_neuron_layout)
 
 MAX_DIMS = 3
+# Register cap of the fused recompute backward (its H[0..T-1] live in registers): with the launch heuristic's
+# values per thread, ptxas fits every kind at T <= 16 in 64 registers without spilling (static kernel report,
+# sm_90), which keeps half the SM's warps resident.
+RECOMPUTE_MAX_REGISTERS = 64
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -67,6 +74,12 @@ def coalesced_dims(x: torch.Tensor) -> list[tuple[int, int]] | None:
 
 
 # ------------------------------------------------------------------------------------------------ kernels
+# COMPILED (not Triton's interpreter): the time loops are `for` loops, whose carried values Triton keeps in
+# registers, and the backward's surrogate divisions are div.approx. Triton 3.6's interpreter cannot take a
+# runtime loop bound under numpy >= 2.3 (int() of a 1-element array) and has no div.approx, so it runs the
+# same step functions in a `while` loop and divides exactly. Per-lane offsets are computed once (int32 unless
+# OFF64) and scalar base pointers advance by one step per iteration. V_RESET_ZERO (v_reset is +0.0, the
+# default and soft reset's charge): `v - v_reset` is `v` and `spike * v_reset` is +0.0, exactly.
 
 @triton.jit
 def _div_rn(x, y, like):
@@ -76,17 +89,30 @@ def _div_rn(x, y, like):
     return tl.math.div_rn(x * ones, y * ones)
 
 
+# The surrogate derivatives run in the backward only, whose results are compared within tolerance: their
+# divisions are approximate (div.approx, at most 2 ulp; every denominator here is at least about 1).
+
 @triton.jit
-def _sg_sigmoid(x, a, b):
+def _fast_div(x, y, COMPILED: tl.constexpr):
+    if COMPILED:
+        q = libdevice.fast_dividef(x, y)
+    else:
+        q = x / y
+    return q
+
+
+@triton.jit
+def _sg_sigmoid(x, a, b, COMPILED: tl.constexpr):
     e = 1.0 + tl.exp(-(a * x))
-    s = _div_rn(1.0, e, e)  # sigmoid(a * x)
+    s = _fast_div(tl.full(e.shape, 1.0, tl.float32), e, COMPILED)  # sigmoid(a * x)
     return (1.0 - s) * s * a  # a = alpha
 
 
 @triton.jit
-def _sg_atan(x, a, b):
+def _sg_atan(x, a, b, COMPILED: tl.constexpr):
     z = x * b  # b = pi / 2 * alpha
-    return _div_rn(a, 1.0 + z * z, z)  # a = alpha / 2
+    d = 1.0 + z * z
+    return _fast_div(tl.full(d.shape, a, tl.float32), d, COMPILED)  # a = alpha / 2
 
 
 @triton.jit
@@ -100,15 +126,17 @@ def _sg_piecewise_exp(x, a, b):
 
 
 @triton.jit
-def _sg_soft_sign(x, a, b):
+def _sg_soft_sign(x, a, b, COMPILED: tl.constexpr):
     z = a + tl.abs(x)  # a = 1 / alpha
-    return _div_rn(1.0, b * z * z, z)  # b = 2 * alpha
+    d = b * z * z  # b = 2 * alpha
+    return _fast_div(tl.full(d.shape, 1.0, tl.float32), d, COMPILED)
 
 
 @triton.jit
-def _sg_super_spike(x, a, b):
+def _sg_super_spike(x, a, b, COMPILED: tl.constexpr):
     z = 1.0 + tl.abs(x)
-    return _div_rn(a, z * z, z)  # a = alpha
+    d = z * z
+    return _fast_div(tl.full(d.shape, a, tl.float32), d, COMPILED)  # a = alpha
 
 
 @triton.jit
@@ -118,28 +146,38 @@ def _sg_erf(x, a, b):
 
 
 @triton.jit
-def _surrogate_grad(x, a, b, SURROGATE: tl.constexpr):
+def _surrogate_grad(x, a, b, SURROGATE: tl.constexpr, COMPILED: tl.constexpr):
     if SURROGATE == 0:
-        g = _sg_sigmoid(x, a, b)
+        g = _sg_sigmoid(x, a, b, COMPILED)
     elif SURROGATE == 1:
-        g = _sg_atan(x, a, b)
+        g = _sg_atan(x, a, b, COMPILED)
     elif SURROGATE == 2:
         g = _sg_piecewise_quadratic(x, a, b)
     elif SURROGATE == 3:
         g = _sg_piecewise_exp(x, a, b)
     elif SURROGATE == 4:
-        g = _sg_soft_sign(x, a, b)
+        g = _sg_soft_sign(x, a, b, COMPILED)
     elif SURROGATE == 5:
-        g = _sg_super_spike(x, a, b)
+        g = _sg_super_spike(x, a, b, COMPILED)
     else:
         g = _sg_erf(x, a, b)
     return g
 
 
 @triton.jit
+def _neurons(N, BLOCK: tl.constexpr, OFF64: tl.constexpr):
+    """``(n, mask)``: the neuron indices of this program (int64 only where an offset can reach 2^31)."""
+    pid = tl.program_id(0)
+    if OFF64:
+        n = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        n = pid * BLOCK + tl.arange(0, BLOCK)
+    return n, n < N
+
+
+@triton.jit
 def _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS: tl.constexpr):
-    """Element offset (int64) of neuron ``n`` in x's step 0, from up to three coalesced (size, stride) dims."""
-    n = n.to(tl.int64)
+    """Element offset of neuron ``n`` in one step of x, from up to three coalesced (size, stride) dims."""
     if NDIMS == 1:
         off = n * stride2
     elif NDIMS == 2:
@@ -174,9 +212,9 @@ def _to_fp32(x):
 
 
 @triton.jit
-def _load_input(x_ptr, x_cur, mask):
+def _load_input(x_ptr, x_off, mask):
     """One step of ``x`` as fp32."""
-    return _to_fp32(tl.load(x_ptr + x_cur, mask=mask, other=0.0))
+    return _to_fp32(tl.load(x_ptr + x_off, mask=mask, other=0.0))
 
 
 @triton.jit
@@ -188,26 +226,48 @@ def _neuron_input(x, s, b, AFFINE: tl.constexpr):
 
 
 @triton.jit
-def _charge(x, v, tau, q, v_reset, KIND: tl.constexpr, DECAY_INPUT: tl.constexpr):
+def _from_reset(v, v_reset, V_RESET_ZERO: tl.constexpr):
+    """``v - v_reset`` (``v`` itself when ``v_reset`` is +0.0: the same bits)."""
+    if V_RESET_ZERO:
+        d = v
+    else:
+        d = v - v_reset
+    return d
+
+
+@triton.jit
+def _charge(x, v, tau, inv_tau, q, v_reset, KIND: tl.constexpr, DECAY_INPUT: tl.constexpr,
+            TAU_POW2: tl.constexpr, V_RESET_ZERO: tl.constexpr):
+    """``H[t]``. LIF divides by ``tau`` correctly rounded, as the reference; for a power-of-two ``tau`` the
+    multiplication by the exact ``1 / tau`` gives the same bits."""
     if KIND == 0:
         h = v + x
     elif KIND == 1:
         if DECAY_INPUT:
-            h = v + _div_rn(x - (v - v_reset), tau, x)
+            if TAU_POW2:
+                h = v + (x - _from_reset(v, v_reset, V_RESET_ZERO)) * inv_tau
+            else:
+                h = v + _div_rn(x - _from_reset(v, v_reset, V_RESET_ZERO), tau, x)
         else:
-            h = v - _div_rn(v - v_reset, tau, x) + x
+            if TAU_POW2:
+                h = v - _from_reset(v, v_reset, V_RESET_ZERO) * inv_tau + x
+            else:
+                h = v - _div_rn(_from_reset(v, v_reset, V_RESET_ZERO), tau, x) + x
     else:
         if DECAY_INPUT:
-            h = v + (x - (v - v_reset)) * q
+            h = v + (x - _from_reset(v, v_reset, V_RESET_ZERO)) * q
         else:
-            h = v - (v - v_reset) * q + x
+            h = v - _from_reset(v, v_reset, V_RESET_ZERO) * q + x
     return h
 
 
 @triton.jit
-def _reset(h, spike, v_threshold, v_reset, HARD_RESET: tl.constexpr):
+def _reset(h, spike, v_threshold, v_reset, HARD_RESET: tl.constexpr, V_RESET_ZERO: tl.constexpr):
     if HARD_RESET:
-        v = spike * v_reset + (1.0 - spike) * h
+        if V_RESET_ZERO:  # spike * (+0.0) is +0.0 for a 0/1 spike; the sum is kept (it turns -0.0 into +0.0)
+            v = 0.0 + (1.0 - spike) * h
+        else:
+            v = spike * v_reset + (1.0 - spike) * h
     else:
         v = h - spike * v_threshold
     return v
@@ -222,85 +282,99 @@ def _round_bf16_bits(x):
 
 
 @triton.jit
-def _step(x, v, tau, q, v_threshold, v_reset, KIND: tl.constexpr, DECAY_INPUT: tl.constexpr,
-          HARD_RESET: tl.constexpr):
+def _step(x, v, tau, inv_tau, q, v_threshold, v_reset, KIND: tl.constexpr, DECAY_INPUT: tl.constexpr,
+          HARD_RESET: tl.constexpr, TAU_POW2: tl.constexpr, V_RESET_ZERO: tl.constexpr):
     """One time step of the forward recurrence: ``(H, spike as 0/1 fp32, V)`` from input ``x`` and ``V[t-1]``."""
-    h = _charge(x, v, tau, q, v_reset, KIND, DECAY_INPUT)
+    h = _charge(x, v, tau, inv_tau, q, v_reset, KIND, DECAY_INPUT, TAU_POW2, V_RESET_ZERO)
     spike = (h >= v_threshold).to(tl.float32)
-    v = _reset(h, spike, v_threshold, v_reset, HARD_RESET)
+    v = _reset(h, spike, v_threshold, v_reset, HARD_RESET, V_RESET_ZERO)
     return h, spike, v
 
 
 @triton.jit
-def _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST: tl.constexpr, BLOCK: tl.constexpr):
-    """``V[-1]``: ``v_fill`` everywhere (the default initial state, nothing read) or loaded from ``v_init``."""
+def _initial_v(v_init_ptr, n, mask, v_reset, V_INIT_CONST: tl.constexpr, BLOCK: tl.constexpr):
+    """``V[-1]``: ``v_reset`` everywhere (the default initial state, nothing read) or loaded from ``v_init``."""
     if V_INIT_CONST:
-        v = v_fill * (tl.zeros([BLOCK], dtype=tl.float32) + 1.0)  # x * 1.0 is exact (keeps -0.0)
+        v = v_reset * (tl.zeros([BLOCK], dtype=tl.float32) + 1.0)  # x * 1.0 is exact (keeps -0.0)
     else:
         v = tl.load(v_init_ptr + n, mask=mask, other=0.0)
     return v
 
 
 @triton.jit
+def _forward_step(x_ptr, spikes_ptr, h_ptr, x_off, n, mask, v, s, b, q, tau, inv_tau, v_threshold, v_reset,
+                  stride_t, N, KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
+                  TAU_POW2: tl.constexpr, V_RESET_ZERO: tl.constexpr, SAVE: tl.constexpr,
+                  STORE_SPIKES: tl.constexpr, AFFINE: tl.constexpr):
+    """Step t: reads ``X[t]``, writes ``S[t]`` (and the saved ``H[t]``); returns ``V[t]`` and the base pointers
+    of step t + 1."""
+    y = _neuron_input(_load_input(x_ptr, x_off, mask), s, b, AFFINE)
+    h, spike, v = _step(y, v, tau, inv_tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET, TAU_POW2,
+                        V_RESET_ZERO)
+    if STORE_SPIKES:
+        tl.store(spikes_ptr + n, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
+    if SAVE == 1:
+        tl.store(h_ptr + n, h, mask=mask)
+    elif SAVE == 2:
+        tl.store(h_ptr + n, _round_bf16_bits(h - v_threshold).to(tl.bfloat16, bitcast=True), mask=mask)
+    return v, x_ptr + stride_t, spikes_ptr + N, h_ptr + N
+
+
+@triton.jit
 def _neuron_forward_kernel(
     x_ptr, v_init_ptr, q_ptr, scale_ptr, shift_ptr, spikes_ptr, v_final_ptr, h_ptr,
     N, T, stride_t, size1, size2, stride0, stride1, stride2, ch_inner, ch_size,
-    tau, v_threshold, v_reset, v_fill,
-    KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, NDIMS: tl.constexpr,
-    SAVE: tl.constexpr, STORE_SPIKES: tl.constexpr, STORE_V_FINAL: tl.constexpr, V_INIT_CONST: tl.constexpr,
-    AFFINE: tl.constexpr, BLOCK: tl.constexpr,
+    tau, inv_tau, v_threshold, v_reset,
+    KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, TAU_POW2: tl.constexpr,
+    V_RESET_ZERO: tl.constexpr, NDIMS: tl.constexpr, SAVE: tl.constexpr, STORE_SPIKES: tl.constexpr,
+    STORE_V_FINAL: tl.constexpr, V_INIT_CONST: tl.constexpr, AFFINE: tl.constexpr, OFF64: tl.constexpr,
+    COMPILED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = n < N
+    n, mask = _neurons(N, BLOCK, OFF64)
     x_off = _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS)
-    v = _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST, BLOCK)
+    v = _initial_v(v_init_ptr, n, mask, v_reset, V_INIT_CONST, BLOCK)
     s, b = _channel_affine(scale_ptr, shift_ptr, n, mask, ch_inner, ch_size, AFFINE)
     q = 0.0
     if KIND == 2:
         q = tl.load(q_ptr)
-    out = n  # int64 running offsets: t * N and t * stride_t can exceed 2^31
-    x_cur = x_off
-    # `while` rather than `for t in range(T)`: Triton 3.6's interpreter cannot take a runtime loop bound
-    # under numpy >= 2.3 (int() of a 1-element array); compiled, both are the same loop.
-    t = 0
-    while t < T:
-        x = _neuron_input(_load_input(x_ptr, x_cur, mask), s, b, AFFINE)
-        h, spike, v = _step(x, v, tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET)
-        if STORE_SPIKES:
-            tl.store(spikes_ptr + out, spike.to(spikes_ptr.dtype.element_ty), mask=mask)
-        if SAVE == 1:
-            tl.store(h_ptr + out, h, mask=mask)
-        elif SAVE == 2:
-            tl.store(h_ptr + out, _round_bf16_bits(h - v_threshold).to(tl.bfloat16, bitcast=True), mask=mask)
-        out += N
-        x_cur += stride_t
-        t += 1
+    if COMPILED:
+        for _ in range(T):
+            v, x_ptr, spikes_ptr, h_ptr = _forward_step(
+                x_ptr, spikes_ptr, h_ptr, x_off, n, mask, v, s, b, q, tau, inv_tau, v_threshold, v_reset,
+                stride_t, N, KIND, DECAY_INPUT, HARD_RESET, TAU_POW2, V_RESET_ZERO, SAVE, STORE_SPIKES, AFFINE)
+    else:
+        t = 0
+        while t < T:
+            v, x_ptr, spikes_ptr, h_ptr = _forward_step(
+                x_ptr, spikes_ptr, h_ptr, x_off, n, mask, v, s, b, q, tau, inv_tau, v_threshold, v_reset,
+                stride_t, N, KIND, DECAY_INPUT, HARD_RESET, TAU_POW2, V_RESET_ZERO, SAVE, STORE_SPIKES, AFFINE)
+            t += 1
     if STORE_V_FINAL:
         tl.store(v_final_ptr + n, v, mask=mask)
 
 
 @triton.jit
-def _load_saved(h_ptr, off, mask, v_threshold, H_BF16: tl.constexpr):
+def _load_saved(h_ptr, n, mask, v_threshold, H_BF16: tl.constexpr):
     """(H, spike as 0/1 fp32) of one step from the saved buffer."""
     if H_BF16:
-        d = tl.load(h_ptr + off, mask=mask, other=0.0)
+        d = tl.load(h_ptr + n, mask=mask, other=0.0)
         sign = d.to(tl.int16, bitcast=True) < 0
         h = _to_fp32(d) + v_threshold
         spike = tl.where(sign, 0.0, 1.0)
     else:
-        h = tl.load(h_ptr + off, mask=mask, other=0.0)
+        h = tl.load(h_ptr + n, mask=mask, other=0.0)
         spike = (h >= v_threshold).to(tl.float32)
     return h, spike
 
 
 @triton.jit
-def _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b, KIND: tl.constexpr,
+def _grad_step(h, spike, grad_s, carry, inv_tau, q, v_threshold, v_reset, sg_a, sg_b, KIND: tl.constexpr,
                DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-               SURROGATE: tl.constexpr):
-    """One step of the reverse-time recurrence: ``(dL/dX[t], dL/dH[t], dL/dV[t-1])`` from ``H[t]``, its spike,
-    ``dL/dS[t]`` (fp32) and the carried ``dL/dV[t]``."""
-    sg = _surrogate_grad(h - v_threshold, sg_a, sg_b, SURROGATE)
+               SURROGATE: tl.constexpr, COMPILED: tl.constexpr):
+    """One step of the reverse-time recurrence: ``(dL/dY[t], dL/dH[t], dL/dV[t-1])`` from ``H[t]``, its spike,
+    ``dL/dS[t]`` (fp32) and the carried ``dL/dV[t]``. LIF's ``/ tau`` is a multiplication by ``1 / tau``
+    (rounded once per launch: the same bits as the division for a power-of-two ``tau``)."""
+    sg = _surrogate_grad(h - v_threshold, sg_a, sg_b, SURROGATE, COMPILED)
     if HARD_RESET:
         dv_dh = 1.0 - spike
         if not DETACH_RESET:
@@ -312,51 +386,73 @@ def _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b
             dv_dh = 1.0 - v_threshold * sg
     grad_h = grad_s * sg + carry * dv_dh
     if KIND == 0:
-        grad_x = grad_h
+        grad_y = grad_h
         carry = grad_h
     elif KIND == 1:
-        grad_h_tau = _div_rn(grad_h, tau, grad_h)
+        grad_h_tau = grad_h * inv_tau
         if DECAY_INPUT:
-            grad_x = grad_h_tau
+            grad_y = grad_h_tau
         else:
-            grad_x = grad_h
+            grad_y = grad_h
         carry = grad_h - grad_h_tau
     else:
         if DECAY_INPUT:
-            grad_x = grad_h * q
+            grad_y = grad_h * q
         else:
-            grad_x = grad_h
+            grad_y = grad_h
         carry = grad_h - grad_h * q
-    return grad_x, grad_h, carry
+    return grad_y, grad_h, carry
 
 
 @triton.jit
-def _reverse_step(grad_s_ptr, grad_x_ptr, x_ptr, out, x_cur, mask, h, spike, v_prev, carry, w_acc, scale_acc,
-                  shift_acc, s, b, tau, q, v_threshold, v_reset, sg_a, sg_b, KIND: tl.constexpr,
+def _reverse_step(grad_s_ptr, grad_x_ptr, x_ptr, n, x_off, mask, h, spike, v_prev, carry, w_acc, scale_acc,
+                  shift_acc, s, b, inv_tau, q, v_threshold, v_reset, sg_a, sg_b, KIND: tl.constexpr,
                   DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-                  SURROGATE: tl.constexpr, AFFINE: tl.constexpr, AFFINE_GRAD: tl.constexpr):
-    """Step t of the reverse-time loop, from ``H[t]``, its spike, ``V[t-1]`` (read for PLIF only) and the
-    carried ``dL/dV[t]``: writes ``dL/dX[t]``, returns the new carry ``dL/dV[t-1]`` and the accumulators of
-    PLIF's ``sum_t dL/dH[t] * dH[t]/dq`` and of the affine partials ``sum_t dL/dY[t] * X[t]``,
+                  SURROGATE: tl.constexpr, AFFINE: tl.constexpr, AFFINE_GRAD: tl.constexpr,
+                  V_RESET_ZERO: tl.constexpr, COMPILED: tl.constexpr):
+    """Step t of the reverse-time loop (base pointers at step t), from ``H[t]``, its spike, ``V[t-1]`` (read for
+    PLIF only) and the carried ``dL/dV[t]``: writes ``dL/dX[t]``, returns the new carry ``dL/dV[t-1]`` and the
+    accumulators of PLIF's ``sum_t dL/dH[t] * dH[t]/dq`` and of the affine partials ``sum_t dL/dY[t] * X[t]``,
     ``sum_t dL/dY[t]``."""
-    grad_s = _to_fp32(tl.load(grad_s_ptr + out, mask=mask, other=0.0))
-    grad_y, grad_h, carry = _grad_step(h, spike, grad_s, carry, tau, q, v_threshold, v_reset, sg_a, sg_b,
-                                       KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE)
+    grad_s = _to_fp32(tl.load(grad_s_ptr + n, mask=mask, other=0.0))
+    grad_y, grad_h, carry = _grad_step(h, spike, grad_s, carry, inv_tau, q, v_threshold, v_reset, sg_a, sg_b,
+                                       KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, COMPILED)
     if AFFINE:
-        tl.store(grad_x_ptr + out, (grad_y * s).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_x_ptr + n, (grad_y * s).to(grad_x_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(grad_x_ptr + out, grad_y.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_x_ptr + n, grad_y.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if (KIND == 2 and DECAY_INPUT) or AFFINE_GRAD:
-        x = _load_input(x_ptr, x_cur, mask)
+        x = _load_input(x_ptr, x_off, mask)
     if AFFINE_GRAD:
         scale_acc = scale_acc + grad_y * x
         shift_acc = shift_acc + grad_y
     if KIND == 2:
         if DECAY_INPUT:  # dH[t]/dq = Y[t] - (V[t-1] - v_reset)
-            w_acc = w_acc + grad_h * (_neuron_input(x, s, b, AFFINE) - (v_prev - v_reset))
+            w_acc = w_acc + grad_h * (_neuron_input(x, s, b, AFFINE) - _from_reset(v_prev, v_reset, V_RESET_ZERO))
         else:  # dH[t]/dq = -(V[t-1] - v_reset)
-            w_acc = w_acc + grad_h * -(v_prev - v_reset)
+            w_acc = w_acc + grad_h * -_from_reset(v_prev, v_reset, V_RESET_ZERO)
     return carry, w_acc, scale_acc, shift_acc
+
+
+@triton.jit
+def _saved_reverse_step(t, h_ptr, grad_s_ptr, grad_x_ptr, x_ptr, n, x_off, mask, h, spike, v_init, carry, w_acc,
+                        scale_acc, shift_acc, s, b, inv_tau, q, v_threshold, v_reset, sg_a, sg_b, stride_t, N,
+                        KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
+                        DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, H_BF16: tl.constexpr,
+                        AFFINE: tl.constexpr, AFFINE_GRAD: tl.constexpr, V_RESET_ZERO: tl.constexpr,
+                        COMPILED: tl.constexpr):
+    """Step t of the backward from the saved H: also reads ``H[t-1]`` (nothing at t = 0), PLIF's ``V[t-1]`` and
+    the next step's H, and returns the base pointers of step t - 1."""
+    h_prev, spike_prev = _load_saved(h_ptr - N, n, mask & (t > 0), v_threshold, H_BF16)
+    v_prev = v_init
+    if KIND == 2:
+        v_prev = tl.where(t > 0, _reset(h_prev, spike_prev, v_threshold, v_reset, HARD_RESET, V_RESET_ZERO), v_init)
+    carry, w_acc, scale_acc, shift_acc = _reverse_step(
+        grad_s_ptr, grad_x_ptr, x_ptr, n, x_off, mask, h, spike, v_prev, carry, w_acc, scale_acc, shift_acc, s, b,
+        inv_tau, q, v_threshold, v_reset, sg_a, sg_b, KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE,
+        AFFINE, AFFINE_GRAD, V_RESET_ZERO, COMPILED)
+    return (carry, w_acc, scale_acc, shift_acc, h_prev, spike_prev, h_ptr - N, grad_s_ptr - N, grad_x_ptr - N,
+            x_ptr - stride_t)
 
 
 @triton.jit
@@ -364,20 +460,19 @@ def _neuron_backward_kernel(
     grad_s_ptr, grad_v_ptr, h_ptr, x_ptr, v_init_ptr, q_ptr, scale_ptr, shift_ptr,
     grad_x_ptr, grad_v_init_ptr, w_partial_ptr, scale_partial_ptr, shift_partial_ptr,
     N, T, last_out, x_last, stride_t, size1, size2, stride0, stride1, stride2, ch_inner, ch_size,
-    tau, v_threshold, v_reset, v_fill, sg_a, sg_b,
+    tau, inv_tau, v_threshold, v_reset, sg_a, sg_b,
     KIND: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, H_BF16: tl.constexpr, NDIMS: tl.constexpr, V_INIT_CONST: tl.constexpr,
-    LOAD_GRAD_V: tl.constexpr, STORE_GRAD_V_INIT: tl.constexpr, AFFINE: tl.constexpr,
-    AFFINE_GRAD: tl.constexpr, RECOMPUTE_T: tl.constexpr, BLOCK: tl.constexpr,
+    TAU_POW2: tl.constexpr, V_RESET_ZERO: tl.constexpr, SURROGATE: tl.constexpr, H_BF16: tl.constexpr,
+    NDIMS: tl.constexpr, V_INIT_CONST: tl.constexpr, LOAD_GRAD_V: tl.constexpr, STORE_GRAD_V_INIT: tl.constexpr,
+    AFFINE: tl.constexpr, AFFINE_GRAD: tl.constexpr, OFF64: tl.constexpr, COMPILED: tl.constexpr,
+    RECOMPUTE_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Backward through time, from the saved H (``RECOMPUTE_T == 0``; runtime ``T``), or with H recomputed in
     registers (``RECOMPUTE_T == T``, a compile-time constant: both time loops are unrolled and H[t] is the t-th
     element of a tuple of blocks, so it never goes to memory). With ``AFFINE`` the neuron's input is
     ``Y = X * scale[c] + shift[c]`` and ``dL/dX = dL/dY * scale[c]``; with ``AFFINE_GRAD`` the per-neuron
     partials ``sum_t dL/dY[t] * X[t]`` and ``sum_t dL/dY[t]`` are written (t from T-1 down to 0)."""
-    pid = tl.program_id(0)
-    n = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = n < N
+    n, mask = _neurons(N, BLOCK, OFF64)
     if LOAD_GRAD_V:
         carry = tl.load(grad_v_ptr + n, mask=mask, other=0.0)
     else:
@@ -390,51 +485,56 @@ def _neuron_backward_kernel(
     if KIND == 2:
         q = tl.load(q_ptr)
     if KIND == 2 or RECOMPUTE_T > 0:
-        v_init = _initial_v(v_init_ptr, n, mask, v_fill, V_INIT_CONST, BLOCK)
+        v_init = _initial_v(v_init_ptr, n, mask, v_reset, V_INIT_CONST, BLOCK)
     x_off = _input_offsets(n, size1, size2, stride0, stride1, stride2, NDIMS)  # unused when X is not read
     s, b = _channel_affine(scale_ptr, shift_ptr, n, mask, ch_inner, ch_size, AFFINE)
-    out = n + last_out  # last_out = (T - 1) * N and x_last = (T - 1) * stride_t, from the launcher (int64-safe)
+    grad_s_ptr += last_out  # last_out = (T - 1) * N and x_last = (T - 1) * stride_t, from the launcher
+    grad_x_ptr += last_out
     if RECOMPUTE_T > 0:
         hs = ()
         v = v_init
-        x_cur = x_off
         for t in tl.static_range(RECOMPUTE_T):
-            y = _neuron_input(_load_input(x_ptr, x_cur, mask), s, b, AFFINE)
-            h, spike, v = _step(y, v, tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET)
+            y = _neuron_input(_load_input(x_ptr, x_off, mask), s, b, AFFINE)
+            h, spike, v = _step(y, v, tau, inv_tau, q, v_threshold, v_reset, KIND, DECAY_INPUT, HARD_RESET, TAU_POW2,
+                                V_RESET_ZERO)
             hs = hs + (h,)
-            x_cur += stride_t
-        x_cur = x_off + x_last
+            x_ptr += stride_t
         for t in tl.static_range(RECOMPUTE_T - 1, -1, -1):
+            x_ptr -= stride_t
             h = hs[t]
             v_prev = v_init
             if KIND == 2 and t > 0:
                 h_prev = hs[t - 1]
-                v_prev = _reset(h_prev, (h_prev >= v_threshold).to(tl.float32), v_threshold, v_reset, HARD_RESET)
+                v_prev = _reset(h_prev, (h_prev >= v_threshold).to(tl.float32), v_threshold, v_reset, HARD_RESET,
+                                V_RESET_ZERO)
             carry, w_acc, scale_acc, shift_acc = _reverse_step(
-                grad_s_ptr, grad_x_ptr, x_ptr, out, x_cur, mask, h, (h >= v_threshold).to(tl.float32), v_prev,
-                carry, w_acc, scale_acc, shift_acc, s, b, tau, q, v_threshold, v_reset, sg_a, sg_b,
-                KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, AFFINE, AFFINE_GRAD)
-            out -= N
-            x_cur -= stride_t
+                grad_s_ptr, grad_x_ptr, x_ptr, n, x_off, mask, h, (h >= v_threshold).to(tl.float32), v_prev, carry,
+                w_acc, scale_acc, shift_acc, s, b, inv_tau, q, v_threshold, v_reset, sg_a, sg_b, KIND, DECAY_INPUT,
+                HARD_RESET, DETACH_RESET, SURROGATE, AFFINE, AFFINE_GRAD, V_RESET_ZERO, COMPILED)
+            grad_s_ptr -= N
+            grad_x_ptr -= N
     else:
-        x_cur = x_off + x_last
-        h, spike = _load_saved(h_ptr, out, mask, v_threshold, H_BF16)
-        t = T - 1
-        while t >= 0:
-            h_prev, spike_prev = h, spike  # stand-ins at t == 0, where V[t-1] is v_init
-            if t > 0:
-                h_prev, spike_prev = _load_saved(h_ptr, out - N, mask, v_threshold, H_BF16)
-            v_prev = v_init
-            if KIND == 2:
-                v_prev = tl.where(t > 0, _reset(h_prev, spike_prev, v_threshold, v_reset, HARD_RESET), v_init)
-            carry, w_acc, scale_acc, shift_acc = _reverse_step(
-                grad_s_ptr, grad_x_ptr, x_ptr, out, x_cur, mask, h, spike, v_prev,
-                carry, w_acc, scale_acc, shift_acc, s, b, tau, q, v_threshold, v_reset, sg_a, sg_b,
-                KIND, DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, AFFINE, AFFINE_GRAD)
-            h, spike = h_prev, spike_prev
-            out -= N
-            x_cur -= stride_t
-            t -= 1
+        h_ptr += last_out
+        x_ptr += x_last
+        h, spike = _load_saved(h_ptr, n, mask, v_threshold, H_BF16)
+        if COMPILED:
+            for i in range(T):
+                (carry, w_acc, scale_acc, shift_acc, h, spike, h_ptr, grad_s_ptr, grad_x_ptr,
+                 x_ptr) = _saved_reverse_step(
+                    T - 1 - i, h_ptr, grad_s_ptr, grad_x_ptr, x_ptr, n, x_off, mask, h, spike, v_init, carry, w_acc,
+                    scale_acc, shift_acc, s, b, inv_tau, q, v_threshold, v_reset, sg_a, sg_b, stride_t, N, KIND,
+                    DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, H_BF16, AFFINE, AFFINE_GRAD, V_RESET_ZERO,
+                    COMPILED)
+        else:
+            t = T - 1
+            while t >= 0:
+                (carry, w_acc, scale_acc, shift_acc, h, spike, h_ptr, grad_s_ptr, grad_x_ptr,
+                 x_ptr) = _saved_reverse_step(
+                    t, h_ptr, grad_s_ptr, grad_x_ptr, x_ptr, n, x_off, mask, h, spike, v_init, carry, w_acc,
+                    scale_acc, shift_acc, s, b, inv_tau, q, v_threshold, v_reset, sg_a, sg_b, stride_t, N, KIND,
+                    DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, H_BF16, AFFINE, AFFINE_GRAD, V_RESET_ZERO,
+                    COMPILED)
+                t -= 1
     if STORE_GRAD_V_INIT:
         tl.store(grad_v_init_ptr + n, carry, mask=mask)
     if KIND == 2:
@@ -496,14 +596,16 @@ def _surrogate_constants(surrogate: str, alpha: float) -> tuple[float, float]:
     }[surrogate]
 
 
-def _config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device, block_size: int | None,
-            num_warps: int | None) -> tuple[int, int, tuple[int]]:
+def _config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device, tensors,
+            block_size: int | None, num_warps: int | None) -> tuple[int, int, tuple[int]]:
     """``(block_size, num_warps, grid)``: the given values, else :func:`revsnn_triton.launch.launch_config`'s
-    (the GPU heuristic's while recording)."""
+    (the GPU heuristic's while recording) for the widest of the ``tensors`` the launch streams."""
     if block_size is None or num_warps is None:
         resident = resident_values(kernel, T)
-        cfg = (launch.heuristic(n, T, on_gpu=True, resident=resident) if _recording is not None
-               else launch.launch_config(kernel, n, T, dtype, device, resident=resident))
+        widest = max(t.element_size() for t in tensors if t is not None)
+        cfg = (launch.heuristic(n, T, on_gpu=True, resident=resident, element_size=widest)
+               if _recording is not None else
+               launch.launch_config(kernel, n, T, dtype, device, resident=resident, element_size=widest))
         block_size = cfg.block_size if block_size is None else block_size
         num_warps = cfg.num_warps if num_warps is None else num_warps
     launch.LaunchConfig(block_size, num_warps)  # validates
@@ -512,7 +614,8 @@ def _config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.devic
 
 def _x_geometry(x: torch.Tensor) -> tuple[torch.Tensor, list]:
     """``x`` (copied into the neuron layout if its strides need more than MAX_DIMS dims) and the kernel's
-    layout arguments ``[stride_t, size1, size2, stride0, stride1, stride2]`` plus ``NDIMS``."""
+    layout arguments ``[stride_t, size1, size2, stride0, stride1, stride2]`` plus ``NDIMS`` and the span of one
+    step (its largest element offset + 1)."""
     dims = coalesced_dims(x)
     if dims is None:
         x = to_neuron_layout(x, x, with_time=True)
@@ -521,7 +624,20 @@ def _x_geometry(x: torch.Tensor) -> tuple[torch.Tensor, list]:
     ndims = len(dims)
     padded = [(1, 0)] * (MAX_DIMS - ndims) + dims
     (_, s0), (n1, s1), (n2, s2) = padded
-    return x, [x.stride(0), n1, n2, s0, s1, s2, ndims]
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in dims)
+    return x, [x.stride(0), n1, n2, s0, s1, s2, ndims, span]
+
+
+_INT32_LIMIT = 2**31
+
+
+def _loop_args(cfg: NeuronConfig, n: int, block_size: int, x_span: int) -> dict:
+    """The constexprs every launch shares: compiled or interpreted, offset width, LIF's division by a
+    power-of-two tau, a +0.0 reset value."""
+    return dict(TAU_POW2=cfg.kind == "lif" and math.frexp(cfg.tau)[0] == 0.5,
+                V_RESET_ZERO=math.copysign(1.0, cfg.v_reset) == 1.0 and cfg.v_reset == 0.0,
+                OFF64=n + block_size >= _INT32_LIMIT or x_span >= _INT32_LIMIT,
+                COMPILED=not triton.knobs.runtime.interpret)
 
 
 def _check_out(name: str, t: torch.Tensor, template: torch.Tensor, dtype: torch.dtype, with_time: bool) -> None:
@@ -586,7 +702,8 @@ def _forward_into(x, v_init, q, cfg: NeuronConfig, spikes, v_final, saved, save_
     n, T = x[0].numel(), x.shape[0]
     if n == 0:
         return
-    block_size, num_warps, grid = _config(FORWARD_KERNEL, n, T, x.dtype, x.device, block_size, num_warps)
+    block_size, num_warps, grid = _config(FORWARD_KERNEL, n, T, x.dtype, x.device,
+                                          (x, v_init, spikes, v_final, saved), block_size, num_warps)
     if v_init is not None:
         v_init = to_neuron_layout(v_init, x, with_time=False)
     any_ptr = next(t for t in (spikes, saved, v_final) if t is not None)
@@ -596,12 +713,13 @@ def _forward_into(x, v_init, q, cfg: NeuronConfig, spikes, v_final, saved, save_
          x, any_ptr if v_init is None else v_init, any_ptr if q is None else q, affine[0], affine[1],
          any_ptr if spikes is None else spikes, any_ptr if v_final is None else v_final,
          any_ptr if saved is None else saved,
-         n, T, *geometry[:6], affine[2], affine[3], float(cfg.tau), float(cfg.v_threshold), float(cfg.v_reset),
+         n, T, *geometry[:6], affine[2], affine[3], float(cfg.tau), 1.0 / cfg.tau, float(cfg.v_threshold),
          float(cfg.v_reset),
          KIND=KIND_IDS[cfg.kind], DECAY_INPUT=cfg.decay_input, HARD_RESET=cfg.hard_reset, NDIMS=geometry[6],
          SAVE=save_id if saved is not None else 0, STORE_SPIKES=spikes is not None,
          STORE_V_FINAL=v_final is not None, V_INIT_CONST=v_init is None, AFFINE=scale is not None,
-         BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
+         **_loop_args(cfg, n, block_size, geometry[7]), BLOCK=block_size, num_warps=num_warps,
+         enable_fp_fusion=False)
 
 
 def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None, saved: torch.Tensor | None,
@@ -643,14 +761,17 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None
         _forward_into(x, v_init, q, cfg, None, None, saved, SAVE_PLANS["h"].forward_save_id, scale, shift,
                       block_size=block_size, num_warps=num_warps)
     grad_x = outs[0]
-    block_size, num_warps, grid = _config(kernel, n, T, grad_spikes.dtype, template.device, block_size, num_warps)
     grad_spikes = to_neuron_layout(grad_spikes, template, with_time=True)
     if grad_v_final is not None:
         grad_v_final = to_neuron_layout(grad_v_final.float(), template, with_time=False)
     reads_x = plan.backward_reads_x(cfg, affine_grad)
     if v_init is not None and (cfg.kind == "plif" or fused):
         v_init = to_neuron_layout(v_init, template, with_time=False)
-    geometry = [0, 1, 1, 0, 0, 0, 1]
+    block_size, num_warps, grid = _config(
+        kernel, n, T, grad_spikes.dtype, template.device,
+        (grad_spikes, grad_v_final, None if fused else saved, x if reads_x else None,
+         v_init if (cfg.kind == "plif" or fused) else None, *outs), block_size, num_warps)
+    geometry = [0, 1, 1, 0, 0, 0, 1, 1]
     if reads_x:
         x, geometry = _x_geometry(x)
     sg_a, sg_b = _surrogate_constants(cfg.surrogate, cfg.alpha)
@@ -661,12 +782,14 @@ def neuron_backward(grad_spikes: torch.Tensor, grad_v_final: torch.Tensor | None
          x if reads_x else any_ptr, any_ptr if v_init is None else v_init, any_ptr if q is None else q,
          affine[0], affine[1], grad_x, *(any_ptr if t is None else t for t in outs[1:]),
          n, T, (T - 1) * n, (T - 1) * geometry[0], *geometry[:6], affine[2], affine[3], float(cfg.tau),
-         float(cfg.v_threshold), float(cfg.v_reset), float(cfg.v_reset), float(sg_a), float(sg_b),
+         1.0 / cfg.tau, float(cfg.v_threshold), float(cfg.v_reset), float(sg_a), float(sg_b),
          KIND=KIND_IDS[cfg.kind], DECAY_INPUT=cfg.decay_input, HARD_RESET=cfg.hard_reset,
          DETACH_RESET=cfg.detach_reset, SURROGATE=SURROGATE_IDS[cfg.surrogate], H_BF16=save == "h_bf16",
          NDIMS=geometry[6], V_INIT_CONST=v_init is None, LOAD_GRAD_V=grad_v_final is not None,
          STORE_GRAD_V_INIT=outs[1] is not None, AFFINE=scale is not None, AFFINE_GRAD=affine_grad,
-         RECOMPUTE_T=T if fused else 0, BLOCK=block_size, num_warps=num_warps, enable_fp_fusion=False)
+         **_loop_args(cfg, n, block_size, geometry[7]), RECOMPUTE_T=T if fused else 0, BLOCK=block_size,
+         num_warps=num_warps, enable_fp_fusion=False,
+         **({"maxnreg": RECOMPUTE_MAX_REGISTERS} if fused and not triton.knobs.runtime.interpret else {}))
     return tuple(outs)
 
 

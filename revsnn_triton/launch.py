@@ -84,36 +84,39 @@ def bucket(n: int, T: int) -> tuple[int, int]:
     return _next_pow2(n), _next_pow2(T)
 
 
-# Bound on (neurons per thread) x (values per neuron held in registers) for a kernel that keeps several
-# values per neuron live (the fused save="input" backward holds H[0..T-1]). Measured with ptxas for sm_90
-# (LIF, ATan, fp32): 16 gives about 55-80 registers per thread (no spills, at least half occupancy); 32
-# about 85-150; 64 spills.
-MAX_RESIDENT_VALUES = 16
+# Bound on (neurons per thread) x (values per neuron held in registers) for a kernel that keeps several values
+# per neuron live (the fused save="input" backward holds H[0..T-1]). From the static kernel report for sm_90
+# (`revsnn bench static`): with that kernel's 64-register cap, 32 fits every kind at T = 4, 16 and 32 without
+# spills (fp32 T=16: two neurons per thread, 64-bit accesses; bf16 T=4: eight, 128-bit).
+MAX_RESIDENT_VALUES = 32
+# Bytes of one vector access (LDG.128 / STG.128): the elements per thread worth holding for full-width accesses.
+VECTOR_BYTES = 16
 
 
-def heuristic(n: int, T: int, on_gpu: bool, resident: int = 1) -> LaunchConfig:
-    """Default configuration. On a GPU: 1024 neurons and 4 warps per program for large ``n``, halved
-    while fewer than 512 programs would be launched (so that small layers still fill the SMs), down to
-    128 neurons and 1 warp. For a kernel that holds ``resident > 1`` values per neuron in registers, the
-    warps are then doubled (up to 8) and after that the block halved (down to 128) while a thread would
-    hold more than :data:`MAX_RESIDENT_VALUES` values: a smaller block for more values. Under the
+def _floor_pow2(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def heuristic(n: int, T: int, on_gpu: bool, resident: int = 1, element_size: int = 4) -> LaunchConfig:
+    """Default configuration. On a GPU: 1024 neurons per program for large ``n``, halved while fewer than 512
+    programs would be launched (so that small layers still fill the SMs), down to 128. Each thread gets as many
+    neurons as one 16-byte access of the launch's widest tensor (``element_size`` bytes) holds, so that every
+    tensor is read and written with one vector access per thread and step and all share one register layout;
+    a kernel that holds ``resident > 1`` values per neuron in registers gets at most :data:`MAX_RESIDENT_VALUES`
+    values per thread. The warps follow (1 to 8; past 8 the block shrinks, down to 128). Under the
     interpreter: :data:`INTERPRETER_BLOCK`, 1 warp."""
     if not on_gpu:
         return LaunchConfig(INTERPRETER_BLOCK, 1)
     block = 1024
     while block > 128 and n < 512 * block:
         block //= 2
-    warps = {1024: 4, 512: 4, 256: 2, 128: 1}[block]
+    per_thread = _floor_pow2(VECTOR_BYTES // element_size)
     if resident > 1:
-        per_thread = max(1, MAX_RESIDENT_VALUES // resident)
-        while block // (32 * warps) > per_thread:
-            if warps < 8:
-                warps *= 2
-            elif block > 128:
-                block //= 2
-            else:
-                break
-    return LaunchConfig(block, warps)
+        per_thread = min(per_thread, _floor_pow2(MAX_RESIDENT_VALUES // resident))
+    warps = block // (32 * per_thread)
+    if warps > 8:
+        warps, block = 8, max(128, 256 * per_thread)
+    return LaunchConfig(block, max(1, warps))
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -198,32 +201,37 @@ def cache_key(kernel: str, n: int, T: int, dtype: torch.dtype, gpu: str) -> str:
 
 
 def launch_config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device | str, *,
-                  resident: int = 1, cache_file: str | os.PathLike | None = None) -> LaunchConfig:
+                  resident: int = 1, element_size: int | None = None,
+                  cache_file: str | os.PathLike | None = None) -> LaunchConfig:
     """Launch configuration for ``kernel`` over ``n`` neurons per time step and ``T`` steps of input
     ``dtype`` on ``device``: the tuned cache entry of this GPU, Triton version and (n, T) bucket when
-    one exists, else :func:`heuristic` (``resident``: values per neuron the kernel keeps in registers).
+    one exists, else :func:`heuristic` (``resident``: values per neuron the kernel keeps in registers;
+    ``element_size``: bytes of the widest tensor the launch streams, default ``dtype``'s).
     Under the interpreter (CPU tensors) always the fixed small interpreter block. ``cache_file`` overrides
     the cache location (see :func:`resolve_cache_path`). Never fails because of the cache file (missing:
     heuristic; corrupt: a warning once, then heuristic)."""
-    return lookup_config(kernel, n, T, dtype, device, resident=resident, cache_file=cache_file)[0]
+    return lookup_config(kernel, n, T, dtype, device, resident=resident, element_size=element_size,
+                         cache_file=cache_file)[0]
 
 
 def lookup_config(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device | str, *,
-                  resident: int = 1, cache_file: str | os.PathLike | None = None) -> tuple[LaunchConfig, str]:
+                  resident: int = 1, element_size: int | None = None,
+                  cache_file: str | os.PathLike | None = None) -> tuple[LaunchConfig, str]:
     """:func:`launch_config` and where it came from: ``"tuned"``, ``"heuristic"`` or ``"interpreter"``."""
     _check_kernel(kernel)
     check_positive_int("n", n)
     check_positive_int("T", T)
     check_positive_int("resident", resident)
     check_dtype(dtype)
+    element_size = dtype.itemsize if element_size is None else check_positive_int("element_size", element_size)
     if not isinstance(device, torch.device):
         device = torch.device(device)
     # Called for every launch: answers are memoized (cleared whenever a cache file is read or written, and
     # by clear_memory_cache(): a change of $REVSNN_TUNE_CACHE after the first launch needs that call).
-    memo_key = (kernel, n, T, dtype, device, resident, cache_file)
+    memo_key = (kernel, n, T, dtype, device, resident, element_size, cache_file)
     found = _answers.get(memo_key)
     if found is None:
-        found = _answers[memo_key] = _lookup(kernel, n, T, dtype, device, resident, cache_file)
+        found = _answers[memo_key] = _lookup(kernel, n, T, dtype, device, resident, element_size, cache_file)
     return found
 
 
@@ -231,7 +239,7 @@ _answers: dict[tuple, tuple[LaunchConfig, str]] = {}
 
 
 def _lookup(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.device, resident: int,
-            cache_file: str | os.PathLike | None) -> tuple[LaunchConfig, str]:
+            element_size: int, cache_file: str | os.PathLike | None) -> tuple[LaunchConfig, str]:
     if device.type != "cuda":
         return heuristic(n, T, on_gpu=False), "interpreter"
     path = resolve_cache_path(cache_file)
@@ -240,7 +248,7 @@ def _lookup(kernel: str, n: int, T: int, dtype: torch.dtype, device: torch.devic
         entry = _entries(path).get(cache_key(kernel, n, T, dtype, gpu_name(index)))
         if entry is not None:
             return LaunchConfig(entry["block_size"], entry["num_warps"]), "tuned"
-    return heuristic(n, T, on_gpu=True, resident=resident), "heuristic"
+    return heuristic(n, T, on_gpu=True, resident=resident, element_size=element_size), "heuristic"
 
 
 def forget(path: Path) -> None:

@@ -108,7 +108,7 @@ def tune(shapes: Iterable[tuple[int, int]], dtypes: Iterable[torch.dtype], kerne
         for dtype in dtypes:
             for T, n in shapes:
                 run = known[name].make_run(T, n, dtype, device)
-                default = heuristic(n, T, on_gpu=True, resident=known[name].resident(T))
+                default = heuristic(n, T, on_gpu=True, resident=known[name].resident(T), element_size=dtype.itemsize)
                 timings = []
                 for cfg in dict.fromkeys([*cands, default]):  # the heuristic is always a candidate
                     try:

@@ -245,8 +245,8 @@ class AccessLog:
     def account(self, counter, ptrs, mask) -> None:
         import numpy as np
         addrs = ptrs.data.reshape(-1)
-        if mask is not None:
-            addrs = addrs[np.broadcast_to(mask.data, ptrs.data.shape).reshape(-1)]
+        if mask is not None:  # a combined mask (`a & b`) can come as integers: as an index it would pick elements
+            addrs = addrs[np.broadcast_to(mask.data.astype(bool), ptrs.data.shape).reshape(-1)]
         size = ptrs.get_element_ty().primitive_bitwidth // 8
         claimed = np.zeros(addrs.shape, dtype=bool)
         for start, end, name in self.spans:

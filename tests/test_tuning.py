@@ -29,28 +29,35 @@ def fake_gpu(monkeypatch):
 def test_heuristic_is_sane_and_deterministic():
     for n in (1, 7, 1000, 65_536, 131_072, 524_288, 8_388_608, 10**9):
         for T in (1, 4, 16):
-            cfg = launch.heuristic(n, T, on_gpu=True)
-            assert cfg == launch.heuristic(n, T, on_gpu=True)
-            assert 128 <= cfg.block_size <= 1024 and 1 <= cfg.num_warps <= 8
-            # enough programs to fill a GPU whenever n allows it
-            if n >= 512 * 128:
-                assert -(-n // cfg.block_size) >= 512
-    assert launch.heuristic(8_388_608, 4, on_gpu=True) == LaunchConfig(1024, 4)
-    # the kernel that keeps T values per neuron in registers: at most MAX_RESIDENT_VALUES per thread where the
-    # warps (<= 8) and block (>= 128) allow it, so a larger T gets a smaller block; never fewer programs
-    for n in (1, 1000, 524_288, 4_194_304, 8_388_608):
-        blocks = []
-        for T in (1, 2, 4, 8, 16, 32):
-            cfg = launch.heuristic(n, T, on_gpu=True, resident=T)
-            plain = launch.heuristic(n, T, on_gpu=True)
-            per_thread = cfg.block_size // (32 * cfg.num_warps)
-            assert per_thread * T <= launch.MAX_RESIDENT_VALUES or per_thread == 1 or (
-                cfg.block_size == 128 and cfg.num_warps == 8), (n, T, cfg)
-            assert cfg.block_size <= plain.block_size and cfg.num_warps <= 8
-            blocks.append(cfg.block_size)
-        assert blocks == sorted(blocks, reverse=True), (n, blocks)
-    assert launch.heuristic(8_388_608, 16, on_gpu=True, resident=16).block_size < 1024
-    assert launch.heuristic(8_388_608, 4, on_gpu=True) == LaunchConfig(1024, 4)
+            for size in (4, 2):
+                cfg = launch.heuristic(n, T, on_gpu=True, element_size=size)
+                assert cfg == launch.heuristic(n, T, on_gpu=True, element_size=size)
+                assert 128 <= cfg.block_size <= 1024 and 1 <= cfg.num_warps <= 8
+                # enough programs to fill a GPU whenever n allows it
+                if n >= 512 * 128:
+                    assert -(-n // cfg.block_size) >= 512
+                # one 16-byte access per thread of the widest tensor: 4 fp32 or 8 bf16 elements
+                assert cfg.block_size // (32 * cfg.num_warps) == 16 // size or cfg.num_warps == 1
+    assert launch.heuristic(8_388_608, 4, on_gpu=True) == LaunchConfig(1024, 8)
+    assert launch.heuristic(8_388_608, 4, on_gpu=True, element_size=2) == LaunchConfig(1024, 4)
+    # a kernel that keeps `resident` values per neuron in registers: at most MAX_RESIDENT_VALUES per thread where
+    # the warps (<= 8) and block (>= 128) allow it, so a larger T gets a smaller block; never fewer programs
+    for size in (4, 2):
+        for n in (1, 1000, 524_288, 4_194_304, 8_388_608):
+            blocks = []
+            for T in (1, 2, 4, 8, 16, 32):
+                cfg = launch.heuristic(n, T, on_gpu=True, resident=T, element_size=size)
+                plain = launch.heuristic(n, T, on_gpu=True, element_size=size)
+                per_thread = cfg.block_size // (32 * cfg.num_warps)
+                assert per_thread * T <= launch.MAX_RESIDENT_VALUES or per_thread <= 1, (n, T, cfg)
+                assert cfg.block_size <= plain.block_size and cfg.num_warps <= 8
+                blocks.append(cfg.block_size)
+            assert blocks == sorted(blocks, reverse=True), (n, blocks)
+    # the benchmark's recompute backward: fp32 T=16 two neurons per thread (64-bit accesses), bf16 T=4 eight
+    # (128-bit), fp32 T=4 four (128-bit)
+    assert launch.heuristic(4_194_304, 16, on_gpu=True, resident=16) == LaunchConfig(512, 8)
+    assert launch.heuristic(8_388_608, 4, on_gpu=True, resident=4, element_size=2) == LaunchConfig(1024, 4)
+    assert launch.heuristic(8_388_608, 4, on_gpu=True, resident=4) == LaunchConfig(1024, 8)
     # the launchers ask for their kernel's residency: T for the fused recompute backward, 1 otherwise
     from revsnn_triton.kernels.neurons import resident_values
     assert [resident_values(k, 16) for k in (FORWARD_KERNEL, BACKWARD_KERNEL, RECOMPUTE_KERNEL)] == [1, 1, 16]
@@ -107,14 +114,15 @@ def test_cache_round_trip(tmp_path, fake_gpu, monkeypatch):
     for n, T in ((8_000_000, 4), (5_000_000, 3), (8_388_608, 4)):  # same bucket (2^23, 4)
         assert launch_config("neuron_fwd", n, T, torch.bfloat16, dev, cache_file=path) == LaunchConfig(2048, 8)
     heur = launch.heuristic(8_000_000, 4, on_gpu=True)
+    heur_bf16 = launch.heuristic(8_000_000, 4, on_gpu=True, element_size=2)  # the heuristic follows the dtype
     assert launch.lookup_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == (
         LaunchConfig(2048, 8), "tuned")
     assert launch.lookup_config("neuron_fwd", 8_000_000, 4, torch.float32, dev, cache_file=path) == (
         heur, "heuristic")
-    assert launch_config("neuron_bwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+    assert launch_config("neuron_bwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur_bf16
     assert launch_config("neuron_fwd", 8_000_000, 4, torch.float32, dev, cache_file=path) == heur
-    assert launch_config("neuron_fwd", 8_000_000, 16, torch.bfloat16, dev, cache_file=path) == heur
-    assert launch_config("neuron_fwd", 9_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+    assert launch_config("neuron_fwd", 8_000_000, 16, torch.bfloat16, dev, cache_file=path) == heur_bf16
+    assert launch_config("neuron_fwd", 9_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur_bf16
     # the environment variable selects the same file
     monkeypatch.setenv(launch.CACHE_ENV, str(path))
     launch.clear_memory_cache()
@@ -123,11 +131,11 @@ def test_cache_round_trip(tmp_path, fake_gpu, monkeypatch):
     monkeypatch.setenv(launch.CACHE_ENV, "off")
     assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == LaunchConfig(2048, 8)  # memoized
     launch.clear_memory_cache()
-    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == heur
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == heur_bf16
     # another GPU does not use this GPU's winners
     launch.clear_memory_cache()
     monkeypatch.setattr(launch, "gpu_name", lambda index: "Other GPU")
-    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur_bf16
 
     # a second tune merges into the file instead of replacing it
     monkeypatch.setattr(launch, "gpu_name", lambda index: FAKE_GPU)
@@ -240,7 +248,7 @@ def test_configs_from_launch_config_give_identical_results(save, dtype, kernel_d
     asked = []
     results = []
     for cfg in configs:
-        def fake(kernel, n, T, dtype_, device, *, resident=1, cache_file=None, _cfg=cfg):
+        def fake(kernel, n, T, dtype_, device, *, resident=1, element_size=None, cache_file=None, _cfg=cfg):
             asked.append((kernel, n, T, dtype_, _cfg))
             return _cfg
         monkeypatch.setattr(launch, "launch_config", fake)
