@@ -431,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     violations = budget_violations(rows) if target.name == "sm_90" else []
     title = f"Static kernel report for {target.name} ({target.card}): compile-time figures, not timings"
-    paths = write_results(rows, args.out, args.stem, title, columns=COLUMNS, env=environment(),
+    env = environment()
+    env["device"] = f"no GPU: compiled on this machine for {target.name}"
+    paths = write_results(rows, args.out, args.stem, title, columns=COLUMNS, env=env,
                           notes=_notes(target, seconds, violations))
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
