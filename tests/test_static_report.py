@@ -60,8 +60,9 @@ def test_budgets_hold_on_sm90(sm90_report) -> None:
 
 def test_other_layouts_and_dtypes_compile_without_contraction() -> None:
     """Launches the benchmark shapes do not cover (a bf16 PLIF with soft reset and a given v_init on the interior
-    of a padded map, saved bf16 H; an fp16 IF on a slice of rows; an fp32 LIF with a non-power-of-two tau)
-    compile for sm_90 without fused multiply-adds, and their forward without approximate divisions."""
+    of a padded map, saved bf16 H; an fp16 IF on a slice of rows; an fp32 LIF with a non-power-of-two tau; a
+    bf16 LIF with the per-channel affine input) compile for sm_90 without fused multiply-adds, and their forward
+    without approximate divisions."""
     # Recorded and compiled in a fresh process without the interpreter (this one has TRITON_INTERPRET=1).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     probe = r'''
@@ -89,6 +90,18 @@ for cfg, x, save, with_v_init in cases:
         out.append(dict(name=launch.name, ndims=launch.kwargs["NDIMS"], fma=len(re.findall(r"\bfma\.", ptx)),
                         approx=len(re.findall(r"\bdiv\.(?:approx|full)", ptx)),
                         div_rn=len(re.findall(r"\bdiv\.rn", ptx))))
+# the per-channel affine input (BatchNorm-apply): x * scale + shift stays a multiply and an add
+acfg = NeuronConfig("lif", 2.0, True, 1.0, True, 0.0, True, "atan", 2.0, channel_dim=1)
+x = torch.empty(4, 64, 128, 32, 32, dtype=torch.bfloat16, device="meta")
+scale, shift = torch.empty(128, device="meta"), torch.empty(128, device="meta")
+with K.record_launches() as launches:
+    K.neuron_forward(x, None, None, acfg, "input", scale, shift)
+    K.neuron_backward(torch.empty_like(x), None, None, x, None, None, acfg, "input", scale, shift)
+for launch in launches:
+    ptx = S.compile_launch(launch, S.TARGETS["sm_90"]).asm["ptx"]
+    out.append(dict(name=launch.name, ndims=launch.kwargs["NDIMS"], fma=len(re.findall(r"\bfma\.", ptx)),
+                    approx=len(re.findall(r"\bdiv\.(?:approx|full)", ptx)), affine=launch.kwargs["AFFINE"],
+                    div_rn=len(re.findall(r"\bdiv\.rn", ptx))))
 t32 = []
 for kind, dtype in (("lif", torch.float32), ("plif", torch.bfloat16)):  # the longest fused recompute backward
     case = S.Case(kind, dtype, "input", 32, 1 << 21)
@@ -100,7 +113,8 @@ print(json.dumps([out, t32]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     found, t32 = json.loads(proc.stdout.strip().splitlines()[-1])
     # x addressed through 3 and 2 coalesced dims (the backwards from the saved H do not read x)
-    assert [f["ndims"] for f in found] == [3, 1, 2, 1, 1, 1], found
+    assert [f["ndims"] for f in found] == [3, 1, 2, 1, 1, 1, 1, 1], found
+    assert [f.get("affine") for f in found[-2:]] == [True, True]
     for f in found:
         assert f["fma"] == 0, f
         if f["name"] == FORWARD_KERNEL:
