@@ -451,18 +451,17 @@ def test_leaves_import_no_layer_above_them() -> None:
 
 
 def test_neuron_family_imports_no_triton() -> None:
-    """Importing the neuron op, modules, tuner and benchmark loads no triton module (a fresh interpreter, no
-    GPU needed), and a call on CPU tensors never loads the kernel file: the kernels load on first use."""
+    """Importing the package and reaching the neuron op, modules, tuner and benchmarks loads no triton module
+    (a fresh interpreter, no GPU needed), and a call on CPU tensors never loads the kernel file: the kernels
+    load on first use. (The reversible engine imports torch._dynamo, which imports triton, and so does the
+    first call of any custom op with autograd, inside torch.)"""
     import os
     import subprocess
     import sys
-    # `import revsnn_triton` also imports the reversible engine, whose module-level @torch.compiler.disable
-    # imports torch._dynamo, which imports triton: the probe neutralizes that decorator to test this family.
-    # (The first call of any custom op with autograd imports torch._dynamo too, inside torch.)
-    probe = ("import sys, torch, torch.compiler\n"
-             "torch.compiler.disable = lambda fn=None, *a, **k: fn\n"
-             "import revsnn_triton, revsnn_triton.neuron, revsnn_triton.ops.neuron, revsnn_triton.tuning\n"
-             "import revsnn_triton.bench.neurons\n"
+    probe = ("import sys, torch, revsnn_triton\n"
+             "revsnn_triton.multistep_neuron, revsnn_triton.IFNode, revsnn_triton.surrogate\n"
+             "import revsnn_triton.ops.neuron, revsnn_triton.tuning, revsnn_triton.launch\n"
+             "import revsnn_triton.bench.neurons, revsnn_triton.bench.static\n"
              "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith('triton.')))\n"
              "x = torch.randn(3, 4, requires_grad=True)\n"
              "s, v = revsnn_triton.multistep_neuron(x, tau=2.0)\n"
