@@ -123,7 +123,7 @@ def decode_saved(saved: torch.Tensor, save: str, v_threshold: float) -> tuple[to
 
 def neuron_input(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """One step's neuron input in fp32: ``x``, or ``x * scale + shift`` for ``affine = (scale, shift)`` of
-    ``x``'s shape (e.g. :func:`channel_view`\ s)."""
+    ``x``'s shape (e.g. views from :func:`channel_view`)."""
     x = x.float()
     return x if affine is None else x * affine[0] + affine[1]
 
