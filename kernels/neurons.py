@@ -634,7 +634,8 @@ _INT32_LIMIT = 2**31
 def _loop_args(cfg: NeuronConfig, n: int, block_size: int, x_span: int) -> dict:
     """The constexprs every launch shares: compiled or interpreted, offset width, LIF's division by a
     power-of-two tau, a +0.0 reset value."""
-    return dict(TAU_POW2=cfg.kind == "lif" and math.frexp(cfg.tau)[0] == 0.5,
+    mantissa, exponent = math.frexp(cfg.tau)  # tau = 2^k with 1/tau a normal fp32: x * (1/tau) == x / tau
+    return dict(TAU_POW2=cfg.kind == "lif" and mantissa == 0.5 and exponent <= 127,
                 V_RESET_ZERO=math.copysign(1.0, cfg.v_reset) == 1.0 and cfg.v_reset == 0.0,
                 OFF64=n + block_size >= _INT32_LIMIT or x_span >= _INT32_LIMIT,
                 COMPILED=not triton.knobs.runtime.interpret)

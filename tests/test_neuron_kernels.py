@@ -138,6 +138,16 @@ def test_every_kind_and_surrogate(kind: str, name: str, kernel_device: str) -> N
                     detach_reset=kind == "if", scale=2.0), kernel_device)
 
 
+@pytest.mark.parametrize("tau", [2.0, 4.0, 64.0, 2.0**100, 1.5])
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_lif_division_by_a_power_of_two_is_a_bit_identical_multiplication(tau: float, decay_input: bool,
+                                                                         kernel_device: str) -> None:
+    """For tau = 2^k the kernels multiply by 1/tau instead of dividing (tau=1.5 still divides): spikes, v_final
+    and H bit-equal to the reference's division, with subnormal, huge and threshold-exact inputs."""
+    check_case(Case(kind="lif", tau=tau, decay_input=decay_input, T=5, shape=(3, 41), special_frac=0.6, scale=3.0,
+                    v_reset=-0.25 if decay_input else 0.0, dtype=torch.float32, seed=int(tau) % 97), kernel_device)
+
+
 def test_saved_bf16_matches_reference_encoding(kernel_device: str) -> None:
     """``h_bf16`` stores round-to-nearest-even ``bf16(H - v_threshold)`` (as ``Tensor.to(bfloat16)``) and
     the backward uses exactly the decoded values (so its gradients equal the reference's on the same data)."""
