@@ -2,7 +2,7 @@
 
 Drop-in counterparts of spikingjelly 2.0's nodes (same parameter names, defaults and semantics), running
 on the fused multi-step op :func:`revsnn_triton.ops.neuron.multistep_neuron` (``backend="triton"``) or on
-the plain-autograd oracle :func:`revsnn_triton.ops.neuron_reference.multistep_autograd`
+the plain-autograd oracle :func:`revsnn_triton.ops.neuron.reference.multistep_autograd`
 (``backend="torch"``).
 
 Dynamics per time step t, for membrane ``V[t-1]`` (starts at ``v_reset``, or 0 for soft reset):
@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from . import surrogate as _surrogate
 from .ops.neuron import DEFAULT_SAVE, multistep_neuron
-from .ops.neuron_reference import multistep_autograd
+from .ops.neuron.reference import multistep_autograd
+from .ops.neuron.spec import INPUT_DTYPES, SAVE_MODES
 
 try:  # spikingjelly's base class, so that its isinstance(m, base.MemoryModule) checks see our nodes
     from spikingjelly.activation_based.base import MemoryModule as _SpikingjellyMemoryModule
@@ -48,8 +49,6 @@ __all__ = ["MemoryModule", "BaseNode", "IFNode", "LIFNode", "ParametricLIFNode",
 
 STEP_MODES = ("s", "m")
 BACKENDS = ("triton", "torch")
-SAVE_MODES = ("h", "h_bf16", "input")
-INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DEFAULT_SURROGATE = _surrogate.Sigmoid()  # spikingjelly's default, alpha 4 (the objects are stateless)
 
 # spikingjelly's surrogate classes carry the same class names as ours.

@@ -51,13 +51,22 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tens
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor",
-                 dtype: torch.dtype | None = None, rtol: float | None = None, atol: float | None = None) -> None:
-    """Closeness with the table's tolerance for ``dtype`` (default: ``expected.dtype``)."""
+                 dtype: torch.dtype | None = None, rtol: float | None = None, atol: float | None = None,
+                 reduce_dim: int = 1, term_scale: float = 1.0) -> None:
+    """Closeness with the table's tolerance for ``dtype`` (default: ``expected.dtype``).
+
+    For a result that is a sum of ``reduce_dim`` terms of magnitude up to ``term_scale`` (as FlagGems'
+    ``reduce_dim``), atol is multiplied by ``reduce_dim * max(term_scale, 1)``: two summation orders (and
+    terms that differ by rounding) differ by up to about that, however much the terms cancel in the result."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim < 1:
+        raise ValueError(f"assert_close: reduce_dim must be an int >= 1, got {reduce_dim!r}")
+    if not term_scale >= 0:
+        raise ValueError(f"assert_close: term_scale must be >= 0, got {term_scale!r}")
     r, a_ = tolerance(dtype or expected.dtype)
     rtol = r if rtol is None else rtol
-    atol = a_ if atol is None else atol
+    atol = (a_ if atol is None else atol) * reduce_dim * max(float(term_scale), 1.0)
     a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     bad = ~torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
     if bad.any():

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from revsnn_triton.ops import coupling_reference as ref
 from revsnn_triton.runtime import use_triton
-from revsnn_triton.tuning import launch_config
+from revsnn_triton.launch import launch_config
 
 __all__ = ["encode", "decode", "couple", "uncouple", "couple_decode", "encode_ste", "couple_ste", "uncouple_step",
            "check_frac_bits", "representable_range"]
