@@ -36,8 +36,9 @@ test: setup
 	echo "OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $$workers $(PYTEST_ARGS) tests"; \
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $$workers $(PYTEST_ARGS) tests
 
+# Each demo run writes into its own new folder, runs/train/<YYYYmmdd-HHMMSS>-RevSResNet-digits.
 demo: setup
-	$(PY) -m revsnn_triton train --out runs/demo
+	$(PY) -m revsnn_triton train
 
 clean:
 	rm -rf $(VENV) .system-python.stamp build *.egg-info

@@ -1,7 +1,7 @@
-"""Training memory per image of the model zoo (issue 4): see ``revsnn_triton.bench.memory`` (``--help``).
+"""Training memory per image of the model zoo: see ``revsnn_triton.bench.memory`` (``--help``).
 
-    python benchmarks/bench_memory.py --out benchmarks/results          # GPU
-    python benchmarks/bench_memory.py --cpu-small --out /tmp/memory     # CPU, tiny widths
+    python benchmarks/bench_memory.py --models RevSResNet37 MS-ResNet34     # the device's default batches
+    python benchmarks/bench_memory.py --sweep --cpu-small                   # CPU, tiny widths, against depth
 """
 import sys
 

@@ -1,75 +1,114 @@
-"""The ``revsnn`` command: ``revsnn train``, ``revsnn bench <name>``, ``revsnn tune``.
+"""The ``revsnn`` command: ``revsnn train``, ``revsnn eval``, ``revsnn bench <name>``, ``revsnn tune``.
 
 ``revsnn train`` with no arguments trains the small reversible model on scikit-learn's bundled digits (offline)
-and ends with a report of accuracy, speed and memory per image. ``--config`` takes a YAML/TOML recipe (or the
-name of a shipped one, see ``revsnn train --list-configs``); flags given on the command line override it.
-Under ``torchrun`` the same command trains with DistributedDataParallel. Bad input (unknown model, dataset or
-config key, missing data, a corrupt checkpoint, a loss that became NaN) ends with a one-paragraph message and
-a non-zero exit status: 2 for bad input, 1 when training itself stopped.
+into a new folder ``runs/train/<timestamp>-<model>`` and ends with a report of accuracy, speed and memory per
+image. ``--config`` takes a YAML/TOML recipe (or the name of a shipped one, see ``revsnn train
+--list-configs``); flags given on the command line override it. ``--resume RUN`` continues a run with its own
+settings. Under ``torchrun`` the same command trains with DistributedDataParallel. ``revsnn eval CHECKPOINT``
+measures a trained model on its test split.
+
+Bad input or a problem of the environment (unknown model, dataset or config key, missing data, a corrupt
+checkpoint, an output folder that cannot be written) ends with a one-line message and exit status 2; a run that
+diverged stops with exit status 1; Ctrl-C with 130. Nothing here imports torch until a command needs it, so
+``revsnn --help`` and ``revsnn --version`` are instant.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Sequence
 
-import yaml
-
-USAGE = """revsnn <command> [options]
+USAGE = """usage: revsnn <command> [options]
 
 commands:
   train            train a model (default: the offline digits demo); revsnn train --help
+  eval CHECKPOINT  accuracy of a trained model on its test split; revsnn eval --help
   bench <name>     run a benchmark (revsnn_triton.bench.<name>); revsnn bench lists them
   tune             tune the neuron kernels' launch configurations (revsnn_triton.tuning)
+
+options:
+  -h, --help       this message
+  --version        the installed version
 """
 
 KNOWN_BENCHMARKS = ("neurons", "memory", "train_step")
 
 
+# ----------------------------------------------------------------------------------------------------- train
 def _train_parser() -> argparse.ArgumentParser:
-    from .config import AMP_MODES, NEURON_IMPLS
+    from .config import AMP_MODES, LOGGERS, NEURON_IMPLS, TrainConfig
 
-    p = argparse.ArgumentParser(prog="revsnn train", description="Train a (reversible) spiking network. With no "
-                                "--dataset: the offline digits demo. Flags override --config.",
-                                argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="recipe file (.yaml/.yml/.toml) or the name of a shipped recipe")
-    p.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
-    p.add_argument("--verbose", "-v", action="store_true", help="with --list-configs: each recipe's card (the "
-                   "original it reproduces, the paper's and our accuracy, deliberate differences)")
-    p.add_argument("--list-models", action="store_true", help="list the registered models and exit")
-    p.add_argument("--model", help="model name (default: the dataset's default model)")
-    p.add_argument("--dataset", help="digits (default), cifar10, cifar100, cifar10-dvs, dvs128-gesture, "
-                   "dvs128-gesture-tonic, synthetic-cifar10")
-    p.add_argument("--data-dir", dest="data_dir", help="dataset folder (default: ./data)")
-    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
-    p.add_argument("--T", "-T", dest="T", type=int, help="time steps")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--amp", choices=AMP_MODES, help="autocast precision (bf16 recommended on GPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--neuron-impl", dest="neuron_impl", choices=NEURON_IMPLS)
-    p.add_argument("--out", help="output folder for metrics, curves and checkpoints")
-    p.add_argument("--resume", help="checkpoint file (or output folder) to continue from")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--sync-bn", dest="sync_bn", action="store_true", help="SyncBatchNorm under torchrun (CUDA)")
-    p.add_argument("--workers", type=int, help="data-loading worker processes")
-    p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int,
-                   help="cap the training steps per epoch (smoke tests, benchmarks)")
-    p.add_argument("--max-eval-samples", dest="max_eval_samples", type=int,
-                   help="evaluate on the first N test samples only (smoke tests)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--no-memory-report", dest="memory_report", action="store_false",
-                   help="skip the memory-per-image measurement at the end")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
-                   help="set any config key (value parsed as YAML), e.g. --set weight_decay=0.05")
+    defaults = TrainConfig()
+
+    def default(name: str) -> str:
+        return f" (default: {getattr(defaults, name)})"
+
+    # Only the flags a user gives end up in the namespace (SUPPRESS): a resumed run must tell them from defaults.
+    p = argparse.ArgumentParser(
+        prog="revsnn train", argument_default=argparse.SUPPRESS,
+        description="Train a (reversible) spiking network. With no --dataset: the offline digits demo. Flags "
+        "override --config; --set KEY=VALUE sets any other config key.",
+        epilog="Outputs: config.json, train.log, metrics.jsonl/.csv, curves.png, checkpoint_last.pt, "
+        "checkpoint_best.pt and summary.json in the run folder. Exit status: 0 done, 1 the run diverged (the "
+        "message names the last good checkpoint), 2 bad input, 130 interrupted.")
+    what = p.add_argument_group("what to train")
+    what.add_argument("--config", metavar="RECIPE",
+                      help="recipe file (.yaml/.yml/.toml) or the name of a shipped recipe (see --list-configs)")
+    what.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
+    what.add_argument("--verbose", "-v", action="store_true", help="with --list-configs: each recipe's card (the "
+                      "original it reproduces, the paper's and our accuracy, deliberate differences)")
+    what.add_argument("--list-models", action="store_true", help="list the registered models and exit")
+    what.add_argument("--model", help="registered model name (default: the dataset's default model)")
+    what.add_argument("--dataset", help="digits, cifar10, cifar100, cifar10-dvs, dvs128-gesture, "
+                      "dvs128-gesture-tonic or synthetic-cifar10" + default("dataset"))
+    what.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="dataset folder" + default("data_dir"))
+    what.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    what.add_argument("--T", "-T", dest="T", type=int, help="time steps" + default("T"))
+    what.add_argument("--neuron-impl", dest="neuron_impl", choices=NEURON_IMPLS,
+                      help="spiking neurons: triton (the fused multi-step kernels; plain PyTorch on the CPU), "
+                      "spikingjelly (spikingjelly's nodes, for comparison) or torch (the PyTorch reference)"
+                      + default("neuron_impl"))
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--epochs", type=int, help="training epochs" + default("epochs"))
+    opt.add_argument("--batch-size", dest="batch_size", type=int, help="per process" + default("batch_size"))
+    opt.add_argument("--lr", type=float, help="peak learning rate" + default("lr"))
+    opt.add_argument("--amp", choices=AMP_MODES, help="autocast precision: bf16 (GPUs), fp16 (with a gradient "
+                     "scaler) or none" + default("amp"))
+    opt.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    opt.add_argument("--seed", type=int, help=f"seed of weights and data order, 0 to 2**32-1{default('seed')}")
+    opt.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                     help="set any config key (value parsed as YAML), e.g. --set weight_decay=0.05 or "
+                     "--set 'model_kwargs={frac_bits: 12}'; repeatable")
+    run = p.add_argument_group("run folder and execution")
+    run.add_argument("--out", metavar="DIR",
+                     help="run folder (default: a new runs/train/<YYYYmmdd-HHMMSS>-<model>)")
+    run.add_argument("--resume", metavar="RUN", help="continue a run: its folder or checkpoint file. Its own "
+                     "settings are used; flags may change those a run can change mid-way (epochs, lr, workers, "
+                     "device, ...; each change is printed) and are refused for the rest (model, dataset, T, ...)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a new run in an --out folder that holds a run, replacing its outputs")
+    run.add_argument("--log", choices=LOGGERS, help="also log scalars per epoch to TensorBoard event files in the "
+                     "run folder" + default("log"))
+    run.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu)")
+    run.add_argument("--sync-bn", dest="sync_bn", action="store_true",
+                     help="SyncBatchNorm under torchrun (CUDA) (default: off)")
+    run.add_argument("--workers", type=int, help="data-loading worker processes" + default("workers"))
+    run.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, metavar="N",
+                     help="cap the training steps per epoch (smoke tests, benchmarks) (default: no cap)")
+    run.add_argument("--max-eval-samples", dest="max_eval_samples", type=int, metavar="N",
+                     help="evaluate on the first N test samples only (default: the whole test split)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    run.add_argument("--no-memory-report", dest="memory_report", action="store_false",
+                     help="skip the memory-per-image measurement at the end")
     return p
 
 
 def _parse_sets(items: list[str]) -> dict:
+    import yaml
+
     from .config import ConfigError
 
     values = {}
@@ -80,56 +119,125 @@ def _parse_sets(items: list[str]) -> dict:
         try:
             values[key.strip()] = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: could not parse {text!r} ({exc})") from None
+            raise ConfigError(f"--set {key}: could not parse {text!r} ({str(exc).splitlines()[0]})") from None
     return values
+
+
+def list_configs() -> str:
+    """The table of ``revsnn train --list-configs``: one shipped recipe per row."""
+    from .config import recipe_summary, resolve_config_path, shipped_configs
+
+    rows = [recipe_summary(str(resolve_config_path(name))) for name in shipped_configs()]
+    return _table(["recipe", "dataset", "model", "epochs"],
+                  [[r["name"], r["dataset"], r["model"] or "(dataset default)", r["epochs"]] for r in rows])
+
+
+def list_models() -> str:
+    """The table of ``revsnn train --list-models``: name, input, default T and classes, parameter count."""
+    from .models import list_models as names, registry
+
+    rows = []
+    for name in names():
+        info = registry.model_info(name)
+        rows.append([name, info.input, "-" if info.T is None else info.T,
+                     "-" if info.num_classes is None else info.num_classes, f"{info.num_parameters() / 1e6:.2f}M"])
+    return _table(["model", "input", "T", "classes", "parameters"], rows)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
 def train_main(argv: Sequence[str]) -> int:
     """``revsnn train``: returns the exit status (0 ok, 2 bad input, 1 training stopped, 130 interrupted)."""
+    args = vars(_train_parser().parse_args(list(argv)))
     from .checkpoint import CheckpointError
-    from .config import ConfigError, make_config, shipped_configs
+    from .config import ConfigError, read_config_file
     from .data import DataError
 
-    args = vars(_train_parser().parse_args(list(argv)))
-    verbose = args.pop("verbose", False)
-    if args.pop("list_configs", False):
-        if verbose:
-            from .recipes import format_cards
-            try:
-                print(format_cards())
-            except ConfigError as exc:
-                print(f"revsnn train: error: {exc}", file=sys.stderr)
-                return 2
-        else:
-            print("\n".join(shipped_configs()))
-        return 0
-    if verbose:
-        print("revsnn train: error: --verbose goes with --list-configs", file=sys.stderr)
-        return 2
-    if args.pop("list_models", False):
-        from .models import list_models
-        print("\n".join(list_models()))
-        return 0
-    from .training import TrainingError, train
-
     try:
-        overrides = _parse_sets(args.pop("sets", []))
-        overrides.update(args)
-        cfg = make_config(overrides.pop("config", None), **overrides)
-        train(cfg)
+        verbose = args.pop("verbose", False)
+        if args.pop("list_configs", False):
+            if verbose:
+                from .recipes import format_cards
+                print(format_cards())
+            else:
+                print(list_configs())
+            return 0
+        if verbose:
+            raise ConfigError("--verbose goes with --list-configs")
+        if args.pop("list_models", False):
+            print(list_models())
+            return 0
+        from .training import OutputError, TrainingError, train
+
+        overwrite = args.pop("overwrite", False)
+        # What the user asked for, without defaults: recipe file, then --set, then the flags.
+        requested = read_config_file(args.pop("config")) if "config" in args else {}
+        requested.update(_parse_sets(args.pop("sets", [])))
+        requested.update(args)
+        try:
+            train(requested, overwrite=overwrite)
+        except TrainingError as exc:
+            print(f"revsnn train: stopped: {exc}", file=sys.stderr)
+            return 1
+        except OutputError as exc:
+            print(f"revsnn train: error: {exc}", file=sys.stderr)
+            return 2
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"revsnn train: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingError as exc:
-        print(f"revsnn train: stopped: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("revsnn train: interrupted; the checkpoint of the last finished epoch is kept "
-              "(continue with --resume <out>)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        folder, kept = getattr(exc, "run_folder", None), getattr(exc, "last_good", None)
+        if folder is None:
+            print("revsnn train: interrupted", file=sys.stderr)
+        elif kept is None:
+            print(f"revsnn train: interrupted before the first epoch ended; nothing to resume in {folder}",
+                  file=sys.stderr)
+        else:
+            print(f"revsnn train: interrupted; the last good checkpoint is {kept}; continue with revsnn train "
+                  f"--resume {folder}", file=sys.stderr)
         return 130
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ eval
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="revsnn eval", description="Top-1 accuracy and loss of a trained model on its "
+                                "dataset's test split, with the settings of the run that trained it.")
+    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its checkpoint_best.pt)")
+    p.add_argument("--data-dir", dest="data_dir", default=None, metavar="DIR",
+                   help="dataset folder (default: the run's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, metavar="N",
+                   help="evaluation batch size (default: the run's)")
+    p.add_argument("--max-samples", dest="max_samples", type=int, default=None, metavar="N",
+                   help="evaluate the first N test samples only (default: the whole test split)")
+    return p
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    """``revsnn eval CHECKPOINT``: prints the accuracy; exit status 0, or 2 for bad input."""
+    args = _eval_parser().parse_args(list(argv))
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .evaluation import evaluate_checkpoint, format_eval
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device,
+                                     batch_size=args.batch_size, max_samples=args.max_samples)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"revsnn eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_eval(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench, tune
 def _available_benchmarks() -> list[str]:
     from . import bench
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
@@ -145,7 +253,9 @@ def bench_main(argv: Sequence[str]) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if not name.isidentifier() or name not in names:
-        print(f"revsnn bench: error: unknown benchmark {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
+        from .suggest import did_you_mean
+        print(f"revsnn bench: error: unknown benchmark {name!r}{did_you_mean(name, names)}; choose one of: "
+              f"{', '.join(names)}", file=sys.stderr)
         return 2
     return _run_entry(f"revsnn_triton.bench.{name}", rest, f"revsnn bench {name}")
 
@@ -169,20 +279,39 @@ def _run_entry(module_name: str, argv: list[str], what: str) -> int:
     return int(status or 0)
 
 
+# ------------------------------------------------------------------------------------------------------ main
+COMMANDS = {"train": train_main, "eval": eval_main, "bench": bench_main, "tune": tune_main}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``revsnn`` console script and ``python -m revsnn_triton``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _dispatch(argv)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:  # e.g. `revsnn train --help | head`: the reader left; no traceback, no second error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE, end="")
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from . import __version__
+        print(f"revsnn-triton {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": train_main, "bench": bench_main, "tune": tune_main}
-    if command not in commands:
-        print(f"revsnn: error: unknown command {command!r}; choose one of: {', '.join(commands)}\n\n{USAGE}",
-              file=sys.stderr)
+    if command not in COMMANDS:
+        from .suggest import did_you_mean
+        print(f"revsnn: error: unknown command {command!r}{did_you_mean(command, COMMANDS)}; choose one of: "
+              f"{', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
     try:
-        return commands[command](rest)
+        return COMMANDS[command](rest)
     except SystemExit as exc:  # argparse errors and benchmarks that exit with a message
         code = exc.code
         if isinstance(code, str):

@@ -3,7 +3,10 @@
 A recipe file is a flat mapping of :class:`TrainConfig` field names to values (``model_kwargs`` is the only
 nested mapping: extra keyword arguments for the model factory). Unknown keys are an error that lists the valid
 ones. Shipped recipes live in ``revsnn_triton/configs/*.yaml``; ``--config NAME`` accepts either a path or the
-stem of a shipped recipe (e.g. ``cifar10_revsresnet21``).
+stem of a shipped recipe (e.g. ``cifar10_revsresnet``).
+
+A resumed run keeps its checkpoint's config: :func:`resume_config` applies the settings that may change in the
+middle of a run (:data:`MUTABLE_ON_RESUME`) and refuses the others.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .suggest import did_you_mean
 
 try:  # Python 3.11+; on 3.10 the tomli backport (same API) if installed
     import tomllib
@@ -36,6 +41,16 @@ TIMM_RANDAUGMENT_PREFIX = "rand-"
 # Top-level key of a recipe file that holds its card (paper accuracy, deliberate differences), not a setting.
 RECIPE_CARD_KEY = "recipe"
 NEURON_IMPLS = ("triton", "spikingjelly", "torch")
+LOGGERS = ("none", "tensorboard")
+SEED_MAX = 2**32 - 1        # NumPy's seed range; torch and Python accept it too
+FLOAT32_MAX = 3.4028234663852886e38
+
+# Settings a resumed run may change (the rest define the run: model, data, batch, optimizer, seed, ...).
+MUTABLE_ON_RESUME = frozenset({
+    "epochs", "lr", "min_lr", "warmup_lr", "warmup_epochs", "cooldown_epochs", "milestones", "gamma",
+    "weight_decay", "momentum", "grad_clip", "label_smoothing", "mixup_off_epoch", "eval_batch_size",
+    "max_eval_samples", "amp", "compile", "device", "workers", "cpu_threads", "sync_bn", "data_dir", "download",
+    "out", "log", "memory_report", "progress"})
 
 
 class ConfigError(ValueError):
@@ -59,7 +74,9 @@ class TrainConfig:
     (1 by default: the small digits model gains nothing from more, and one thread per process avoids the severe
     slowdowns of oversubscribed cores on busy machines and under ``torchrun``); null keeps torch's default.
     ``max_steps_per_epoch`` / ``max_eval_samples`` shorten epochs and evaluation (smoke tests, benchmarks); the
-    evaluation then uses the first ``max_eval_samples`` test samples.
+    evaluation then uses the first ``max_eval_samples`` test samples. ``out=None`` writes into a new folder
+    ``runs/train/<YYYYmmdd-HHMMSS>-<model>`` (the recorded config holds the folder used). ``log="tensorboard"``
+    also writes TensorBoard scalars per epoch into ``out``.
     """
 
     # what to train
@@ -112,8 +129,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     max_eval_samples: int | None = None
     # bookkeeping
-    out: str = "runs/train"
+    out: str | None = None
     resume: str | None = None
+    log: str = "none"
     seed: int = 0
     memory_report: bool = True
     progress: bool = True
@@ -127,8 +145,8 @@ class TrainConfig:
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_num(v: Any) -> bool:
-            return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+        def is_num(v: Any) -> bool:  # finite, and finite as a float32 (the optimizer's dtype)
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
 
         need(self.model is None or (isinstance(self.model, str) and self.model), "model", "a model name or null")
         need(isinstance(self.model_kwargs, dict), "model_kwargs", "a mapping")
@@ -145,10 +163,11 @@ class TrainConfig:
         need(self.eval_batch_size is None or (is_int(self.eval_batch_size) and self.eval_batch_size >= 1),
              "eval_batch_size", "an integer >= 1 or null")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
-        need(is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        need(is_num(self.lr) and self.lr > 0, "lr", f"a number > 0 and at most {FLOAT32_MAX:.4g} (float32's largest)")
         for name in ("momentum", "weight_decay", "gamma", "warmup_lr", "min_lr", "label_smoothing",
                      "random_erasing", "mixup", "cutmix", "mixup_prob"):
-            need(is_num(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
+            need(is_num(getattr(self, name)) and getattr(self, name) >= 0, name,
+                 f"a number >= 0 and at most {FLOAT32_MAX:.4g} (float32's largest)")
         for name in ("label_smoothing", "random_erasing", "mixup_prob"):
             need(getattr(self, name) <= 1, name, "at most 1")
         need(self.scheduler in SCHEDULERS, "scheduler", f"one of {SCHEDULERS}")
@@ -182,9 +201,11 @@ class TrainConfig:
              "max_steps_per_epoch", "an integer >= 1 or null")
         need(self.max_eval_samples is None or (is_int(self.max_eval_samples) and self.max_eval_samples >= 1),
              "max_eval_samples", "an integer >= 1 or null")
-        need(isinstance(self.out, str) and self.out, "out", "a directory path")
-        need(self.resume is None or isinstance(self.resume, str), "resume", "a checkpoint path or null")
-        need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
+        need(self.out is None or (isinstance(self.out, str) and self.out), "out", "a folder path or null")
+        need(self.resume is None or (isinstance(self.resume, str) and self.resume), "resume",
+             "a checkpoint path or null")
+        need(self.log in LOGGERS, "log", f"one of {LOGGERS}")
+        need(is_int(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", f"an integer in [0, {SEED_MAX}]")
         return self
 
     def to_dict(self) -> dict:
@@ -212,8 +233,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    raise ConfigError(f"config file {name_or_path!r} not found; give a path to a .yaml/.yml/.toml file or one "
-                      f"of the shipped recipes: {', '.join(shipped_configs())}")
+    raise ConfigError(f"config file {name_or_path!r} not found{did_you_mean(name_or_path, shipped_configs())}; give "
+                      f"a path to a .yaml/.yml/.toml file or one of the shipped recipes: {', '.join(shipped_configs())}")
 
 
 def read_config_file(name_or_path: str) -> dict:
@@ -244,7 +265,8 @@ def check_keys(data: dict, source: str = "config") -> None:
     """Raise :class:`ConfigError` listing the valid keys if ``data`` has any unknown one."""
     unknown = sorted(set(data) - set(field_names()))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys are: "
+        hints = "".join(did_you_mean(key, field_names()) for key in unknown)
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}{hints}; valid keys are: "
                           f"{', '.join(field_names())}")
 
 
@@ -275,3 +297,35 @@ def _coerce(values: dict) -> dict:
         elif isinstance(v, int) and not isinstance(v, bool):
             out[name] = float(v)
     return out
+
+
+def resume_config(saved: dict, requested: dict) -> tuple[TrainConfig, list[str]]:
+    """The config of a resumed run: the checkpoint's ``saved`` config with the ``requested`` settings applied.
+
+    Only the settings in :data:`MUTABLE_ON_RESUME` may differ from ``saved`` (``resume`` itself is not compared);
+    any other difference raises :class:`ConfigError` naming each one. Returns the validated config and one
+    ``"key: old -> new"`` line per applied change.
+    """
+    if not isinstance(saved, dict) or not isinstance(requested, dict):
+        raise TypeError("resume_config: saved and requested must be dicts")
+    check_keys(saved, source="the checkpoint's config")
+    check_keys(requested, source="config overrides")
+    before = TrainConfig(**_coerce(saved))
+    after = TrainConfig(**_coerce({**saved, **requested})).validate()
+    changed = [name for name in field_names()
+               if name != "resume" and getattr(before, name) != getattr(after, name)]
+    refused = [name for name in changed if name not in MUTABLE_ON_RESUME]
+    if refused:
+        parts = ", ".join(f"{name} {getattr(before, name)!r} -> {getattr(after, name)!r}" for name in refused)
+        raise ConfigError(f"--resume continues a run with the settings it started with; these cannot change in the "
+                          f"middle of a run: {parts}. Start a new run (without --resume) to change them; settings "
+                          f"that may change on resume: {', '.join(sorted(MUTABLE_ON_RESUME))}")
+    return after, [f"{name}: {getattr(before, name)!r} -> {getattr(after, name)!r}" for name in changed]
+
+
+def recipe_summary(name_or_path: str) -> dict:
+    """``{"name", "dataset", "model", "epochs"}`` of a recipe (the model is None when the dataset's default is
+    used), for listings."""
+    values = {**TrainConfig().to_dict(), **read_config_file(name_or_path)}
+    return {"name": Path(name_or_path).stem, "dataset": values["dataset"], "model": values["model"],
+            "epochs": values["epochs"]}

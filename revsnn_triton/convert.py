@@ -29,11 +29,8 @@ def _is_spikingjelly_neuron(module: nn.Module, bases: tuple[type, ...]) -> bool:
     return isinstance(module, bases) or type(module).__module__.startswith("spikingjelly.activation_based.neuron")
 
 
-def _convert_node(node: nn.Module, ours: type, path: str, backend: str, save: str) -> BaseNode:
+def _convert_node(node: nn.Module, ours: type, path: str, backend: str, save: str | None) -> BaseNode:
     where = f"convert_spikingjelly: module {path!r} ({type(node).__module__}.{type(node).__qualname__})"
-    if getattr(node, "store_v_seq", False):
-        raise ValueError(f"{where} has store_v_seq=True; our neurons do not record the voltage sequence "
-                         f"(set store_v_seq=False before converting)")
     if getattr(node, "_neuron_precision", None) is not None:
         raise ValueError(f"{where} has a spikingjelly neuron-precision setting ({node._neuron_precision!r}); "
                          f"our neurons keep the state in fp32 and spikes in the input dtype (clear it first)")
@@ -43,7 +40,8 @@ def _convert_node(node: nn.Module, ours: type, path: str, backend: str, save: st
         raise TypeError(f"{where}: {error}") from None
     common: dict[str, Any] = dict(
         v_threshold=node.v_threshold, v_reset=node.v_reset, surrogate_function=surrogate_function,
-        detach_reset=node.detach_reset, step_mode=node.step_mode, backend=backend, save=save)
+        detach_reset=node.detach_reset, step_mode=node.step_mode,
+        store_v_seq=bool(getattr(node, "store_v_seq", False)), backend=backend, save=save)
     try:
         if ours is IFNode:
             new: BaseNode = IFNode(**common)
@@ -61,22 +59,24 @@ def _convert_node(node: nn.Module, ours: type, path: str, backend: str, save: st
 
 
 def convert_spikingjelly(model: nn.Module, inplace: bool = False, backend: str = "triton",
-                         save: str = "h") -> nn.Module:
+                         save: str | None = None) -> nn.Module:
     """Replace every spikingjelly 2.0 ``IFNode``/``LIFNode``/``ParametricLIFNode`` in ``model`` with ours.
 
-    Kept: ``v_threshold``, ``v_reset`` (hard/soft), ``detach_reset``, ``step_mode``, ``tau`` and
+    Kept: ``v_threshold``, ``v_reset`` (hard/soft), ``detach_reset``, ``step_mode``, ``store_v_seq``, ``tau`` and
     ``decay_input`` (LIF), the ``w`` Parameter itself (PLIF), the surrogate (type and ``alpha``) and the
     training flag. The membrane state is not carried: converted nodes start reset. Works at any depth
     (``Sequential``, ``ModuleList``, custom modules, spikingjelly containers); a node that appears at several
     places stays one shared module; a ``model`` that is itself a node is returned converted.
 
     Refused with a ``TypeError``/``ValueError`` naming the module path: any other spikingjelly neuron type
-    (including subclasses of the three, which may change the dynamics), a surrogate without a fused kernel,
-    ``store_v_seq=True``, a spikingjelly neuron-precision setting.
+    (including subclasses of the three, which may change the dynamics), a surrogate without a fused kernel or
+    not in spiking mode, a spikingjelly neuron-precision setting. Our own nodes in ``model`` are left as they are.
 
     Args:
         model: the network. inplace: modify ``model`` itself (default: convert a deep copy).
-        backend, save: passed to every new node (see :class:`revsnn_triton.neuron.IFNode`).
+        backend, save: passed to every new node (see :class:`revsnn_triton.neuron.IFNode`); ``save=None``
+            (default) is what a hand-built node does: ``"input"`` with ``backend="triton"`` (nothing kept beyond
+            the input, exact gradients), autograd's own with ``backend="torch"``.
     Returns the converted model (``model`` itself when ``inplace=True``, unless ``model`` is a node).
     """
     if not isinstance(model, nn.Module):
@@ -85,8 +85,8 @@ def convert_spikingjelly(model: nn.Module, inplace: bool = False, backend: str =
         raise TypeError(f"convert_spikingjelly: inplace must be a bool, got {type(inplace).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"convert_spikingjelly: backend must be one of {BACKENDS}, got {backend!r}")
-    if save not in SAVE_MODES:
-        raise ValueError(f"convert_spikingjelly: save must be one of {SAVE_MODES}, got {save!r}")
+    if save is not None and save not in SAVE_MODES:
+        raise ValueError(f"convert_spikingjelly: save must be None or one of {SAVE_MODES}, got {save!r}")
     mapping, bases = _spikingjelly_classes()
     if not inplace:
         model = copy.deepcopy(model)
@@ -98,7 +98,7 @@ def convert_spikingjelly(model: nn.Module, inplace: bool = False, backend: str =
             return converted[id(module)]
         ours = mapping.get(type(module))
         if ours is None:
-            if _is_spikingjelly_neuron(module, bases):
+            if not isinstance(module, BaseNode) and _is_spikingjelly_neuron(module, bases):
                 raise TypeError(
                     f"convert_spikingjelly: module {path!r} is a {type(module).__module__}."
                     f"{type(module).__qualname__}, which has no fused counterpart; convertible: spikingjelly's "

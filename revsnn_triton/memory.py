@@ -7,17 +7,30 @@
 
 :func:`measure_peak_bytes` returns the peak *above what was allocated when ``fn`` started* (on both
 devices, so the numbers are comparable); :func:`memory_per_image` is the slope of that peak against the
-batch size (DESIGN.md §5), in which parameters, gradients and optimizer state cancel out.
+batch size, in which parameters, gradients and optimizer state cancel out.
+
+Resident memory (RSS) on the CPU is a second, coarser view: :func:`measure_peak_rss` is the peak RSS of the process
+while ``fn`` ran, above its RSS when ``fn`` started. glibc's malloc keeps freed large blocks for reuse (its mmap
+threshold grows with the blocks freed), so RSS reads 2-3x the real allocations of a training step unless the
+threshold is fixed first: :func:`set_malloc_mmap_threshold` (e.g. 128 KiB, at the start of the process; blocks
+at least that large are then returned to the system when freed).
 """
 from __future__ import annotations
 
+import ctypes
 import gc
+import os
+import platform
+import re
+import sys
+import tempfile
 import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-__all__ = ["MemoryUse", "measure_memory", "measure_peak_bytes", "memory_per_image", "peak_breakdown"]
+__all__ = ["MemoryUse", "measure_memory", "measure_peak_bytes", "memory_per_image", "peak_breakdown",
+           "set_malloc_mmap_threshold", "malloc_mmap_threshold", "measure_peak_rss", "peak_rss_unavailable"]
 
 
 def _device(device: torch.device | str) -> torch.device:
@@ -60,9 +73,49 @@ def _cpu_allocation_events(prof) -> list[tuple[int, int, int, tuple[str, ...]]]:
     return events
 
 
+_PROFILER_STARTED = False
+# What the profiler's device query logs, once per process, on a machine without a usable GPU (torch built with
+# CUDA): a harmless line that looks like an error.
+_NO_GPU_LOG_LINE = "gpuGetDeviceCount failed"
+
+
+def _start_profiler_quietly() -> None:
+    """Run the profiler's one-time initialization with file descriptor 2 captured, and pass on everything it
+    wrote except the no-GPU device-query line (a CPU-only machine has no GPU to find)."""
+    global _PROFILER_STARTED
+    if _PROFILER_STARTED:
+        return
+    _PROFILER_STARTED = True
+    if torch.cuda.is_available():
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        sys.stderr.flush()
+        saved_fd = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr to filter: start it plainly
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+                with profile(activities=[ProfilerActivity.CPU]):
+                    pass
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+        capture.seek(0)
+        text = capture.read().decode(errors="replace")
+    kept = [line for line in text.splitlines(keepends=True) if _NO_GPU_LOG_LINE not in line]
+    if kept:
+        sys.stderr.write("".join(kept))
+
+
 def _profile_cpu(fn: Callable[[], object]):
     from torch.profiler import ProfilerActivity, profile
 
+    _start_profiler_quietly()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
@@ -164,3 +217,100 @@ def memory_per_image(step_fn: Callable[[int], object], batch_sizes: Sequence[int
     peak_small = measure_peak_bytes(lambda: step_fn(small), device)
     peak_big = measure_peak_bytes(lambda: step_fn(big), device)
     return (peak_big - peak_small) / (big - small)
+
+
+# ------------------------------------------------------------------------------------------ resident memory
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+# glibc's largest accepted threshold: HEAP_MAX_SIZE / 2 (32 MiB with 64-bit longs)
+_MAX_MMAP_THRESHOLD = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
+_fixed_mmap_threshold: int | None = None
+
+
+def set_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Fix glibc's malloc mmap threshold at ``nbytes`` for this process (``mallopt(M_MMAP_THRESHOLD, nbytes)``).
+
+    Blocks of at least ``nbytes`` are then mapped on their own and returned to the system when freed, so the
+    resident memory follows the allocations; glibc's default threshold instead grows with the largest block
+    freed (up to 32 MiB) and keeps freed activations in the heap. Call it at the start of the process: blocks
+    already freed into the heap stay there. Same effect as the environment variable
+    ``MALLOC_MMAP_THRESHOLD_=nbytes``. Returns True when applied; False (nothing done) where the C library is not
+    glibc (macOS, Windows, musl). ``nbytes``: an int in [1, 32 MiB]."""
+    global _fixed_mmap_threshold
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"set_malloc_mmap_threshold: nbytes must be an int, got {type(nbytes).__name__}")
+    if not 1 <= nbytes <= _MAX_MMAP_THRESHOLD:
+        raise ValueError(f"set_malloc_mmap_threshold: nbytes must be in [1, {_MAX_MMAP_THRESHOLD}] (glibc's limit), "
+                         f"got {nbytes}")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, nbytes) != 1:
+        return False
+    _fixed_mmap_threshold = nbytes
+    return True
+
+
+def malloc_mmap_threshold() -> int | None:
+    """The fixed glibc mmap threshold of this process in bytes: what :func:`set_malloc_mmap_threshold` set, else
+    ``MALLOC_MMAP_THRESHOLD_`` from the environment (glibc reads it at start-up); None when glibc's dynamic
+    threshold is in effect (or the C library is not glibc)."""
+    if _fixed_mmap_threshold is not None:
+        return _fixed_mmap_threshold
+    value = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+    return int(value) if value.isdigit() and platform.libc_ver()[0] == "glibc" else None
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"/proc/self/status has no {field} line")
+    return int(match.group(1))
+
+
+def _reset_peak_rss() -> None:
+    # "5" resets the process's peak RSS (VmHWM) to its current RSS (Linux 4.0+; see proc(5), clear_refs).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+_peak_rss_reason: str | None = None
+_peak_rss_checked = False
+
+
+def peak_rss_unavailable() -> str | None:
+    """None when :func:`measure_peak_rss` works in this process; otherwise why not (one line)."""
+    global _peak_rss_reason, _peak_rss_checked
+    if not _peak_rss_checked:
+        _peak_rss_checked = True
+        if platform.system() != "Linux":
+            _peak_rss_reason = f"peak RSS needs Linux's /proc (this is {platform.system()})"
+        else:
+            try:
+                _reset_peak_rss()
+                _status_kib("VmHWM")
+            except OSError as error:
+                _peak_rss_reason = f"cannot reset the peak RSS through /proc/self/clear_refs ({error})"
+    return _peak_rss_reason
+
+
+def measure_peak_rss(fn: Callable[[], object]) -> int | None:
+    """Run ``fn()`` once and return the peak resident memory of this process while it ran, above the resident
+    memory when it started, in bytes (Linux: the peak ``VmHWM`` is reset through ``/proc/self/clear_refs``
+    before ``fn`` and read after it). Returns None, without running ``fn``, where that is not possible
+    (:func:`peak_rss_unavailable` says why). Counts every thread's memory, the allocator's retained heap
+    included: fix the malloc mmap threshold first (:func:`set_malloc_mmap_threshold`) for figures that follow
+    the allocations."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if peak_rss_unavailable() is not None:
+        return None
+    gc.collect()
+    _reset_peak_rss()
+    start = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - start) * 1024

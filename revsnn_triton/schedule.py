@@ -15,7 +15,7 @@ index (timm's default, and the original recipes'); ``"step"`` updates it at ever
 fractional epoch ``step / steps_per_epoch``. Multistep milestones count whole epochs in both.
 
 :func:`build_scheduler` wraps :func:`lr_at` in a ``torch.optim.lr_scheduler.LambdaLR`` that the training loop
-steps after every optimizer step, so its state (the step count) resumes exactly.
+steps after every optimizer step; a resumed run starts it at its step count.
 """
 from __future__ import annotations
 
@@ -60,13 +60,20 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return lr_at_epoch(cfg, t)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, start_step: int = 0
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` giving every parameter group :func:`lr_at`; call ``step()`` after each optimizer step.
 
-    The optimizer's groups must have been built with ``lr=cfg.lr`` (the lambda scales that base value).
+    The rate scales ``cfg.lr`` (set as every group's base rate) and depends on the config and the step alone:
+    ``start_step`` positions the schedule for a resumed run, which then follows its own (possibly changed)
+    config rather than the base rate of a saved optimizer state.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"build_scheduler: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not (isinstance(start_step, int) and start_step >= 0):
+        raise ValueError(f"build_scheduler: start_step must be an integer >= 0, got {start_step!r}")
     lr_at(cfg, 0, steps_per_epoch)  # validates the arguments once, with a clear message
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step, steps_per_epoch) / cfg.lr)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step, steps_per_epoch) / cfg.lr,
+                                             last_epoch=start_step - 1)

@@ -25,12 +25,19 @@ import torch
 
 
 class SurrogateFunction:
-    """Base class: Heaviside forward, ``derivative(x)`` backward. Subclasses set ``name`` and ``default_alpha``."""
+    """Base class: Heaviside forward, ``derivative(x)`` backward. Subclasses set ``name`` and ``default_alpha``
+    and define :meth:`primitive_function`.
+
+    ``spiking`` (spikingjelly's switch, default True): a call returns spikes with the surrogate gradient;
+    ``spiking=False`` (or :meth:`set_spiking_mode`) makes a call return the smooth primitive function ``g(x)``
+    whose derivative the surrogate is, with its ordinary autograd gradient (to plot it or to train a non-spiking
+    relaxation). Neurons need the spiking mode: they refuse a surrogate with ``spiking=False``.
+    """
 
     name: str = ""
     default_alpha: float = 1.0
 
-    def __init__(self, alpha: float | None = None) -> None:
+    def __init__(self, alpha: float | None = None, spiking: bool = True) -> None:
         alpha = self.default_alpha if alpha is None else alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise TypeError(f"{type(self).__name__}: alpha must be a float, got {type(alpha).__name__}")
@@ -38,20 +45,43 @@ class SurrogateFunction:
         if not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"{type(self).__name__}: alpha must be finite and > 0, got {alpha}")
         self.alpha = alpha
+        self.set_spiking_mode(spiking)
+
+    def set_spiking_mode(self, spiking: bool) -> None:
+        """``True``: calls return spikes (surrogate gradient); ``False``: the primitive function ``g(x)``."""
+        if not isinstance(spiking, bool):
+            raise TypeError(f"{type(self).__name__}: spiking must be a bool, got {type(spiking).__name__}")
+        self.spiking = spiking
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """``g'(x)`` elementwise, in ``x``'s dtype (callers pass fp32)."""
         return surrogate_derivative(self.name, x, self.alpha)
 
+    @classmethod
+    def spiking_function(cls, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Heaviside ``(x >= 0)`` in ``x``'s dtype, backward ``grad * g'(x)`` (spikingjelly's ``Cls.spiking_function
+        (x, alpha)``)."""
+        return _HeavisideSurrogate.apply(x, cls(alpha))
+
+    @staticmethod
+    def primitive_function(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        """The smooth ``g(x)`` with ``g' = derivative``, rising from 0 to 1 (spikingjelly's
+        ``Cls.primitive_function(x, alpha)``)."""
+        raise NotImplementedError("this surrogate has no primitive function")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Heaviside ``(x >= 0)`` in ``x``'s dtype; gradient ``grad * g'(x)``."""
-        return _HeavisideSurrogate.apply(x, self)
+        """Spiking mode: Heaviside ``(x >= 0)`` in ``x``'s dtype, gradient ``grad * g'(x)``; otherwise
+        ``primitive_function(x, alpha)``."""
+        if self.spiking:
+            return _HeavisideSurrogate.apply(x, self)
+        return type(self).primitive_function(x, self.alpha)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(alpha={self.alpha})"
+        return f"{type(self).__name__}(alpha={self.alpha}" + ("" if self.spiking else ", spiking=False") + ")"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.alpha == self.alpha  # type: ignore[attr-defined]
+        return (type(other) is type(self) and other.alpha == self.alpha  # type: ignore[attr-defined]
+                and other.spiking == self.spiking)  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
         # By type only (consistent with __eq__): torch.compile may hash an instance built inside the
@@ -99,29 +129,65 @@ def surrogate_derivative(name: str, x: torch.Tensor, alpha: float) -> torch.Tens
 class Sigmoid(SurrogateFunction):
     name, default_alpha = "sigmoid", 4.0
 
+    @staticmethod
+    def primitive_function(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return torch.sigmoid(alpha * x)
+
 
 class ATan(SurrogateFunction):
     name, default_alpha = "atan", 2.0
+
+    @staticmethod
+    def primitive_function(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return 0.5 + torch.atan(x * (math.pi / 2 * alpha)) / math.pi
 
 
 class PiecewiseQuadratic(SurrogateFunction):
     name, default_alpha = "piecewise_quadratic", 1.0
 
+    @staticmethod
+    def primitive_function(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        # 0 below -1/alpha, 1 above 1/alpha, a quadratic through 1/2 in between
+        inside = 0.5 + alpha * x - (alpha * alpha / 2) * x * x.abs()
+        return torch.where(x.abs() <= 1 / alpha, inside, (x > 0).to(x.dtype))
+
 
 class PiecewiseExp(SurrogateFunction):
     name, default_alpha = "piecewise_exp", 1.0
+
+    @staticmethod
+    def primitive_function(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        # |x| as a where, not abs(): its derivative at 0 is then 1 and the gradient there alpha / 2, as g'(0)
+        half_tail = torch.exp(-alpha * torch.where(x >= 0, x, -x)) / 2
+        return torch.where(x >= 0, 1 - half_tail, half_tail)
 
 
 class SoftSign(SurrogateFunction):
     name, default_alpha = "soft_sign", 2.0
 
+    @staticmethod
+    def primitive_function(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return 0.5 + 0.5 * torch.nn.functional.softsign(alpha * x)
+
 
 class SuperSpike(SurrogateFunction):
+    """SuperSpike's derivative ``alpha / (1 + |x|)^2`` integrates to ``2 * alpha``, not 1: it has no primitive
+    rising from 0 to 1 (spikingjelly defines none either), so it exists in spiking mode only."""
     name, default_alpha = "super_spike", 1.0
+
+    def set_spiking_mode(self, spiking: bool) -> None:
+        if spiking is False:
+            raise ValueError("SuperSpike: spiking=False is not available (SuperSpike has no primitive function "
+                             "rising from 0 to 1); use another surrogate for a non-spiking relaxation")
+        super().set_spiking_mode(spiking)
 
 
 class Erf(SurrogateFunction):
     name, default_alpha = "erf", 2.0
+
+    @staticmethod
+    def primitive_function(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return torch.special.erfc(-alpha * x) / 2
 
 
 SURROGATES: dict[str, type[SurrogateFunction]] = {

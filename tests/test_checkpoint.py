@@ -1,15 +1,16 @@
-"""Checkpoint files: atomic writes, weights_only loads, clear errors, RNG round trip."""
+"""Checkpoint files: atomic writes, weights_only loads, clear errors, RNG round trip, damaged contents."""
 from __future__ import annotations
 
 import os
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from revsnn_triton.checkpoint import (FORMAT_KEY, CheckpointError, load_checkpoint, rng_state, save_checkpoint,
-                                      set_rng_state)
+from revsnn_triton.checkpoint import (FORMAT_KEY, CheckpointError, check_training_state, load_checkpoint, rng_state,
+                                      save_checkpoint, set_rng_state)
 
 
 def _state() -> dict:
@@ -88,3 +89,56 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
     torch.save({FORMAT_KEY: 99}, newer)
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(newer)
+
+
+def _training_state() -> dict:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    return {"epoch": 0, "model": model.state_dict(), "optimizer": opt.state_dict(), "history": [{"epoch": 1}],
+            "best_acc": 0.5, "best_epoch": 1, "rng": rng_state(), "config": {"epochs": 2},
+            "model_name": "RevSResNet-digits"}
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda s: s.update(model=[1, 2]), "'model' must be a dict of tensors"),
+    (lambda s: s.update(epoch="3"), "'epoch' must be an integer"),
+    (lambda s: s.update(epoch=True), "'epoch' must be an integer"),
+    (lambda s: s.update(optimizer={"state": {}}), "'optimizer' must be an optimizer state_dict"),
+    (lambda s: s["rng"].update(torch=s["rng"]["torch"][:100]), "'torch' is not a torch generator state"),
+    (lambda s: s["rng"]["python"][1].pop(), "'python' is not a Python random state"),
+    (lambda s: s["rng"].pop("numpy"), "RNG state is incomplete"),
+    (lambda s: s.pop("history"), "lacks ['history']"),
+])
+def test_training_state_with_wrong_types_is_reported(tmp_path, damage, words):
+    state = _training_state()
+    damage(state)
+    save_checkpoint(tmp_path / "ck.pt", state)
+    loaded = load_checkpoint(tmp_path / "ck.pt")
+    with pytest.raises(CheckpointError, match=re.escape(words)) as info:
+        check_training_state(loaded, tmp_path / "ck.pt")
+    assert str(tmp_path / "ck.pt") in str(info.value)
+
+
+def test_intact_training_state_passes_and_damaged_rng_changes_nothing(tmp_path):
+    state = _training_state()
+    check_training_state(state, "x.pt")
+    before = torch.get_rng_state()
+    broken = dict(state["rng"], numpy=state["rng"]["numpy"][:3])
+    with pytest.raises(CheckpointError, match="'numpy' is not a NumPy generator state"):
+        set_rng_state(broken)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_torch_write_failure_is_an_oserror_and_keeps_the_file(tmp_path, monkeypatch):
+    # torch's zip writer reports a full disk as a RuntimeError; the caller gets an OSError naming the file.
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def full_disk(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="PytorchStreamWriter failed writing"):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["ck.pt"]

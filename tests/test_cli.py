@@ -1,8 +1,10 @@
-"""The ``revsnn`` command: an end-to-end digits run, recipes and overrides, bench/tune dispatch, bad input."""
+"""The ``revsnn`` command: an end-to-end digits run, eval, recipes and overrides, listings, help, run folders,
+bench/tune dispatch, and bad input or environment problems (one line, exit status 2, no traceback)."""
 from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -42,6 +44,24 @@ def test_end_to_end_digits(tmp_path, capsys):
     assert set(memory) == {"RevSResNet-digits", "MS-ResNet-digits"}
     assert 0 < memory["RevSResNet-digits"] < memory["MS-ResNet-digits"], memory
     assert "memory per image  RevSResNet-digits" in text
+    # What was printed is in the run's log, from the start line and the resolved config to the report.
+    log = (out / "train.log").read_text()
+    for line in text.splitlines():
+        assert line in log
+    assert "config: model=\"RevSResNet-digits\"" in log and "epochs=2" in log
+    outputs = text.splitlines()[-1]
+    assert all(name in outputs for name in ("config.json", "summary.json", "train.log", "checkpoint_best.pt"))
+
+    # `revsnn eval` on the kept best checkpoint measures the accuracy the training reported for it.
+    assert main(["eval", str(out)]) == 0
+    line = capsys.readouterr().out
+    best = max(r["test_acc"] for r in rows)
+    assert f"accuracy {100 * best:.2f} %" in line and f"training reported {100 * best:.2f} %" in line
+    from revsnn_triton import load_model
+    from revsnn_triton.evaluation import evaluate_checkpoint
+    assert evaluate_checkpoint(out / "checkpoint_best.pt").test_acc == best
+    model = load_model(out / "checkpoint_last.pt")
+    assert not model.training and model.train_config.epochs == 2 and model.train_config.model == "RevSResNet-digits"
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -66,7 +86,7 @@ def test_shipped_recipes_load():
 def test_flags_override_config_file(tmp_path, monkeypatch):
     seen = {}
     from revsnn_triton import training
-    monkeypatch.setattr(training, "train", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(training, "train", lambda request, overwrite: seen.setdefault("cfg", make_config(**request)))
     recipe = tmp_path / "r.toml"
     recipe.write_text('dataset = "digits"\nepochs = 7\nlr = 0.5\nmodel_kwargs = { blocks = [1, 1] }\n')
     assert main(["train", "--config", str(recipe), "--lr", "0.25", "--set", "weight_decay=0.5", "--T", "2"]) == 0
@@ -144,16 +164,18 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     assert status == 2 and "not a revsnn training checkpoint" in err
 
 
-def test_checkpoint_of_another_model(tmp_path, capsys):
+def test_resume_refuses_settings_that_define_the_run(tmp_path, capsys):
     out = tmp_path / "ms"
     assert main(["train", "--model", "MS-ResNet-digits", "--epochs", "2", "--max-steps-per-epoch", "1",
-                 "--out", str(out), *QUIET]) == 0
+                 "--max-eval-samples", "16", "--out", str(out), *QUIET]) == 0
     capsys.readouterr()
-    status, err = _run(["train", "--resume", str(out), "--epochs", "3", "--out", str(out), *QUIET], capsys)
-    assert status == 2 and "written for model 'MS-ResNet-digits', not 'RevSResNet-digits'" in err
-    status, err = _run(["train", "--model", "MS-ResNet-digits", "--resume", str(out), "--epochs", "2",
-                        "--out", str(out), *QUIET], capsys)
-    assert status == 2 and "already finished epoch 2" in err
+    status, err = _run(["train", "--resume", str(out), "--model", "RevSResNet-digits", "--T", "2", "--epochs", "3"],
+                       capsys)
+    assert status == 2 and "cannot change in the middle of a run" in err
+    assert "model 'MS-ResNet-digits' -> 'RevSResNet-digits'" in err and "T 4 -> 2" in err and "epochs" not in \
+        err.split("cannot change")[1].split(".")[0]
+    status, err = _run(["train", "--resume", str(out)], capsys)
+    assert status == 2 and "already finished epoch 2 of 2" in err and "--epochs" in err
 
 
 def test_nan_loss_exit_status(tmp_path, capsys, monkeypatch):
@@ -161,7 +183,7 @@ def test_nan_loss_exit_status(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(training, "_loss_fn", lambda cfg: lambda logits, target: logits.sum() * float("nan"))
     status, err = _run(["train", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(tmp_path), *QUIET],
                        capsys)
-    assert status == 1 and "loss became nan at epoch 1, step 1" in err and "no checkpoint had been written" in err
+    assert status == 1 and "loss became nan at epoch 1, step 1" in err and "No checkpoint had been written" in err
 
 
 def test_bad_device(capsys):
@@ -187,3 +209,205 @@ def test_bad_values_and_unknown_command(capsys):
     assert status == 2 and "invalid choice" in err
     status, err = _run(["fit"], capsys)
     assert status == 2 and "unknown command 'fit'" in err
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+TINY_RUN = ["--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "8", "--max-eval-samples", "16", *QUIET]
+
+
+def test_existing_run_folder_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY_RUN]) == 0
+    first = load_checkpoint(out / "checkpoint_last.pt")
+    capsys.readouterr()
+    status, err = _run(["train", "--out", str(out), *TINY_RUN, "--seed", "1"], capsys)
+    assert status == 2 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    kept = load_checkpoint(out / "checkpoint_last.pt")["model"]
+    assert all(torch.equal(kept[k], v) for k, v in first["model"].items())
+    assert main(["train", "--out", str(out), *TINY_RUN, "--seed", "1", "--overwrite"]) == 0
+    second = load_checkpoint(out / "checkpoint_last.pt")
+    assert second["config"]["seed"] == 1 and json.loads((out / "config.json").read_text())["seed"] == 1
+    assert (out / "train.log").read_text().count("revsnn train: finished") == 1  # the old run's log is gone
+
+
+def test_default_run_folders_are_unique(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY_RUN]) == 0
+    assert main(["train", *TINY_RUN]) == 0  # the same command again (as `make demo` twice) starts a new run
+    runs = sorted((tmp_path / "runs" / "train").iterdir())
+    assert len(runs) == 2 and all(r.name.endswith("-RevSResNet-digits") for r in runs)
+    assert all((r / "checkpoint_last.pt").is_file() for r in runs)
+    recorded = json.loads((runs[0] / "config.json").read_text())["out"]
+    assert recorded in (str(runs[0].relative_to(tmp_path)), str(runs[0]))
+
+
+# ------------------------------------------------------------------------------ bad input and environment
+def test_output_folder_that_is_a_file_or_not_writable(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    status, err = _run(["train", "--out", str(afile), *TINY_RUN], capsys)
+    assert status == 2 and "is a file" in err
+    status, err = _run(["train", "--out", str(afile / "run"), *TINY_RUN], capsys)
+    assert status == 2 and "not writable" in err
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        status, err = _run(["train", "--out", str(locked / "run"), *TINY_RUN], capsys)
+        assert status == 2 and "not writable" in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seed", "4294967296"], "seed must be an integer in [0, 4294967295]"),
+    (["--seed", "-1"], "seed must be an integer in [0, 4294967295]"),
+    (["--lr", "1e39"], "lr must be a number > 0 and at most 3.403e+38"),
+    (["--device", "meta"], "not 'meta' (meta tensors hold no data)"),
+    (["--device", "cuda:99"], "cuda:99"),
+])
+def test_bad_values_one_line(flags, words, tmp_path, capsys):
+    status, err = _run(["train", "--out", str(tmp_path / "o"), *flags, *TINY_RUN], capsys)
+    assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_backend_missing(capsys, tmp_path):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    status, err = _run(["train", "--device", "mps", "--out", str(tmp_path / "o"), *TINY_RUN], capsys)
+    assert status == 2 and "device 'mps' requested but MPS is not available here" in err
+
+
+def test_download_without_network_names_the_url_and_leaves_no_folders(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    data = tmp_path / "new" / "data"
+    status, err = _run(["train", "--dataset", "cifar10", "--download", "--data-dir", str(data),
+                        "--out", str(tmp_path / "o"), *QUIET], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "downloading dataset 'cifar10' failed" in err and "https://www.cs.toronto.edu/~kriz/cifar-10" in err
+    assert "cifar-10-batches-py" in err and str(data) in err
+    assert sorted(os.listdir(tmp_path)) == []  # neither data/ nor its new parent nor the output folder
+
+
+def test_damaged_checkpoint_contents(tmp_path, capsys):
+    from revsnn_triton.checkpoint import save_checkpoint
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY_RUN]) == 0
+    capsys.readouterr()
+    good = load_checkpoint(out / "checkpoint_last.pt")
+    good.pop("revsnn_checkpoint")
+    for key, value, words in (("model", [1, 2], "'model' must be a dict of tensors"),
+                              ("epoch", "0", "'epoch' must be an integer"),
+                              ("rng", dict(good["rng"], torch=good["rng"]["torch"][:64]), "RNG state")):
+        save_checkpoint(tmp_path / "bad.pt", {**good, key: value})
+        status, err = _run(["train", "--resume", str(tmp_path / "bad.pt"), "--epochs", "2"], capsys)
+        assert status == 2 and "is damaged" in err and words in err, err
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def full_disk_at_epoch_2(obj, f, *args, **kwargs):
+        calls.append(obj.get("epoch"))
+        if obj.get("epoch") == 1:
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_disk_at_epoch_2)
+    status, err = _run(["train", "--out", str(out), *TINY_RUN, "--epochs", "2"], capsys)
+    monkeypatch.undo()
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "could not write" in err and "checkpoint_last.pt" in err and "(end of epoch 1)" in err
+    kept = load_checkpoint(out / "checkpoint_last.pt")
+    assert kept["epoch"] == 0 and all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------------- help, listings, version
+def test_help_shows_defaults_and_describes_every_flag(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # argparse wraps at the terminal width
+    with pytest.raises(SystemExit):
+        from revsnn_triton.cli import _train_parser
+        _train_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: 0.004)" in text and "(default: 4)" in text and "(default: none)" in text
+    assert "spiking neurons: triton (the fused multi-step kernels" in text
+    assert "runs/train/<YYYYmmdd-HHMMSS>-<model>" in text
+
+
+def test_version_and_fast_top_level_help():
+    from revsnn_triton import __version__
+    code = ("import sys; from revsnn_triton.cli import main; s1 = main(['--help']); s2 = main(['--version']); "
+            "print('TORCH', 'torch' in sys.modules, s1, s2)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"revsnn-triton {__version__}" in proc.stdout and "eval CHECKPOINT" in proc.stdout
+    assert "TORCH False 0 0" in proc.stdout   # the top-level help and --version import no torch
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--list-configs"]])
+def test_output_into_a_closed_pipe_has_no_traceback(args):
+    # As `revsnn --help | head -0`: the reader is gone before anything is written.
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "revsnn_triton", *args], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(write)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_list_models_and_configs_tables(capsys):
+    from revsnn_triton.models import create_model
+    assert main(["train", "--list-models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "input", "T", "classes", "parameters"]
+    row = next(line for line in lines if line.startswith("RevSResNet-digits "))
+    count = sum(p.numel() for p in create_model("RevSResNet-digits").parameters())
+    assert row.split()[-1] == f"{count / 1e6:.2f}M" and " 4 " in row and " 10 " in row
+    assert main(["train", "--list-configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["recipe", "dataset", "model", "epochs"]
+    assert ["digits", "digits", "RevSResNet-digits", "6"] in [line.split() for line in lines]
+    assert ["cifar10_revsresnet", "cifar10", "RevSResNet21", "200"] in [line.split() for line in lines]
+
+
+def test_did_you_mean(capsys):
+    status, err = _run(["train", "--config", "cifar10_revsresnt"], capsys)
+    assert status == 2 and "did you mean 'cifar10_revsresnet'" in err
+    status, err = _run(["train", "--set", "weight_decy=0.1"], capsys)
+    assert status == 2 and "did you mean 'weight_decay'" in err
+    status, err = _run(["trian"], capsys)
+    assert status == 2 and "did you mean 'train'" in err
+
+
+def test_one_epoch_one_process_wording(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), *TINY_RUN]) == 0
+    text = capsys.readouterr().out
+    assert "1 process on cpu" in text and ", 1 epoch," in text and "finished 1 epoch in" in text
+    assert "epochs," not in text.splitlines()[0] and "process(es)" not in text
+    from revsnn_triton.training import _rate
+    assert [_rate(v) for v in (0.0123, 3.456, 45.67, 1234.5)] == ["0.0123", "3.46", "45.7", "1234"]
+
+
+def test_eval_of_a_missing_checkpoint(tmp_path, capsys):
+    status, err = _run(["eval", str(tmp_path / "nothing.pt")], capsys)
+    assert status == 2 and "does not exist" in err
+
+
+def test_ctrl_c_names_what_to_resume(tmp_path, capsys, monkeypatch):
+    from revsnn_triton import training
+    real_epoch = training._train_epoch
+
+    def interrupted_in_epoch_2(session, progress, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(session, progress, epoch)
+    monkeypatch.setattr(training, "_train_epoch", interrupted_in_epoch_2)
+    status, err = _run(["train", "--out", str(tmp_path), *TINY_RUN, "--epochs", "2"], capsys)
+    assert status == 130 and f"--resume {tmp_path}" in err and "(end of epoch 1)" in err
+    assert "interrupted" in (tmp_path / "train.log").read_text()

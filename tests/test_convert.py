@@ -105,7 +105,9 @@ def test_parameters_are_kept() -> None:
     assert plif.w.item() == pytest.approx(0.37) and plif.w.item() == sj_net[3].nodes[0].w.item()
     assert (if_node.v_threshold, if_node.surrogate_function) == (0.75, surrogate.Erf(alpha=2.0))
     assert last.surrogate_function == surrogate.PiecewiseQuadratic(alpha=0.8)
-    assert all(m.backend == "triton" and m.save == "h" for m in (lif, plif, if_node, last))
+    # what a hand-built node does: the op's default save mode ("input": nothing kept beyond the input)
+    assert all(m.backend == "triton" and m.save_mode == "input" for m in (lif, plif, if_node, last))
+    assert "save=input" in repr(lif)
     # parameters other than the nodes' are the same values
     sj_params = dict(sj_net.named_parameters())
     for name, p in ours.named_parameters():
@@ -161,8 +163,6 @@ def test_converted_single_step_node_equals_spikingjelly() -> None:
      r"module '1\.0' .*QIFNode.*no fused counterpart"),
     (lambda: nn.Sequential(sj_neuron.LIFNode(surrogate_function=sj_surrogate.PiecewiseLeakyReLU())), TypeError,
      r"module '0' .*PiecewiseLeakyReLU has no fused kernel"),
-    (lambda: nn.ModuleDict({"a": sj_neuron.IFNode(store_v_seq=True)}), ValueError,
-     r"module 'a' .*store_v_seq=True"),
     (lambda: nn.Sequential(sj_neuron.IFNode(surrogate_function=sj_surrogate.Sigmoid(spiking=False))), TypeError,
      r"module '0' .*spiking=False"),
     (lambda: nn.Sequential(_with_precision(sj_neuron.LIFNode())), ValueError,
@@ -200,10 +200,21 @@ def test_bad_arguments() -> None:
         convert_spikingjelly([sj_neuron.IFNode()])
     with pytest.raises(ValueError, match="backend must be one of"):
         convert_spikingjelly(sj_neuron.IFNode(), backend="cuda")
-    with pytest.raises(ValueError, match="save must be one of"):
-        convert_spikingjelly(sj_neuron.IFNode(), save="all")
     with pytest.raises(TypeError, match="inplace must be a bool"):
         convert_spikingjelly(sj_neuron.IFNode(), inplace="yes")
+
+
+def test_store_v_seq_is_carried_and_our_own_nodes_are_left_alone() -> None:
+    sj_node = sj_neuron.LIFNode(step_mode="m", store_v_seq=True)
+    ours = IFNode(step_mode="m", v_threshold=0.5)
+    converted = convert_spikingjelly(nn.Sequential(sj_node, ours), inplace=True)
+    assert isinstance(converted[0], LIFNode) and converted[0].store_v_seq
+    assert converted[1] is ours
+    x = torch.rand(5, 2, 3) * 3
+    assert_equal(converted[0](x), sj_node(x), "spikes")
+    assert_close(converted[0].v_seq, sj_node.v_seq, "v_seq")
+    with pytest.raises(ValueError, match="save must be None or one of"):
+        convert_spikingjelly(sj_neuron.IFNode(), save="all")
 
 
 def test_original_state_is_not_carried() -> None:

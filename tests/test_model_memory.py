@@ -63,8 +63,7 @@ def test_plot_depth_writes_png(tmp_path):
 
 
 def test_memory_main_writes_tables(tmp_path):
-    rc = bench_memory.main(["--cpu-small", "--no-sweep", "--models", "MS-ResNet18", "--T", "1",
-                            "--out", str(tmp_path)])
+    rc = bench_memory.main(["--cpu-small", "--models", "MS-ResNet18", "--T", "1", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "memory.json").read_text())
     (row,) = data["rows"]

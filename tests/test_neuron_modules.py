@@ -27,17 +27,13 @@ def test_parameter_names_and_defaults_match_spikingjelly(ours, theirs) -> None:
     mine = inspect.signature(ours).parameters
     ref = inspect.signature(theirs).parameters
     for name, p in ref.items():
-        if name == "store_v_seq":  # not offered (convert_spikingjelly refuses store_v_seq=True)
-            assert name not in mine
-            continue
         assert name in mine, f"{ours.__name__} lacks spikingjelly's argument {name!r}"
         if name == "surrogate_function":  # their Sigmoid(alpha=4.0) and ours are different classes
             assert type(p.default).__name__ == "Sigmoid" and p.default.alpha == 4.0
             assert mine[name].default == surrogate.Sigmoid(alpha=4.0)
             continue
         assert mine[name].default == p.default, f"{ours.__name__}.{name}: {mine[name].default} != {p.default}"
-    positional = [n for n in ref if n != "store_v_seq"]
-    assert list(mine)[:len(positional)] == positional, "positional order differs from spikingjelly's"
+    assert list(mine)[:len(ref)] == list(ref), "positional order differs from spikingjelly's"
     for name, default in OUR_EXTRAS.items():
         assert mine[name].default == default
 
@@ -131,7 +127,7 @@ def test_reset_net_resets_ours_and_spikingjelly() -> None:
     assert seq[1].v == 0.0 and seq[2].v == 0.0 and plif.v == 0.0
     seq(torch.randn(2, 3, 4))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # spikingjelly warns that our node is not one of its MemoryModules
+        warnings.simplefilter("error")  # spikingjelly would warn about a node that is not one of its MemoryModules
         sj_functional.reset_net(net)
     assert seq[1].v == 0.0 and seq[2].v == 0.0
 
@@ -139,7 +135,7 @@ def test_reset_net_resets_ours_and_spikingjelly() -> None:
 def test_spikingjelly_set_step_mode_reaches_our_nodes() -> None:
     net = nn.Sequential(LIFNode(), sj_neuron.LIFNode())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")
         sj_functional.set_step_mode(net, "m")
     assert net[0].step_mode == "m" and net[1].step_mode == "m"
 
@@ -176,6 +172,24 @@ def test_extra_repr_names_the_configuration() -> None:
     for part in ("tau=1.5", "v_reset=None", "ATan(alpha=3.0)", "detach_reset=True", "step_mode=m",
                  "backend=torch"):
         assert part in text, (part, text)
+    assert "save=" not in text  # backend "torch" has no save mode: autograd keeps what it keeps
+    # the save mode in effect, never "save=None"
+    assert "save=input" in repr(IFNode()) and IFNode().save_mode == "input"
+    assert "save=h_bf16" in repr(ParametricLIFNode(save="h_bf16"))
+    assert "store_v_seq=True" in repr(IFNode(store_v_seq=True)) and "store_v_seq" not in repr(IFNode())
+
+
+@pytest.mark.parametrize("cls", [IFNode, LIFNode, ParametricLIFNode])
+def test_zero_dim_input_in_single_step_mode_matches_spikingjelly(cls) -> None:
+    ours, theirs = cls(v_reset=None), getattr(sj_neuron, cls.__name__)(v_reset=None)
+    for value in (0.6, 0.7, -0.2, 1.5, 0.4):
+        x = torch.tensor(value)
+        spike, ref = ours(x), theirs(x)
+        assert spike.shape == () and ours.v.shape == ()
+        assert_equal(spike, ref, f"spike for input {value}")
+        assert_close(ours.v, theirs.v, f"membrane after input {value}")
+    with pytest.raises(ValueError, match=r"shape \(\).*\(3,\).*reset\(\)"):
+        ours(torch.zeros(3))
 
 
 @pytest.mark.parametrize("make, error, match", [
@@ -188,6 +202,7 @@ def test_extra_repr_names_the_configuration() -> None:
     (lambda: IFNode(v_threshold=True), TypeError, "v_threshold must be a real number"),
     (lambda: IFNode(v_reset="0"), TypeError, "v_reset must be a real number or None"),
     (lambda: IFNode(detach_reset=1), TypeError, "detach_reset must be a bool"),
+    (lambda: IFNode(store_v_seq=1), TypeError, "store_v_seq must be a bool"),
     (lambda: LIFNode(decay_input=None), TypeError, "decay_input must be a bool"),
     (lambda: IFNode(step_mode="multi"), ValueError, "step_mode must be one of"),
     (lambda: IFNode(backend="cuda"), ValueError, "backend must be one of"),
@@ -213,7 +228,6 @@ def test_bad_step_mode_assignment() -> None:
     ("s", [1.0, 2.0], TypeError, "input must be a torch.Tensor"),
     ("m", torch.zeros(5), ValueError, "expects input \\[T, \\*shape\\]"),
     ("m", torch.zeros(0, 3), ValueError, "T >= 1"),
-    ("s", torch.tensor(1.0), ValueError, "0-dim"),
 ])
 def test_bad_inputs(step_mode, x, error, match) -> None:
     for backend in ("triton", "torch"):

@@ -1,10 +1,11 @@
-"""The ``revsnn::neuron_*`` custom ops and ``multistep_neuron`` on their CPU (reference) path.
+"""The ``revsnn::neuron_*`` custom ops and ``multistep_neuron`` on their CPU path (the chunked backend).
 
 - the op's forward against spikingjelly 2.0's functional multi-step neurons (spikes and final v bit-equal in fp32),
 - the hand-written reference backward against ``multistep_autograd`` (gradients by autograd: an independent oracle),
+- the per-channel affine input against the explicit ``y = x * scale + shift``,
 - save modes, input validation, ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``.
 
-Case generation (layouts, special values) is shared with ``test_neuron_kernels.py``.
+Cases (layouts, special values) come from ``neuron_cases``, shared with the kernel and parity tests.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from revsnn_triton.ops import neuron as neuron_ops
+from revsnn_triton.ops.neuron import cpu as neuron_cpu
 from revsnn_triton.ops.neuron import multistep_neuron, neuron_backward, neuron_forward
-from revsnn_triton.ops.neuron_reference import multistep_autograd
+from revsnn_triton.ops.neuron import op as op_module
+from revsnn_triton.ops.neuron.reference import multistep_autograd
 from revsnn_triton.surrogate import SURROGATES
 from revsnn_triton.testing import assert_close, assert_equal
-from test_neuron_kernels import (KERNEL_DEVICE, LAYOUTS, Case, affine_kwargs, cases, config, kernels_on,  # same folder
-                                 make_affine, make_inputs)
+from neuron_cases import (KERNEL_DEVICE, LAYOUTS, Case, affine_kwargs, cases, config, explicit_input, kernels_on,
+                          make_affine, make_inputs, n_terms, plif_w_term_scale)
 
 sj_functional = pytest.importorskip("spikingjelly.activation_based.functional")
 from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
@@ -55,7 +57,7 @@ def run(fn, case: Case, save: str | None = None, device: str = "cpu"):
 def _sj(case: Case, x, v, w):
     common = dict(v_threshold=case.v_threshold, v_reset=case.v_reset, detach_reset=case.detach_reset,
                   surrogate_function=getattr(sj_surrogate, type(SURROGATES[case.surrogate]()).__name__)(
-                      alpha=case.alpha))
+                      alpha=case.alpha_value))
     if case.kind == "if":
         return sj_functional.if_multi_step(x, v, **common)[:2]
     if case.kind == "lif":
@@ -67,9 +69,8 @@ def _sj(case: Case, x, v, w):
 @pytest.mark.parametrize("v_reset", [0.0, None, -0.5])
 @pytest.mark.parametrize("kind", ["if", "lif", "plif"])
 def test_forward_and_gradients_equal_spikingjelly(kind: str, v_reset, surrogate: str) -> None:
-    case = Case(kind=kind, v_reset=v_reset, surrogate=surrogate, alpha=SURROGATES[surrogate].default_alpha,
-                tau=1.7, v_threshold=0.6, T=5, shape=(4, 9), scale=2.0, detach_reset=kind == "lif",
-                decay_input=v_reset != -0.5, w=-0.4)
+    case = Case(kind=kind, v_reset=v_reset, surrogate=surrogate, tau=1.7, v_threshold=0.6, T=5, shape=(4, 9),
+                scale=2.0, detach_reset=kind == "lif", decay_input=v_reset != -0.5, w=-0.4)
     ours = run(multistep_neuron, case)
     x, v_init, w, grad_s, grad_v = make_inputs(case)
     leaves = [t.requires_grad_() for t in (x, v_init, w) if t is not None]
@@ -95,60 +96,48 @@ def test_explicit_backward_equals_autograd_oracle(case: Case) -> None:
     for got, ref, what in zip(ours[2:], oracle[2:], GRADS):
         if ref is None:
             continue
-        if what in ("scale", "shift"):
-            check_affine_grad(got, ref, case, what)
-        elif what == "w":
-            # One sum over every neuron-step whose terms can be as large as the huge special inputs: compare
-            # relative to the sum of the terms' magnitudes (fp32 rounding per term), not to the result.
-            bound = 1e-5 * (1.0 + run_w_scale(case))
-            assert_close(got, ref, "grad w", rtol=1.3e-6, atol=bound)
-        else:
-            assert_close(got, ref, f"grad {what}", dtype=ref.dtype)
+        check_grad(got, ref, case, what)
 
 
 @given(case=cases(), save=st.sampled_from(["input", "h", "h_bf16"]), chunk=st.sampled_from([1, 2, 5, 16]))
 @example(case=Case(kind="plif", T=4, shape=(2, 3, 4), layout="channels_last", w=0.7), save="input", chunk=5)
 def test_cpu_path_gives_the_same_bits_chunk_by_chunk(case: Case, save: str, chunk: int) -> None:
-    # The CPU path works through the neurons in chunks of ops.neuron.CPU_CHUNK to bound its work space; with
-    # tiny chunks (many slices along the outermost neuron dim, in every layout) nothing may change, not even
-    # PLIF's grad of w (per-neuron partials, then one sum over the whole tensor).
+    # The CPU path works through the neurons in chunks of cpu.CPU_CHUNK to bound its work space; with tiny
+    # chunks (many slices along the outermost neuron dim, in every layout) nothing may change, not even PLIF's
+    # grad of w or the affine grads (per-neuron partials, then one sum over the whole tensor).
     whole = run(multistep_neuron, case, save)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(neuron_ops, "CPU_CHUNK", chunk)
+        mp.setattr(neuron_cpu, "CPU_CHUNK", chunk)
         if chunk == 1 and torch.Size(case.shape).numel() > 1:
-            assert len(neuron_ops._cpu_chunks(make_inputs(case)[0])) > 1
+            assert len(neuron_cpu._chunks(make_inputs(case)[0])) > 1
         chunked = run(multistep_neuron, case, save)
     for got, ref, what in zip(chunked, whole, ("spikes", "v_final", *(f"grad {g}" for g in GRADS))):
         if ref is not None:
             assert_equal(got, ref, f"{what}, chunks of {chunk}")
 
 
-def run_w_scale(case: Case) -> float:
-    """Sum over neuron-steps of |dL/dH * dH/dq| * q(1-q), the scale of PLIF's grad of w."""
+def oracle_grad_y(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, dL/dy)`` by autograd through the oracle on the neuron's input ``y`` (the explicit affine input, or x)."""
     x, v_init, w, grad_s, grad_v = make_inputs(case)
-    q = torch.sigmoid(w.float())
-    y = x.float().abs()
-    scale, shift = make_affine(case)
-    if scale is not None:  # dH/dq reads the neuron's input y = x * scale + shift
-        y = y * float(scale.abs().max()) + float(shift.abs().max())
-    return float(q * (1 - q)) * float((y + 10).sum()) * float(grad_s.float().abs().max() + 1)
-
-
-def explicit_input(case: Case, x: torch.Tensor) -> torch.Tensor:
-    """``y = x * scale[c] + shift[c]`` written out in fp32 (what the fused transform must equal)."""
-    scale, shift = make_affine(case, x.device)
-    view = [1] * (x.dim() - 1)
-    view[case.channel_dim] = -1
-    return x.float() * scale.view(view) + shift.view(view)
-
-
-def check_affine_grad(got: torch.Tensor, ref: torch.Tensor, case: Case, what: str) -> None:
-    """grad of scale / shift: per channel a sum over time and the other dims of ``dL/dy * x`` / ``dL/dy``,
-    compared with the reduction-length tolerance (terms taken from the autograd oracle on the explicit y)."""
-    x, v_init, w, grad_s, grad_v = make_inputs(case)
-    y = explicit_input(case, x).requires_grad_()
+    y = (explicit_input(case, x) if case.channel_dim is not None else x.float()).requires_grad_()
     spikes, v = multistep_autograd(y, v_init, w=w, **case.kwargs())
     grad_y, = torch.autograd.grad((spikes * grad_s.float()).sum() + (v * grad_v).sum(), [y])
+    return x, grad_y
+
+
+def check_grad(got: torch.Tensor, ref: torch.Tensor, case: Case, what: str) -> None:
+    """One gradient against the oracle's: elementwise ones with the dtype's tolerance; those of w, scale and
+    shift are sums over every neuron-step (of a channel), compared with the reduction-length tolerance (the
+    terms' magnitude from the oracle's dL/dy)."""
+    if what in ("x", "v_init"):
+        assert_close(got, ref, f"grad {what}", dtype=ref.dtype)
+        return
+    x, grad_y = oracle_grad_y(case)
+    if what == "w":
+        _, v_init, w, _, _ = make_inputs(case)
+        assert_close(got, ref, "grad w", dtype=torch.float32, reduce_dim=n_terms(x),
+                     term_scale=plif_w_term_scale(case, x, v_init, w, grad_y))
+        return
     terms = grad_y * x.float() if what == "scale" else grad_y
     per_channel = terms.numel() // terms.shape[1 + case.channel_dim]
     assert_close(got, ref, f"grad {what}", dtype=torch.float32, reduce_dim=per_channel,
@@ -163,7 +152,7 @@ def test_save_modes(kind: str, device_path: str) -> None:
     much off, which moves each gradient by about (alpha |H - th| + 1) * 2^-9 per step relative, compounding over
     the T=4 steps; we allow 3e-2 relative and 3e-2 x max|grad| absolute (about 4 steps x 4 x 2^-9)."""
     case = Case(kind=kind, T=4, shape=(6, 11), v_reset=None if kind == "plif" else 0.0, scale=2.0,
-                surrogate="sigmoid", alpha=4.0)
+                surrogate="sigmoid")
     device = KERNEL_DEVICE if device_path == "kernels" else "cpu"
     with kernels_on(device) if device_path == "kernels" else contextlib.nullcontext():
         h, inp, bf16 = [run(multistep_neuron, case, save, device) for save in ("h", "input", "h_bf16")]
@@ -218,14 +207,8 @@ def test_affine_gradients_equal_autograd_oracle(case: Case, save: str, data) -> 
     if save == "h_bf16":
         return  # approximate gradients by design (test_save_modes)
     for got, ref, what in zip(ours[2:], oracle[2:], GRADS):
-        if ref is None:
-            continue
-        if what in ("scale", "shift"):
-            check_affine_grad(got, ref, case, what)
-        elif what == "w":
-            assert_close(got, ref, "grad w", rtol=1.3e-6, atol=1e-5 * (1.0 + run_w_scale(case)))
-        else:
-            assert_close(got, ref, f"grad {what}", dtype=ref.dtype)
+        if ref is not None:
+            check_grad(got, ref, case, what)
 
 
 def test_affine_grad_x_is_scaled_and_reductions_are_per_channel() -> None:
@@ -269,7 +252,7 @@ def test_affine_cpu_path_allocates_no_input_sized_temporary() -> None:
         return lambda: torch.autograd.grad(spikes, leaves, grad)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(neuron_ops, "CPU_CHUNK", 256)
+        mp.setattr(neuron_cpu, "CPU_CHUNK", 256)
         fwd = [measure_peak_bytes(forward(a), "cpu") for a in (False, True)]
         bwd = [measure_peak_bytes(backward(a), "cpu") for a in (False, True)]
     assert fwd[1] - fwd[0] < full_y / 8, (fwd, full_y)
@@ -444,7 +427,6 @@ def test_bytes_saved_for_backward(kind, decay_input, save, with_v_init, affine, 
 @pytest.mark.parametrize("grad_mode", ["no_grad", "no_leaf_requires_grad", "training"])
 def test_nothing_saved_without_autograd(grad_mode: str, monkeypatch) -> None:
     """Inference (and the reversible engine's graph-free forward) never writes H: the op gets save="input"."""
-    import revsnn_triton.ops.neuron as op_module
     seen = []
     original = op_module.neuron_forward
 
@@ -467,7 +449,6 @@ def test_unused_outputs_are_not_materialized(path: str, monkeypatch) -> None:
     """Autograd hands the backward None for an unused v_final (not zeros: the kernel then reads nothing) and it
     asks for no grad of a v_init that does not require one; the gradients equal those of explicit zero
     gradients. Only v_final used: spikes' gradient is zero."""
-    import revsnn_triton.ops.neuron as op_module
     calls = []
     original = op_module.neuron_backward
 

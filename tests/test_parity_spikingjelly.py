@@ -1,19 +1,20 @@
 """Parity of our neuron modules with spikingjelly 2.0 (CPU).
 
 Spikes are compared bit for bit, input gradients and PLIF's ``w`` gradient with the fp32 rounding tolerance
-(the input dtype's tolerance for bf16/fp16 input gradients, which are rounded to that dtype). Each case makes two
-consecutive calls without ``reset()``, so the carried membrane (and the gradient through it) is exercised, and
-the loss includes the final ``v``.
+(the input dtype's tolerance for bf16/fp16 input gradients, which are rounded to that dtype; the reduction-length
+tolerance for ``w``'s, a sum over every neuron-step). Each case makes two consecutive calls without ``reset()``,
+so the carried membrane (and the gradient through it) is exercised, and the loss includes the final ``v``.
 
 Reference: spikingjelly's own module in the same step mode for fp32 input. For bf16/fp16 input spikingjelly's
 module keeps the membrane in the input dtype, while ours keeps it in fp32 (on purpose, see
 ``revsnn_triton.neuron``); the reference there is spikingjelly's functional ``*_multi_step`` with an fp32
-membrane, which is the same dynamics with an fp32 state.
+membrane, which is the same dynamics with an fp32 state. Cases come from ``neuron_cases`` (PLIF modules start
+from ``init_tau = case.tau``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,66 +24,28 @@ from hypothesis import strategies as st
 from revsnn_triton import runtime, surrogate
 from revsnn_triton.neuron import IFNode, LIFNode, ParametricLIFNode
 from revsnn_triton.testing import assert_close, assert_equal
+from neuron_cases import SURROGATE_NAMES, Case, cases, make_inputs, n_terms, plif_w_term_scale
 
 sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
 from spikingjelly.activation_based import functional as sj_functional  # noqa: E402
 from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402
 
-SURROGATE_NAMES = sorted(surrogate.SURROGATES)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-@dataclass(frozen=True)
-class Case:
-    kind: str = "lif"
-    tau: float = 2.0  # init_tau for PLIF
-    decay_input: bool = True
-    v_threshold: float = 1.0
-    v_reset: float | None = 0.0
-    detach_reset: bool = False
-    surrogate: str = "sigmoid"
-    alpha: float | None = None  # None: the class default
-    steps: tuple[int, int] = (3, 2)  # T of the first and the second call
-    shape: tuple[int, ...] = (3, 5)
-    dtype: torch.dtype = torch.float32
-    step_mode: str = "m"
-    scale: float = 1.0
-    special_frac: float = 0.1
-    seed: int = 0
-
-
-def special_values(case: Case) -> torch.Tensor:
-    """Values that stress the fire/reset logic: at the threshold, signed zeros, subnormal, huge."""
-    finfo = torch.finfo(case.dtype)
-    tiny = finfo.smallest_normal / 8  # a subnormal of the input dtype
-    huge = 3e4 if case.dtype == torch.float16 else 1e30
-    th = case.v_threshold
-    tau = case.tau if case.kind != "if" else 1.0
-    return torch.tensor([th, th * tau, -th, -0.0, 0.0, tiny, -tiny, huge, -huge, th + 1e-7, th - 1e-7],
-                        dtype=torch.float32)
-
-
-def make_inputs(case: Case) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Inputs of both calls (input dtype), upstream gradients of the spikes (fp32) and of the final v."""
-    g = torch.Generator().manual_seed(case.seed)
-    specials = special_values(case)
+def sequence_inputs(case: Case, steps: tuple[int, int]):
+    """Inputs of both calls (input dtype), upstream gradients of their spikes (fp32) and of the final v."""
     xs, gs = [], []
-    for T in case.steps:
-        x = torch.randn((T, *case.shape), generator=g) * case.scale + 0.5 * case.v_threshold
-        pick = torch.rand(x.shape, generator=g) < case.special_frac
-        x = torch.where(pick, specials[torch.randint(len(specials), x.shape, generator=g)], x)
-        xs.append(x.to(case.dtype))
-        gs.append(torch.randn(x.shape, generator=g))
-    return xs, gs, torch.randn(case.shape, generator=g)
+    for i, T in enumerate(steps):
+        x, _, _, grad_s, grad_v = make_inputs(replace(case, T=T, seed=case.seed + 7919 * i, random_v_init=False))
+        xs.append(x)
+        gs.append(grad_s.float())
+    return xs, gs, grad_v
 
 
-def _alpha(case: Case) -> float:
-    return surrogate.SURROGATES[case.surrogate].default_alpha if case.alpha is None else case.alpha
-
-
-def make_ours(case: Case, backend: str, save: str = "h"):
+def make_ours(case: Case, backend: str, step_mode: str, save: str = "h"):
     kw = dict(v_threshold=case.v_threshold, v_reset=case.v_reset, detach_reset=case.detach_reset,
-              surrogate_function=surrogate.SURROGATES[case.surrogate](_alpha(case)), step_mode=case.step_mode,
+              surrogate_function=surrogate.SURROGATES[case.surrogate](case.alpha_value), step_mode=step_mode,
               backend=backend, save=save)
     if case.kind == "if":
         return IFNode(**kw)
@@ -92,12 +55,12 @@ def make_ours(case: Case, backend: str, save: str = "h"):
 
 
 def _sj_surrogate(case: Case):
-    return getattr(sj_surrogate, type(surrogate.SURROGATES[case.surrogate]()).__name__)(alpha=_alpha(case))
+    return getattr(sj_surrogate, type(surrogate.SURROGATES[case.surrogate]()).__name__)(alpha=case.alpha_value)
 
 
-def make_spikingjelly(case: Case):
+def make_spikingjelly(case: Case, step_mode: str):
     kw = dict(v_threshold=float(case.v_threshold), v_reset=None if case.v_reset is None else float(case.v_reset),
-              detach_reset=case.detach_reset, surrogate_function=_sj_surrogate(case), step_mode=case.step_mode)
+              detach_reset=case.detach_reset, surrogate_function=_sj_surrogate(case), step_mode=step_mode)
     if case.kind == "if":
         return sj_neuron.IFNode(**kw)
     if case.kind == "lif":
@@ -115,13 +78,13 @@ def _grads(loss, xs, w):
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def run_module(node, case: Case, xs, gs, gv, device="cpu"):
+def run_module(node, step_mode: str, xs, gs, gv, device="cpu"):
     """Two calls (in the node's step mode) without reset; returns spikes, final v and gradients, on CPU."""
     node = node.to(device)
     xs = [x.to(device).requires_grad_() for x in xs]
     outs = []
     for x in xs:
-        if case.step_mode == "m":
+        if step_mode == "m":
             outs.append(node(x))
         else:
             outs.append(torch.stack([node(x[t]) for t in range(x.shape[0])]))
@@ -153,19 +116,30 @@ def run_spikingjelly_fp32_state(case: Case, xs, gs, gv):
     return [o.detach() for o in outs], v.detach(), grads
 
 
-def reference(case: Case, xs, gs, gv):
+def reference(case: Case, step_mode: str, xs, gs, gv):
     if case.dtype in LOW_PRECISION:
         return run_spikingjelly_fp32_state(case, xs, gs, gv)
-    return run_module(make_spikingjelly(case), case, xs, gs, gv)
+    return run_module(make_spikingjelly(case, step_mode), step_mode, xs, gs, gv)
 
 
-def check_against_reference(case: Case, backend: str, device: str = "cpu") -> None:
-    xs, gs, gv = make_inputs(case)
-    ours = make_ours(case, backend)
+def check_w_grad(case: Case, xs, grads, got: torch.Tensor, ref: torch.Tensor) -> None:
+    """PLIF's grad of w: one sum over every neuron-step of both calls, with the reduction-length tolerance
+    (term magnitudes bounded from the inputs and input gradients of the two calls run as one sequence: no reset
+    between them)."""
+    w = torch.as_tensor([-math.log(case.tau - 1.0)])
+    x, grad_x = torch.cat(xs), torch.cat(grads)
+    scale = plif_w_term_scale(replace(case, T=x.shape[0]), x, None, w, grad_x)
+    assert_close(got, ref, "grad of w", dtype=torch.float32, reduce_dim=n_terms(*xs), term_scale=scale)
+
+
+def check_against_reference(case: Case, backend: str, steps=(3, 2), step_mode: str = "m",
+                            device: str = "cpu") -> None:
+    xs, gs, gv = sequence_inputs(case, steps)
+    ours = make_ours(case, backend, step_mode)
     if case.kind == "plif":  # same starting w, bit for bit (both compute -ln(init_tau - 1) in float64 -> fp32)
         assert_equal(ours.w.detach(), torch.as_tensor(-math.log(case.tau - 1.0)), "initial w")
-    spikes, v, grads = run_module(ours, case, xs, gs, gv, device)
-    ref_spikes, ref_v, ref_grads = reference(case, xs, gs, gv)
+    spikes, v, grads = run_module(ours, step_mode, xs, gs, gv, device)
+    ref_spikes, ref_v, ref_grads = reference(case, step_mode, xs, gs, gv)
     for i, (s, r) in enumerate(zip(spikes, ref_spikes)):
         assert_equal(s, r, f"spikes of call {i}")
     assert_close(v, ref_v, "final v", dtype=torch.float32)
@@ -176,56 +150,38 @@ def check_against_reference(case: Case, backend: str, device: str = "cpu") -> No
     # over neurons per step, the op per neuron over time), so it is only compared for moderate inputs.
     # The spikes, v and input gradients above are compared in every case.
     if case.kind == "plif" and max(x.float().abs().max().item() for x in xs) < 1e6:
-        # One sum over every neuron-step: its rounding grows with the number of terms (fp32 eps per term).
-        n_terms = sum(x.numel() for x in xs)
-        rtol, atol = 1.3e-6 * max(1.0, math.sqrt(n_terms)), 1e-5 * max(1.0, math.sqrt(n_terms))
-        assert_close(grads[-1], ref_grads[-1], "grad of w", rtol=rtol, atol=atol)
+        check_w_grad(case, xs, grads[:len(xs)], grads[-1], ref_grads[-1])
 
 
-@st.composite
-def cases(draw) -> Case:
-    kind = draw(st.sampled_from(["if", "lif", "plif"]))
-    return Case(
-        kind=kind,
-        tau=draw(st.sampled_from([1.5, 2.0, 4.0]) | st.floats(1.05, 20.0)),
-        decay_input=draw(st.booleans()),
-        v_threshold=draw(st.sampled_from([1.0, 0.5]) | st.floats(0.05, 3.0)),
-        v_reset=draw(st.sampled_from([0.0, None, -0.5, 0.3])),
-        detach_reset=draw(st.booleans()),
-        surrogate=draw(st.sampled_from(SURROGATE_NAMES)),
-        alpha=draw(st.none() | st.floats(0.25, 8.0)),
-        steps=(draw(st.integers(1, 5)), draw(st.integers(1, 4))),
-        shape=draw(st.sampled_from([(1,), (7,), (13,), (3, 5), (2, 3, 4)])),
-        dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16])),
-        step_mode=draw(st.sampled_from(["m", "s"])),
-        scale=draw(st.sampled_from([0.3, 1.0, 3.0, 30.0])),
-        special_frac=draw(st.sampled_from([0.0, 0.1, 0.5])),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-
+PARITY_CASES = cases(dtypes=(torch.float32, torch.float32, torch.bfloat16, torch.float16), affine=False,
+                     layouts=("contiguous",), shapes=((1,), (7,), (13,), (3, 5), (2, 3, 4)),
+                     thresholds=st.sampled_from([1.0, 0.5]) | st.floats(0.05, 3.0), max_T=5)
+STEPS = st.tuples(st.integers(1, 5), st.integers(1, 4))
 
 # Each example takes a few milliseconds: three times the profile's example count.
 _MORE = settings(max_examples=3 * settings().max_examples)
 
 
 @_MORE
-@given(case=cases())
-@example(case=Case(kind="if", steps=(1, 1), v_reset=None, surrogate="atan", detach_reset=True))
-@example(case=Case(kind="plif", steps=(1, 3), dtype=torch.bfloat16, step_mode="s", special_frac=0.5))
-@example(case=Case(kind="lif", tau=1.5, decay_input=False, v_reset=0.3, dtype=torch.float16, scale=30.0))
+@given(case=PARITY_CASES, steps=STEPS, step_mode=st.sampled_from(["m", "s"]))
+@example(case=Case(kind="if", v_reset=None, surrogate="atan", detach_reset=True), steps=(1, 1), step_mode="m")
+@example(case=Case(kind="plif", dtype=torch.bfloat16, special_frac=0.5), steps=(1, 3), step_mode="s")
+@example(case=Case(kind="lif", tau=1.5, decay_input=False, v_reset=0.3, dtype=torch.float16, scale=30.0),
+         steps=(3, 2), step_mode="m")
 # Found by Hypothesis: +-1e30 inputs make w's gradient order-dependent (see check_against_reference).
-@example(case=Case(kind="plif", tau=4.0, surrogate="atan", steps=(4, 4), scale=0.3, seed=2_147_483_647))
-def test_parity_op_backend(case: Case) -> None:
-    """``backend="triton"``: the custom op (its plain-PyTorch CPU path here)."""
-    check_against_reference(case, "triton")
+@example(case=Case(kind="plif", tau=4.0, surrogate="atan", scale=0.3, seed=2_147_483_647), steps=(4, 4),
+         step_mode="m")
+def test_parity_op_backend(case: Case, steps, step_mode: str) -> None:
+    """``backend="triton"``: the custom op (its CPU path here)."""
+    check_against_reference(case, "triton", steps, step_mode)
 
 
 @_MORE
-@given(case=cases())
-@example(case=Case(kind="plif", steps=(1, 1), v_reset=-0.5, surrogate="erf", step_mode="s"))
-def test_parity_torch_backend(case: Case) -> None:
+@given(case=PARITY_CASES, steps=STEPS, step_mode=st.sampled_from(["m", "s"]))
+@example(case=Case(kind="plif", v_reset=-0.5, surrogate="erf"), steps=(1, 1), step_mode="s")
+def test_parity_torch_backend(case: Case, steps, step_mode: str) -> None:
     """``backend="torch"``: plain autograd through the Python loop."""
-    check_against_reference(case, "torch")
+    check_against_reference(case, "torch", steps, step_mode)
 
 
 @pytest.mark.parametrize("name", SURROGATE_NAMES)
@@ -235,18 +191,18 @@ def test_parity_every_kind_and_surrogate(kind: str, name: str) -> None:
     i = SURROGATE_NAMES.index(name)
     case = Case(kind=kind, surrogate=name, alpha=[None, 0.7, 3.0][i % 3], v_reset=[0.0, None, -0.5][i % 3],
                 detach_reset=bool(i % 2), decay_input=bool(i % 3), tau=1.8, v_threshold=0.8,
-                steps=(4, 3), shape=(2, 9), scale=2.0, special_frac=0.2, seed=i)
-    check_against_reference(case, "triton")
-    check_against_reference(replace(case, step_mode="s"), "torch")
+                shape=(2, 9), scale=2.0, special_frac=0.2, seed=i)
+    check_against_reference(case, "triton", steps=(4, 3))
+    check_against_reference(case, "torch", steps=(4, 3), step_mode="s")
 
 
 @pytest.mark.parametrize("save", ["h_bf16", "input"])
 def test_save_modes_spikes_equal_spikingjelly(save: str) -> None:
     """Every save mode gives spikingjelly's spikes; "input" also its gradients (it recomputes the forward)."""
-    case = Case(kind="plif", steps=(4, 2), shape=(5, 7), v_reset=None, special_frac=0.2)
-    xs, gs, gv = make_inputs(case)
-    spikes, v, grads = run_module(make_ours(case, "triton", save=save), case, xs, gs, gv)
-    ref_spikes, ref_v, ref_grads = reference(case, xs, gs, gv)
+    case = Case(kind="plif", shape=(5, 7), v_reset=None, special_frac=0.2)
+    xs, gs, gv = sequence_inputs(case, (4, 2))
+    spikes, v, grads = run_module(make_ours(case, "triton", "m", save=save), "m", xs, gs, gv)
+    ref_spikes, ref_v, ref_grads = reference(case, "m", xs, gs, gv)
     for s, r in zip(spikes, ref_spikes):
         assert_equal(s, r, f"spikes (save={save})")
     assert_close(v, ref_v, "final v")
@@ -255,17 +211,18 @@ def test_save_modes_spikes_equal_spikingjelly(save: str) -> None:
             assert_close(g, r, "grad of the input (save='input')")
 
 
-@pytest.mark.parametrize("case", [
-    Case(kind="plif", v_reset=None, surrogate="atan", steps=(3, 2), shape=(4, 6), special_frac=0.2),
-    Case(kind="lif", tau=1.5, v_reset=-0.5, detach_reset=True, dtype=torch.bfloat16, step_mode="s", steps=(2, 1),
-         shape=(3, 7), scale=3.0, special_frac=0.3, seed=3),
+@pytest.mark.parametrize("case,step_mode", [
+    (Case(kind="plif", v_reset=None, surrogate="atan", shape=(4, 6), special_frac=0.2), "m"),
+    (Case(kind="lif", tau=1.5, v_reset=-0.5, detach_reset=True, dtype=torch.bfloat16, shape=(3, 7), scale=3.0,
+          special_frac=0.3, seed=3), "s"),
 ], ids=["plif-fp32-m", "lif-bf16-s"])
-def test_triton_kernels_module_equals_spikingjelly(case: Case, kernel_device: str) -> None:
+def test_triton_kernels_module_equals_spikingjelly(case: Case, step_mode: str, kernel_device: str) -> None:
     """The module on the Triton kernels (interpreter on CPU, compiled on a GPU) against spikingjelly."""
+    steps = (3, 2) if step_mode == "m" else (2, 1)
     if kernel_device == "cpu" and not runtime.interpreter_enabled():
         pytest.skip("no GPU and TRITON_INTERPRET is off: the Triton kernels cannot run here")
     if kernel_device == "cpu":
         with runtime.cpu_kernels("triton"):
-            check_against_reference(case, "triton", device="cpu")
+            check_against_reference(case, "triton", steps, step_mode, device="cpu")
     else:
-        check_against_reference(case, "triton", device=kernel_device)
+        check_against_reference(case, "triton", steps, step_mode, device=kernel_device)

@@ -80,3 +80,12 @@ def test_bad_arguments() -> None:
         surrogate.surrogate_derivative("relu", torch.zeros(1), 1.0)
     assert surrogate.get_surrogate("atan", 3.0) == surrogate.ATan(3.0)
     assert surrogate.get_surrogate("atan").alpha == 2.0
+
+
+def test_kernel_ids_are_the_specs_and_match_the_classes() -> None:
+    """The kernels select a surrogate by the op spec's id (kernels never import this module): the spec names
+    the same seven surrogates in the same order, so its ids equal ``SURROGATE_IDS`` (and spikingjelly's)."""
+    from revsnn_triton.ops.neuron import spec
+    assert spec.SURROGATES == tuple(surrogate.SURROGATES)
+    assert spec.SURROGATE_IDS == surrogate.SURROGATE_IDS
+    assert {name: _SURROGATE_IDS[cls.__name__] for name, cls in surrogate.SURROGATES.items()} == spec.SURROGATE_IDS

@@ -67,7 +67,7 @@ def test_torchrun_two_processes_match_single_process_gradients(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
 
     # Rank 0 alone logs: one start line and one epoch line for the whole job.
-    assert ddp.stdout.count("epoch   1/1") == 1 and "2 process(es)" in ddp.stdout
+    assert ddp.stdout.count("epoch   1/1") == 1 and "2 processes" in ddp.stdout
     w0 = _initial_weights(script)
     a, b = load_checkpoint(tmp_path / "ddp" / "checkpoint_last.pt"), load_checkpoint(tmp_path / "single" /
                                                                                          "checkpoint_last.pt")

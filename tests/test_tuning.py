@@ -1,4 +1,5 @@
-"""Launch configurations: heuristic, tuned cache, refusal to tune without a GPU."""
+"""Launch configurations (``revsnn_triton.launch``: heuristic, tuned cache) and the tuner
+(``revsnn_triton.tuning``: measuring, writing the cache, refusing to tune without a GPU)."""
 import contextlib
 import json
 import warnings
@@ -6,10 +7,11 @@ import warnings
 import pytest
 import torch
 
-from revsnn_triton import tuning
+from revsnn_triton import launch, tuning
+from revsnn_triton.launch import LaunchConfig, launch_config
+from revsnn_triton.ops.neuron.spec import BACKWARD_KERNEL, FORWARD_KERNEL, MAX_RECOMPUTE_T, RECOMPUTE_KERNEL
 from revsnn_triton.runtime import interpreter_enabled
 from revsnn_triton.testing import assert_equal
-from revsnn_triton.tuning import LaunchConfig, launch_config
 
 FAKE_GPU = "Fake GPU 80GB"
 
@@ -18,40 +20,49 @@ FAKE_GPU = "Fake GPU 80GB"
 def fake_gpu(monkeypatch):
     """Let `launch_config` look up the cache for a CUDA device on a machine that has none: only the GPU's
     name (part of the cache key) is faked; nothing is launched."""
-    tuning.clear_memory_cache()
-    monkeypatch.setattr(tuning, "_gpu_name", lambda index: FAKE_GPU)
+    launch.clear_memory_cache()
+    monkeypatch.setattr(launch, "gpu_name", lambda index: FAKE_GPU)
     yield
-    tuning.clear_memory_cache()
+    launch.clear_memory_cache()
 
 
 def test_heuristic_is_sane_and_deterministic():
     for n in (1, 7, 1000, 65_536, 131_072, 524_288, 8_388_608, 10**9):
         for T in (1, 4, 16):
-            cfg = tuning.heuristic(n, T, on_gpu=True)
-            assert cfg == tuning.heuristic(n, T, on_gpu=True)
-            assert 128 <= cfg.block_size <= 1024 and 1 <= cfg.num_warps <= 8
-            # enough programs to fill a GPU whenever n allows it
-            if n >= 512 * 128:
-                assert -(-n // cfg.block_size) >= 512
-    assert tuning.heuristic(8_388_608, 4, on_gpu=True) == LaunchConfig(1024, 4)
-    # the kernel that keeps T values per neuron in registers: at most MAX_RESIDENT_VALUES per thread where the
-    # warps (<= 8) and block (>= 128) allow it, so a larger T gets a smaller block; never fewer programs
-    recompute = "neuron_backward_recompute"
-    for n in (1, 1000, 524_288, 4_194_304, 8_388_608):
-        blocks = []
-        for T in (1, 2, 4, 8, 16, 32):
-            cfg = tuning.heuristic(n, T, on_gpu=True, kernel=recompute)
-            plain = tuning.heuristic(n, T, on_gpu=True)
-            per_thread = cfg.block_size // (32 * cfg.num_warps)
-            assert per_thread * T <= tuning.MAX_RESIDENT_VALUES or per_thread == 1 or (
-                cfg.block_size == 128 and cfg.num_warps == 8), (n, T, cfg)
-            assert cfg.block_size <= plain.block_size and cfg.num_warps <= 8
-            blocks.append(cfg.block_size)
-        assert blocks == sorted(blocks, reverse=True), (n, blocks)
-    assert tuning.heuristic(8_388_608, 16, on_gpu=True, kernel=recompute).block_size < 1024
-    assert tuning.heuristic(8_388_608, 4, on_gpu=True, kernel="neuron_forward") == LaunchConfig(1024, 4)
+            for size in (4, 2):
+                cfg = launch.heuristic(n, T, on_gpu=True, element_size=size)
+                assert cfg == launch.heuristic(n, T, on_gpu=True, element_size=size)
+                assert 128 <= cfg.block_size <= 1024 and 1 <= cfg.num_warps <= 8
+                # enough programs to fill a GPU whenever n allows it
+                if n >= 512 * 128:
+                    assert -(-n // cfg.block_size) >= 512
+                # one 16-byte access per thread of the widest tensor: 4 fp32 or 8 bf16 elements
+                assert cfg.block_size // (32 * cfg.num_warps) == 16 // size or cfg.num_warps == 1
+    assert launch.heuristic(8_388_608, 4, on_gpu=True) == LaunchConfig(1024, 8)
+    assert launch.heuristic(8_388_608, 4, on_gpu=True, element_size=2) == LaunchConfig(1024, 4)
+    # a kernel that keeps `resident` values per neuron in registers: at most MAX_RESIDENT_VALUES per thread where
+    # the warps (<= 8) and block (>= 128) allow it, so a larger T gets a smaller block; never fewer programs
+    for size in (4, 2):
+        for n in (1, 1000, 524_288, 4_194_304, 8_388_608):
+            blocks = []
+            for T in (1, 2, 4, 8, 16, 32):
+                cfg = launch.heuristic(n, T, on_gpu=True, resident=T, element_size=size)
+                plain = launch.heuristic(n, T, on_gpu=True, element_size=size)
+                per_thread = cfg.block_size // (32 * cfg.num_warps)
+                assert per_thread * T <= launch.MAX_RESIDENT_VALUES or per_thread <= 1, (n, T, cfg)
+                assert cfg.block_size <= plain.block_size and cfg.num_warps <= 8
+                blocks.append(cfg.block_size)
+            assert blocks == sorted(blocks, reverse=True), (n, blocks)
+    # the benchmark's recompute backward: fp32 T=16 two neurons per thread (64-bit accesses), bf16 T=4 eight
+    # (128-bit), fp32 T=4 four (128-bit)
+    assert launch.heuristic(4_194_304, 16, on_gpu=True, resident=16) == LaunchConfig(512, 8)
+    assert launch.heuristic(8_388_608, 4, on_gpu=True, resident=4, element_size=2) == LaunchConfig(1024, 4)
+    assert launch.heuristic(8_388_608, 4, on_gpu=True, resident=4) == LaunchConfig(1024, 8)
+    # the launchers ask for their kernel's residency: T for the fused recompute backward, 1 otherwise
+    from revsnn_triton.kernels.neurons import resident_values
+    assert [resident_values(k, 16) for k in (FORWARD_KERNEL, BACKWARD_KERNEL, RECOMPUTE_KERNEL)] == [1, 1, 16]
     # interpreter: one fixed small block, so that test shapes span several programs
-    assert launch_config("neuron_fwd", 10**6, 4, torch.float32, "cpu") == LaunchConfig(tuning.INTERPRETER_BLOCK, 1)
+    assert launch_config("neuron_fwd", 10**6, 4, torch.float32, "cpu") == LaunchConfig(launch.INTERPRETER_BLOCK, 1)
 
 
 @pytest.mark.parametrize("bad, exc", [
@@ -83,7 +94,8 @@ def test_cache_round_trip(tmp_path, fake_gpu, monkeypatch):
 
     times = {(2048, 8): 0.5}
     monkeypatch.setattr(tuning, "_require_gpu_for_tuning", lambda: torch.device("cuda", 0))
-    monkeypatch.setattr(tuning, "_benchmarks", lambda: {"neuron_fwd": factory, "neuron_bwd": factory})
+    monkeypatch.setattr(tuning, "_kernels", lambda: {name: launch.TunableKernel(name, factory)
+                                                     for name in ("neuron_fwd", "neuron_bwd")})
     monkeypatch.setattr(tuning, "_measure_ms", lambda fn: times.get(fn(), 1.0))
 
     new = tuning.tune([(4, 8_000_000)], [torch.bfloat16], kernels=["neuron_fwd"], cache_path=path)
@@ -93,39 +105,40 @@ def test_cache_round_trip(tmp_path, fake_gpu, monkeypatch):
     assert FAKE_GPU in key and "neuron_fwd" in key and "bf16" in key
     assert (entry["block_size"], entry["num_warps"], entry["ms"], entry["heuristic_ms"]) == (2048, 8, 0.5, 1.0)
     on_disk = json.loads(path.read_text())
-    assert on_disk["format"] == tuning.CACHE_FORMAT and on_disk["entries"] == new
+    assert on_disk["format"] == launch.CACHE_FORMAT and on_disk["entries"] == new
     assert [p.name for p in path.parent.iterdir()] == ["tune.json"]  # no temp file left behind
 
-    tuning.clear_memory_cache()  # read back from the file, not from memory
-    monkeypatch.setattr(tuning, "_gpu_name", lambda index: FAKE_GPU)
+    launch.clear_memory_cache()  # read back from the file, not from memory
+    monkeypatch.setattr(launch, "gpu_name", lambda index: FAKE_GPU)
     dev = torch.device("cuda", 0)
     for n, T in ((8_000_000, 4), (5_000_000, 3), (8_388_608, 4)):  # same bucket (2^23, 4)
         assert launch_config("neuron_fwd", n, T, torch.bfloat16, dev, cache_file=path) == LaunchConfig(2048, 8)
-    heur = tuning.heuristic(8_000_000, 4, on_gpu=True)
-    assert tuning.lookup_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == (
+    heur = launch.heuristic(8_000_000, 4, on_gpu=True)
+    heur_bf16 = launch.heuristic(8_000_000, 4, on_gpu=True, element_size=2)  # the heuristic follows the dtype
+    assert launch.lookup_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == (
         LaunchConfig(2048, 8), "tuned")
-    assert tuning.lookup_config("neuron_fwd", 8_000_000, 4, torch.float32, dev, cache_file=path) == (
+    assert launch.lookup_config("neuron_fwd", 8_000_000, 4, torch.float32, dev, cache_file=path) == (
         heur, "heuristic")
-    assert launch_config("neuron_bwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+    assert launch_config("neuron_bwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur_bf16
     assert launch_config("neuron_fwd", 8_000_000, 4, torch.float32, dev, cache_file=path) == heur
-    assert launch_config("neuron_fwd", 8_000_000, 16, torch.bfloat16, dev, cache_file=path) == heur
-    assert launch_config("neuron_fwd", 9_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+    assert launch_config("neuron_fwd", 8_000_000, 16, torch.bfloat16, dev, cache_file=path) == heur_bf16
+    assert launch_config("neuron_fwd", 9_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur_bf16
     # the environment variable selects the same file
-    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
-    tuning.clear_memory_cache()
-    monkeypatch.setattr(tuning, "_gpu_name", lambda index: FAKE_GPU)
+    monkeypatch.setenv(launch.CACHE_ENV, str(path))
+    launch.clear_memory_cache()
+    monkeypatch.setattr(launch, "gpu_name", lambda index: FAKE_GPU)
     assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == LaunchConfig(2048, 8)
-    monkeypatch.setenv(tuning.CACHE_ENV, "off")
+    monkeypatch.setenv(launch.CACHE_ENV, "off")
     assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == LaunchConfig(2048, 8)  # memoized
-    tuning.clear_memory_cache()
-    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == heur
+    launch.clear_memory_cache()
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev) == heur_bf16
     # another GPU does not use this GPU's winners
-    tuning.clear_memory_cache()
-    monkeypatch.setattr(tuning, "_gpu_name", lambda index: "Other GPU")
-    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur
+    launch.clear_memory_cache()
+    monkeypatch.setattr(launch, "gpu_name", lambda index: "Other GPU")
+    assert launch_config("neuron_fwd", 8_000_000, 4, torch.bfloat16, dev, cache_file=path) == heur_bf16
 
     # a second tune merges into the file instead of replacing it
-    monkeypatch.setattr(tuning, "_gpu_name", lambda index: FAKE_GPU)
+    monkeypatch.setattr(launch, "gpu_name", lambda index: FAKE_GPU)
     tuning.tune([(16, 1000)], [torch.float32], kernels=["neuron_bwd"], cache_path=path)
     assert len(json.loads(path.read_text())["entries"]) == 2
 
@@ -139,7 +152,7 @@ def test_corrupt_cache_falls_back_with_warning(tmp_path, fake_gpu, content):
     dev = torch.device("cuda", 0)
     with pytest.warns(RuntimeWarning, match="corrupt"):
         cfg = launch_config("neuron_fwd", 4096, 4, torch.float32, dev, cache_file=path)
-    assert cfg == tuning.heuristic(4096, 4, on_gpu=True)
+    assert cfg == launch.heuristic(4096, 4, on_gpu=True)
     with warnings.catch_warnings():  # warned once, then silent
         warnings.simplefilter("error")
         assert launch_config("neuron_fwd", 4096, 4, torch.float32, dev, cache_file=path) == cfg
@@ -149,15 +162,15 @@ def test_missing_cache_is_silent(tmp_path, fake_gpu):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = launch_config("neuron_fwd", 4096, 4, torch.float32, "cuda:0", cache_file=tmp_path / "none.json")
-    assert cfg == tuning.heuristic(4096, 4, on_gpu=True)
+    assert cfg == launch.heuristic(4096, 4, on_gpu=True)
 
 
 def test_cache_location(monkeypatch, tmp_path):
-    monkeypatch.delenv(tuning.CACHE_ENV, raising=False)
-    assert tuning.resolve_cache_path() == tuning.DEFAULT_CACHE.expanduser()
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "x.json"))
-    assert tuning.resolve_cache_path() == tmp_path / "x.json"
-    assert tuning.resolve_cache_path(tmp_path / "y.json") == tmp_path / "y.json"
+    monkeypatch.delenv(launch.CACHE_ENV, raising=False)
+    assert launch.resolve_cache_path() == launch.DEFAULT_CACHE.expanduser()
+    monkeypatch.setenv(launch.CACHE_ENV, str(tmp_path / "x.json"))
+    assert launch.resolve_cache_path() == tmp_path / "x.json"
+    assert launch.resolve_cache_path(tmp_path / "y.json") == tmp_path / "y.json"
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and not interpreter_enabled(),
@@ -195,7 +208,7 @@ def test_cli_parses_shapes():
 # ------------------------------------------------------------------ configurations never change results
 # The launchers' own test (tests/test_neuron_kernels.py::test_launch_configs_bit_identical) passes block
 # sizes to the launchers directly. These go the way a user's call goes: `multistep_neuron` -> custom ops ->
-# launchers -> `tuning.launch_config`, with the configuration coming from `launch_config` (CPU and GPU) and
+# launchers -> `launch.launch_config`, with the configuration coming from `launch_config` (CPU and GPU) and
 # from a real tuning cache file (GPU), and compare forward and backward results, PLIF's grad of w included.
 
 HAS_CUDA = torch.cuda.is_available()
@@ -235,16 +248,16 @@ def test_configs_from_launch_config_give_identical_results(save, dtype, kernel_d
     asked = []
     results = []
     for cfg in configs:
-        def fake(kernel, n, T, dtype_, device, *, cache_file=None, _cfg=cfg):
+        def fake(kernel, n, T, dtype_, device, *, resident=1, element_size=None, cache_file=None, _cfg=cfg):
             asked.append((kernel, n, T, dtype_, _cfg))
             return _cfg
-        monkeypatch.setattr(tuning, "launch_config", fake)
+        monkeypatch.setattr(launch, "launch_config", fake)
         with _on(kernel_device):
             results.append(_op_results(kernel_device, dtype, save))
     # every launch took its configuration from launch_config, forward and backward (save="input", T=4: the
     # backward that recomputes H in registers)
-    backward = "neuron_backward_recompute" if save == "input" else "neuron_backward"
-    assert {a[0] for a in asked} == {"neuron_forward", backward}
+    backward = RECOMPUTE_KERNEL if save == "input" else BACKWARD_KERNEL
+    assert {a[0] for a in asked} == {FORWARD_KERNEL, backward}
     assert all(a[1:4] == (321, 4, dtype) for a in asked)
     assert {a[4] for a in asked} == set(configs)
     for cfg, res in zip(configs[1:], results[1:]):
@@ -260,18 +273,18 @@ def test_configs_from_tuning_cache_give_identical_results(tmp_path, monkeypatch)
     results, seen = [], []
     for fwd, bwd in ((None, None), (LaunchConfig(2048, 8), LaunchConfig(256, 1)), (LaunchConfig(512, 2), None)):
         entries = {}
-        for kernel, cfg in (("neuron_forward", fwd), ("neuron_backward", bwd)):
+        for kernel, cfg in ((FORWARD_KERNEL, fwd), (BACKWARD_KERNEL, bwd)):
             if cfg is not None:
-                entries[tuning.cache_key(kernel, 321, 4, dtype, gpu)] = {
+                entries[launch.cache_key(kernel, 321, 4, dtype, gpu)] = {
                     "block_size": cfg.block_size, "num_warps": cfg.num_warps, "ms": 0.0, "n": 321, "T": 4}
-        path.write_text(json.dumps({"format": tuning.CACHE_FORMAT, "entries": entries}))
-        monkeypatch.setenv(tuning.CACHE_ENV, str(path))
-        tuning.clear_memory_cache()
-        expect = fwd or tuning.heuristic(321, 4, on_gpu=True)
-        assert launch_config("neuron_forward", 321, 4, dtype, "cuda") == expect
+        path.write_text(json.dumps({"format": launch.CACHE_FORMAT, "entries": entries}))
+        monkeypatch.setenv(launch.CACHE_ENV, str(path))
+        launch.clear_memory_cache()
+        expect = fwd or launch.heuristic(321, 4, on_gpu=True)
+        assert launch_config(FORWARD_KERNEL, 321, 4, dtype, "cuda") == expect
         seen.append(expect)
         results.append(_op_results("cuda", dtype, "h"))
-    tuning.clear_memory_cache()
+    launch.clear_memory_cache()
     assert len(set(seen)) == 3
     for res in results[1:]:
         for name in res:
@@ -282,17 +295,18 @@ def test_configs_from_tuning_cache_give_identical_results(tmp_path, monkeypatch)
 def test_tuning_benchmarks_launch_every_tunable_kernel(kernel_device):
     """Each kernel `tune` measures runs through its factory and gives identical results, without NaN, at two
     configurations (the recompute kernel's factory refuses a T that kernel does not serve)."""
-    from revsnn_triton.bench.neurons import tuning_benchmarks
-    from revsnn_triton.kernels.neurons import MAX_RECOMPUTE_T
-    benches = tuning_benchmarks()
-    assert {"neuron_forward", "neuron_backward", "neuron_backward_recompute"} <= set(benches)
-    for name, factory in sorted(benches.items()):
+    known = tuning._kernels()
+    assert set(known) == {FORWARD_KERNEL, BACKWARD_KERNEL, RECOMPUTE_KERNEL} == set(tuning.tunable_kernels())
+    assert known[RECOMPUTE_KERNEL].resident(16) == 16 and known[FORWARD_KERNEL].resident(16) == 1
+    for name, kernel in sorted(known.items()):
         torch.manual_seed(0)
-        run = factory(3, 200, torch.float32, torch.device(kernel_device))
-        first = [t.clone() for t in run(32, 1) if t is not None and t.numel()]
-        second = [t for t in run(128, 2) if t is not None and t.numel()]
+        run = kernel.make_run(3, 200, torch.float32, torch.device(kernel_device))
+        with _on(kernel_device):
+            first = [t.clone() for t in run(32, 1) if t is not None and t.numel()]
+            second = [t for t in run(128, 2) if t is not None and t.numel()]
+        assert first
         for a, b in zip(first, second):
             assert not torch.isnan(a).any(), name
             assert_equal(b, a, f"{name}: block 128 vs 32")
     with pytest.raises(ValueError, match="T <= "):
-        benches["neuron_backward_recompute"](MAX_RECOMPUTE_T + 1, 10, torch.float32, torch.device(kernel_device))
+        known[RECOMPUTE_KERNEL].make_run(MAX_RECOMPUTE_T + 1, 10, torch.float32, torch.device(kernel_device))

@@ -1,24 +1,31 @@
-"""Training memory per image of the model zoo (issue 4), and its growth with depth.
+"""Training memory per image of the model zoo, and its growth with depth.
 
 Memory per image is the slope of the peak allocated memory of one training step (forward, backward and an
-SGD-with-momentum step; gradients zeroed, not freed) between two batch sizes (DESIGN.md section 5):
-parameters, gradients and optimizer state exist before each measured step and cancel out; the input batches
-are allocated before the measurement. CUDA: ``torch.cuda.max_memory_allocated``; CPU: every allocation of the
-CPU allocator recorded by the profiler (:mod:`revsnn_triton.memory`) -- real allocations, never estimates.
+SGD-with-momentum step; gradients zeroed, not freed) between two batch sizes: parameters, gradients and optimizer
+state exist before each measured step and cancel out; the input batches are allocated before the measurement.
+CUDA: ``torch.cuda.max_memory_allocated``; CPU: every allocation of the CPU allocator recorded by the profiler
+(:mod:`revsnn_triton.memory`) -- real allocations, never estimates. On the CPU the peak resident memory (RSS) of
+the same steps is reported next to it, measured with glibc's malloc mmap threshold fixed (``--mmap-threshold``).
 
-Output (``--out``): ``memory.{csv,json,md}`` (every model, fp32 and bf16 autocast), ``memory_depth.{csv,json,md}``
-and ``memory_depth.png`` (memory per image against depth, reversible and non-reversible side by side; ResNets
-and transformers in two panels), then ``memory_ablation.{csv,json,md}`` (RevSResNet37 and MS-ResNet34 with each
-memory option of the zoo switched, and on spikingjelly's neurons; RevSFormer-4-384 and Spikingformer-4-384 with
-each tokenizer recomputation mode). Rows are written after every measurement, so an interrupted run keeps what
-it had.
+Defaults: batches 16 and 64 on CUDA, 16 and 32 on the CPU (pairs where activations dominate both peaks; a pair
+known to read low is flagged with a warning); each model at its own input size (CIFAR 32x32, DVS 128x128,
+digits 8x8). What runs is what is asked: the per-model table (``--models``, default all), the depth sweep only
+with ``--sweep``, the ablation only with ``--ablation``.
 
-    python -m revsnn_triton.bench.memory --out benchmarks/results            # GPU: every model, 16 vs 64
-    python -m revsnn_triton.bench.memory --cpu-small --out /tmp/mem          # CPU: tiny widths, shape of curve
+Output (``--out``, default ``runs/bench/memory-<UTC time>``): ``memory.{csv,json,md}``; with ``--sweep``
+``memory_depth.{csv,json,md}`` and ``memory_depth.png`` (memory per image against depth, reversible and
+non-reversible side by side); with ``--ablation`` ``memory_ablation.{csv,json,md}`` (each memory option of the zoo
+switched, per model of :data:`ABLATION`). Rows are written after every measurement, so an interrupted run keeps
+what it had.
+
+    revsnn bench memory --models RevSResNet37 MS-ResNet34           # two models, the device's default batches
+    revsnn bench memory --device cpu --ablation --models RevSResNet37
+    revsnn bench memory --sweep --cpu-small                         # CPU: tiny widths, the shape against depth
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,25 +36,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from revsnn_triton.memory import measure_peak_bytes, peak_breakdown
-from revsnn_triton.models import create_model
+from revsnn_triton.memory import (malloc_mmap_threshold, measure_peak_bytes, measure_peak_rss, peak_breakdown,
+                                  peak_rss_unavailable, set_malloc_mmap_threshold)
+from revsnn_triton.models import create_model, list_models
+from revsnn_triton.suggest import did_you_mean
 
 MiB = float(1 << 20)
 
-RESNET_DEPTHS = {"RevSResNet21": 21, "RevSResNet37": 37, "RevSResNet109": 109,
-                 "MS-ResNet18": 18, "MS-ResNet34": 34, "MS-ResNet104": 104}
-# The models of the issue's targets first, so that a run cut short by a time limit still has them.
+DEPTHS = {"RevSResNet21": 21, "RevSResNet37": 37, "RevSResNet109": 109, "RevSResNet24": 24,
+          "MS-ResNet18": 18, "MS-ResNet34": 34, "MS-ResNet104": 104, "MS-ResNet20": 20}
+SWEEP_RESNETS = ("RevSResNet21", "RevSResNet37", "RevSResNet109", "MS-ResNet18", "MS-ResNet34", "MS-ResNet104")
+# The default per-model table: the pairs compared in the README first, so that a run cut short by a time limit
+# still has them.
 ALL_MODELS = ("RevSResNet37", "MS-ResNet34", "RevSResNet21", "RevSResNet109", "RevSFormer-4-384",
               "Spikingformer-4-384", "MS-ResNet18", "MS-ResNet104", "RevSFormer-2-384", "Spikingformer-2-384",
               "RevSResNet24", "MS-ResNet20", "RevSFormer-2-256", "Spikingformer-2-256")
 TRANSFORMER_SWEEP = (2, 4, 8)
+# Input sizes (H = W) other than CIFAR's 32 and the DVS frames' 128.
+INPUT_SIZES = {"RevSResNet-digits": 8, "MS-ResNet-digits": 8}
 
 Variants = tuple  # ((variant label or None for the defaults, model overrides), ...)
 _RESNET_ABLATION: Variants = (
     (None, {}), ("compact_spikes=False", {"compact_spikes": False}), ("neuron_save=h", {"neuron_save": "h"}),
     ("neuron_save=h_bf16", {"neuron_save": "h_bf16"}), ("spikingjelly neurons", {"neuron_impl": "spikingjelly"}))
-# model -> its ablation variants. The transformers run the tokenizer recomputation modes other than their default
-# ("stages" for RevSFormer, False for Spikingformer), so each side shows what each mode buys.
+# model -> its ablation variants (add rows here). The transformers run the tokenizer recomputation modes other than
+# their default ("stages" for RevSFormer, False for Spikingformer), so each side shows what each mode buys.
 ABLATION: dict[str, Variants] = {
     "RevSResNet37": _RESNET_ABLATION,
     "MS-ResNet34": _RESNET_ABLATION,
@@ -56,6 +69,17 @@ ABLATION: dict[str, Variants] = {
     "Spikingformer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True}),
                             ("recompute_tokenizer=stages", {"recompute_tokenizer": "stages"})),
 }
+
+# Pairs of batch sizes known to read low: (device type, models, smallest batch of a pair that reads right, why).
+# Measured on the 2-core CPU machine (fp32, T=4, 32x32): RevSResNet21 7.93 / 13.59 / 15.00 / 15.00 MiB per image at
+# 2/4, 4/8, 8/16, 16/32; RevSResNet37 8.15 / 14.16 / 15.00 at 2/4, 8/16, 16/32; RevSResNet109 10.1 at 8/16 and
+# 15.2 at 16/32. The non-reversible models, the transformers and the digits models read the same at every pair.
+LOW_READINGS: tuple[tuple[str, tuple[str, ...], int, str], ...] = (
+    ("cpu", ("RevSResNet21", "RevSResNet37", "RevSResNet109"), 16,
+     "below batch 16 the peak of its CPU step sits on batch-independent buffers (a reversible stage's parameter "
+     "gradients, oneDNN's weight-gradient work space), not on activations"),
+)
+DEFAULT_MMAP_THRESHOLD = 128 * 1024
 
 # --cpu-small: the zoo's block counts at 1/8 of the widths (transformers: E=48 with 12 heads), so the depth
 # dependence is that of the real models while a step costs well under a second on a CPU.
@@ -74,7 +98,7 @@ class Case:
     name: str
     family: str          # "resnet" or "transformer" (plot panel)
     reversible: bool
-    depth: int
+    depth: int | None    # layers (ResNets) or blocks (transformers); None where it has no place in the sweep
     overrides: dict = field(default_factory=dict)
 
 
@@ -85,18 +109,16 @@ def _family_prefix(name: str) -> str:
 def model_case(name: str, small: bool = False) -> Case:
     """The :class:`Case` of a registered zoo model (``small``: tiny widths, see ``SMALL_OVERRIDES``)."""
     prefix = _family_prefix(name)
-    overrides = dict(SMALL_OVERRIDES[prefix]) if small else {}
+    overrides = dict(SMALL_OVERRIDES[prefix]) if small and name not in INPUT_SIZES else {}
     reversible = name.startswith("Rev")
     if prefix in ("RevSFormer", "Spikingformer"):
-        depth = int(name.split("-")[1])
-        return Case(name, name, "transformer", reversible, depth, overrides)
-    depth = RESNET_DEPTHS.get(name, 24 if name == "RevSResNet24" else 20)
-    return Case(name, name, "resnet", reversible, depth, overrides)
+        return Case(name, name, "transformer", reversible, int(name.split("-")[1]), overrides)
+    return Case(name, name, "resnet", reversible, DEPTHS.get(name), overrides)
 
 
 def depth_sweep_cases(small: bool = False) -> list[Case]:
     """RevSResNet21/37/109 and MS-ResNet18/34/104; RevSFormer and Spikingformer (E=384) with 2, 4 and 8 blocks."""
-    cases = [model_case(n, small) for n in RESNET_DEPTHS]
+    cases = [model_case(n, small) for n in SWEEP_RESNETS]
     for prefix in ("RevSFormer", "Spikingformer"):
         for depth in TRANSFORMER_SWEEP:
             overrides = dict(SMALL_OVERRIDES[prefix]) if small else {}
@@ -105,6 +127,23 @@ def depth_sweep_cases(small: bool = False) -> list[Case]:
             cases.append(Case(f"{prefix}-{depth}-{dim}", f"{prefix}-2-384", "transformer",
                               prefix == "RevSFormer", depth, overrides))
     return cases
+
+
+def input_size(name: str, model: nn.Module) -> int:
+    """The input height and width a model of the zoo is made for: digits 8, DVS event frames 128, else 32."""
+    return INPUT_SIZES.get(name, 128 if model.event_input else 32)
+
+
+def low_reading_warning(name: str, device_type: str, batch_sizes: Sequence[int]) -> str | None:
+    """A one-line warning when memory per image of model ``name`` between ``batch_sizes`` on ``device_type``
+    (``"cpu"`` / ``"cuda"``) is known to read low (:data:`LOW_READINGS`), else None."""
+    small = min(batch_sizes)
+    for device, models, min_batch, why in LOW_READINGS:
+        if device == device_type and name in models and small < min_batch:
+            pair = "/".join(str(b) for b in sorted(batch_sizes))
+            return (f"{name} at {device_type} batches {pair} reads low: {why}; use batches {min_batch} and "
+                    f"{2 * min_batch} or larger")
+    return None
 
 
 def _batch(model: nn.Module, batch: int, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,13 +191,19 @@ def _model_and_step(case: Case, device: torch.device, dtype: str, batch_sizes: S
     if T is not None:
         kw["T"] = T
     model = create_model(case.name, neuron_impl=neuron_impl, **kw).to(device).train()
-    size = image_size or (128 if model.event_input else 32)
+    size = image_size or input_size(case.name, model)
     return model, training_step_fn(model, size, device, dtype, batch_sizes), neuron_impl, size
 
 
 def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: Sequence[int], T: int | None,
-                 image_size: int | None, neuron_impl: str = "triton", extra: dict | None = None) -> dict:
-    """Build ``case`` and measure its memory per image; returns one result row."""
+                 image_size: int | None, neuron_impl: str = "triton", extra: dict | None = None,
+                 rss: bool | None = None) -> dict:
+    """Build ``case`` and measure its memory per image; returns one result row (keys: :data:`COLUMNS`).
+
+    ``image_size`` None: the model's own (:func:`input_size`). ``rss`` (CPU only): also the peak resident memory
+    of the same two steps (two more, unprofiled runs); None (default) = when this process has a fixed malloc
+    mmap threshold (:func:`revsnn_triton.memory.set_malloc_mmap_threshold`), without which RSS reads high.
+    ``warning`` holds :func:`low_reading_warning` for the pair, or None."""
     small, big = min(batch_sizes), max(batch_sizes)
     model, step, neuron_impl, size = _model_and_step(case, device, dtype, (small, big), T, image_size, neuron_impl,
                                                      extra)
@@ -170,8 +215,17 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
                neuron_impl=neuron_impl, dtype=dtype, T=model.T, image=size, batches=f"{small}/{big}",
                params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                mib_per_image=(peak_big - peak_small) / (big - small) / MiB,
-               peak_small_MiB=peak_small / MiB, peak_big_MiB=peak_big / MiB,
-               seconds=time.perf_counter() - t0, status="ok")
+               peak_small_MiB=peak_small / MiB, peak_big_MiB=peak_big / MiB)
+    if rss is None:
+        rss = device.type == "cpu" and malloc_mmap_threshold() is not None
+    if rss and device.type == "cpu":
+        rss_small, rss_big = measure_peak_rss(lambda: step(small)), measure_peak_rss(lambda: step(big))
+        if rss_small is not None and rss_big is not None:
+            row.update(rss_mib_per_image=(rss_big - rss_small) / (big - small) / MiB,
+                       peak_rss_small_MiB=rss_small / MiB, peak_rss_big_MiB=rss_big / MiB)
+    # the known low readings are those of the zoo's models as registered (not of smaller widths or depths)
+    warning = None if case.overrides else low_reading_warning(case.name, device.type, (small, big))
+    row.update(seconds=time.perf_counter() - t0, warning=warning, status="ok")
     del model, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -179,7 +233,8 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
 
 
 COLUMNS = ["model", "family", "reversible", "depth", "neuron_impl", "dtype", "T", "image", "batches", "params_M",
-           "mib_per_image", "peak_small_MiB", "peak_big_MiB", "seconds", "variant", "status"]
+           "mib_per_image", "peak_small_MiB", "peak_big_MiB", "rss_mib_per_image", "peak_rss_small_MiB",
+           "peak_rss_big_MiB", "seconds", "variant", "warning", "status"]
 
 
 def plot_depth(rows: Sequence[dict], path: Path, title: str) -> Path | None:
@@ -217,8 +272,8 @@ def explain(args: argparse.Namespace) -> None:
     """``--explain N``: what is alive at the peak of one CPU training step of each model of ``--models``."""
     lines = ["# What is alive at the peak of a training step", "",
              f"CPU; batch {max(args.batch_sizes)}; fp32; groups of allocations by the innermost three operators "
-             f"around them (`revsnn_triton.memory.peak_breakdown`). Command: `python -m revsnn_triton.bench.memory "
-             f"{' '.join(sys.argv[1:])}`", ""]
+             f"around them (`revsnn_triton.memory.peak_breakdown`). Command: `revsnn bench memory "
+             f"{' '.join(args.argv)}`", ""]
     big = max(args.batch_sizes)
     for name in args.models:
         model, step, _, _ = _model_and_step(model_case(name, args.cpu_small), torch.device("cpu"), "fp32", (big,),
@@ -237,35 +292,51 @@ def explain(args: argparse.Namespace) -> None:
     (Path(args.out) / "memory_explain.md").write_text("\n".join(lines))
 
 
+def default_out() -> Path:
+    """``runs/bench/memory-<UTC date and time>`` under the current directory (``runs/`` is git-ignored)."""
+    return Path("runs", "bench", "memory-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="revsnn bench memory", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--models", nargs="+", default=None, help=f"models of the per-model table (default: all: "
-                   f"{' '.join(ALL_MODELS)})")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="revsnn bench memory", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n" + __doc__.rstrip().rsplit("\n\n", 1)[1])
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: runs/bench/memory-<UTC time> under the current directory)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="models of the per-model table (default: " + " ".join(ALL_MODELS) + "); with --ablation "
+                   "or --sweep alone, no per-model table")
+    p.add_argument("--sweep", action="store_true",
+                   help="also measure the depth sweep (RevSResNet21/37/109 vs MS-ResNet18/34/104, transformers with "
+                   f"{'/'.join(map(str, TRANSFORMER_SWEEP))} blocks) and plot memory per image against depth")
+    p.add_argument("--ablation", action="store_true",
+                   help="also measure the ablation: each model of --models that has variants (default: "
+                   + " ".join(ABLATION) + ") with each memory option switched")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=None,
-                   help="default: fp32 bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch-sizes", nargs=2, type=int, default=None,
-                   help="default 16 64 (CUDA), 2 4 (CPU), 4 8 (--cpu-small)")
+                   help="default: fp32 bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--batch-sizes", nargs=2, type=int, default=None, metavar=("SMALL", "BIG"),
+                   help="the two batch sizes of the slope (default: 16 64 on CUDA, 16 32 on the CPU, 4 8 with "
+                   "--cpu-small)")
     p.add_argument("--T", type=int, default=None, help="time steps (default: each model's: 4 CIFAR, 10 DVS)")
-    p.add_argument("--image-size", type=int, default=None, help="default 32 (CIFAR) / 128 (DVS)")
-    p.add_argument("--neuron-impl", choices=("triton", "torch", "spikingjelly"), default="triton")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height and width (default: each model's own: 32 CIFAR, 128 DVS, 8 digits)")
+    p.add_argument("--neuron-impl", choices=("triton", "torch", "spikingjelly"), default="triton",
+                   help="neurons of every model (default: triton, our fused op)")
+    p.add_argument("--mmap-threshold", type=int, default=DEFAULT_MMAP_THRESHOLD, metavar="BYTES",
+                   help="CPU: fix glibc's malloc mmap threshold at BYTES before measuring, so that peak RSS follows "
+                   "the allocations (default: 131072); 0: leave glibc's dynamic threshold and report no RSS")
     p.add_argument("--cpu-small", action="store_true",
-                   help="CI mode: the depth sweep at 1/8 width, 32x32 inputs, T=2, batches 4 and 8, fp32 "
-                   "(the per-model table only with --models; no ablation)")
-    p.add_argument("--no-sweep", action="store_true", help="skip the depth sweep")
-    p.add_argument("--no-models", action="store_true", help="skip the per-model table")
-    p.add_argument("--no-ablation", action="store_true",
-                   help="skip the ablation: each model of --ablation-models with each of its memory options "
-                   "switched (run last; default on)")
-    p.add_argument("--ablation-models", nargs="+", choices=tuple(ABLATION), default=None,
-                   help=f"models of the ablation table (default: all: {' '.join(ABLATION)})")
+                   help="CI mode: 1/8 widths, T=2, 32x32 inputs, batches 4 and 8, fp32 (only ratios and the shape "
+                   "against depth mean something)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this")
     p.add_argument("--explain", type=int, default=0, metavar="N",
                    help="CPU only: instead of the tables, print for each of --models the N largest groups of "
                    "allocations alive at the peak of a training step at the larger batch size "
                    "(revsnn_triton.memory.peak_breakdown) and write them to memory_explain.md")
     args = p.parse_args(argv)
+    args.argv = argv
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -273,34 +344,62 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     cpu = args.device == "cpu"
     if args.explain < 0 or (args.explain and not cpu):
         p.error("--explain N: N >= 1, and only with --device cpu (on CUDA use torch.cuda.memory._snapshot)")
+    known = list_models()
+    for name in args.models or ():
+        if name not in known:
+            p.error(f"--models: unknown model {name!r}{did_you_mean(name, known)}; choose from: {' '.join(known)}")
+    if args.ablation and args.models:
+        missing = [n for n in args.models if n not in ABLATION]
+        if missing == args.models:
+            p.error(f"--ablation: no ablation variants for {' '.join(missing)}; models with variants: "
+                    f"{' '.join(ABLATION)}")
+    args.table = args.models is not None or not (args.sweep or args.ablation)
+    args.ablation_models = [n for n in (args.models or ABLATION) if n in ABLATION]
+    args.models = args.models or list(ALL_MODELS)
     if args.cpu_small:
         args.T = args.T or 2
         args.image_size = args.image_size or 32
-        # the depth sweep already covers the CIFAR models; the per-model table and the ablation only on request
-        args.no_models = args.no_models or args.models is None
-        args.no_ablation = True
     args.dtypes = args.dtypes or (["fp32"] if cpu else ["fp32", "bf16"])
-    # CPU: at batches 2/4 a batch-independent transient (e.g. a conv's work buffer) can hold the small
-    # batch's peak; 4/8 keeps the activations on top in --cpu-small (1/8 widths, 32x32)
-    args.batch_sizes = args.batch_sizes or ([4, 8] if args.cpu_small else [2, 4] if cpu else [16, 64])
+    args.batch_sizes = args.batch_sizes or ([4, 8] if args.cpu_small else [16, 32] if cpu else [16, 64])
     if min(args.batch_sizes) < 1 or args.batch_sizes[0] == args.batch_sizes[1]:
         p.error(f"--batch-sizes must be two different positive sizes, got {args.batch_sizes}")
     if args.T is not None and args.T < 1:
         p.error(f"--T must be >= 1, got {args.T}")
-    args.models = args.models or list(ALL_MODELS)
-    args.ablation_models = args.ablation_models or list(ABLATION)
+    if args.image_size is not None and args.image_size < 1:
+        p.error(f"--image-size must be >= 1, got {args.image_size}")
+    if args.mmap_threshold < 0:
+        p.error(f"--mmap-threshold must be >= 0, got {args.mmap_threshold}")
+    args.out = args.out or default_out()
     return args
+
+
+def _prepare_rss(mmap_threshold: int) -> tuple[bool, str]:
+    """CPU: fix the malloc mmap threshold (before any model is built). Returns (measure RSS?, what it means)."""
+    if mmap_threshold == 0:
+        return False, "peak RSS not measured (--mmap-threshold 0: glibc's dynamic threshold makes RSS read 2-3x high)"
+    if not set_malloc_mmap_threshold(mmap_threshold):
+        return False, "peak RSS not measured: the C library is not glibc, so its mmap threshold cannot be fixed"
+    reason = peak_rss_unavailable()
+    if reason is not None:
+        return False, f"peak RSS not measured: {reason}"
+    return True, (f"peak RSS: the resident-memory high-water mark of the process during each step, glibc malloc "
+                  f"mmap threshold fixed at {mmap_threshold} bytes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     device = torch.device(args.device)
+    with_rss, rss_note = False, ""
     if device.type == "cpu":
         torch.set_num_threads(1)   # memory, not speed, is measured; a second thread only adds contention
+        with_rss, rss_note = _prepare_rss(args.mmap_threshold)
+        print(f"memory: {rss_note}", flush=True)
+    print(f"memory: results go to {args.out}", flush=True)
     start = time.perf_counter()
     note = ("Memory per image = (peak(b_big) - peak(b_small)) / (b_big - b_small) of one training step "
             "(forward, backward, SGD momentum step); real allocations "
             + ("(torch.cuda.max_memory_allocated)." if device.type == "cuda" else "(CPU profiler memory events).")
+            + (f" {rss_note[0].upper()}{rss_note[1:]}." if rss_note else "")
             + (" --cpu-small: 1/8 widths, so only ratios and the shape against depth are meaningful."
                if args.cpu_small else ""))
 
@@ -308,10 +407,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.budget_s is not None and time.perf_counter() - start > args.budget_s
 
     measured: dict[tuple, dict] = {}     # (case, dtype, variant) -> row: the sweep reuses the per-model rows
+    warned: set[str] = set()
 
     def run(cases, stem, title, variants_of: Callable[[Case], Variants] = lambda case: ((None, {}),)) -> list[dict]:
         rows: list[dict] = []
         for case in cases:
+            warning = None if case.overrides else low_reading_warning(case.name, device.type, args.batch_sizes)
+            if warning and warning not in warned:
+                warned.add(warning)
+                print(f"memory: warning: {warning}", file=sys.stderr, flush=True)
             for dtype in args.dtypes:
                 for variant, extra in variants_of(case):
                     key = (case.label, case.name, tuple(sorted(case.overrides.items())), dtype, variant)
@@ -324,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     try:
                         row = measure_case(case, device=device, dtype=dtype, batch_sizes=args.batch_sizes,
                                            T=args.T, image_size=args.image_size, neuron_impl=args.neuron_impl,
-                                           extra=extra)
+                                           extra=extra, rss=with_rss)
                     except Exception as error:  # one failing case (e.g. out of memory) must not end the run
                         row = dict(model=case.label, family=case.family, reversible=case.reversible,
                                    depth=case.depth, dtype=dtype, mib_per_image=float("nan"),
@@ -334,18 +438,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row["variant"] = variant
                     rows.append(row)
                     measured[key] = row
+                    rss = (f"  (peak RSS {row['rss_mib_per_image']:.3f})" if row.get("rss_mib_per_image") is not None else "")
                     print(f"{row['model']:>22} {dtype} {variant or '':>22}: "
-                          f"{row['mib_per_image']:.3f} MiB/image  {row['status']}", flush=True)
+                          f"{row['mib_per_image']:.3f} MiB/image{rss}  {row['status']}", flush=True)
                     write_results(rows, args.out, stem, title, COLUMNS, notes=note)
         return rows
 
     from revsnn_triton.bench import write_results
     if args.explain:
         explain(args)
+        print(f"memory: wrote {Path(args.out) / 'memory_explain.md'}")
         return 0
-    if not args.no_models:
+    if args.table:
         run([model_case(n, args.cpu_small) for n in args.models], "memory", "Training memory per image")
-    if not args.no_sweep:
+    if args.sweep:
         rows = run(depth_sweep_cases(args.cpu_small), "memory_depth", "Training memory per image against depth")
         if rows:
             env_dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -353,10 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"Training memory per image against depth ({env_dev}, {args.neuron_impl} neurons)")
             if png:
                 print(f"wrote {png}")
-    if not args.no_ablation:
+    if args.ablation:
         run([model_case(n, args.cpu_small) for n in args.ablation_models], "memory_ablation",
             "Training memory per image: what each option buys (empty variant: the defaults)",
             lambda case: ABLATION[case.name])
+    print(f"memory: results in {args.out}")
     return 0
 
 

@@ -9,12 +9,13 @@ Providers, all on the same inputs of each case:
   so each runs in a subprocess of this script (``--worker``); the implementation spikingjelly reports
   having bound (``neuron_implementation``) is recorded;
 - ``torch.compile-loop``: ``torch.compile`` of the plain PyTorch loop of the reference
-  (``revsnn_triton.ops.neuron_reference.multistep_autograd``).
+  (``revsnn_triton.ops.neuron.reference.multistep_autograd``).
 
-Neuron: LIF tau=2, v_threshold=1, hard reset to 0, detach_reset, ATan(alpha=2) (DESIGN.md §6). Timing:
-``triton.testing.do_bench`` medians with 20/80 percentiles, L2 flushed before each repetition. The
-device-to-device copy bandwidth is measured in the same run; every figure is also given as a fraction
-of it, counting bytes read plus written (see :func:`traffic_bytes`).
+Neuron: LIF tau=2, v_threshold=1, hard reset to 0, detach_reset, ATan(alpha=2), the configuration of the
+reference figures in ``benchmarks/README.md``. Timing: ``triton.testing.do_bench`` medians with 20/80
+percentiles, L2 flushed before each repetition. The device-to-device copy bandwidth is measured in the same
+run; every figure is also given as a fraction of it, counting bytes read plus written (see
+:func:`traffic_bytes`).
 
 Run: ``python -m revsnn_triton.bench.neurons [--out DIR]`` (or ``python benchmarks/bench_neurons.py``,
 ``revsnn bench neurons``). Without a CUDA GPU it prints why and exits with status 2.
@@ -34,10 +35,13 @@ from typing import Callable, Sequence
 import torch
 
 from revsnn_triton.bench import copy_bandwidth, environment, require_cuda, time_ms, write_results
+from revsnn_triton.ops.neuron.spec import (SAVE_MODES, SAVE_PLANS, NeuronConfig, backward_traffic,
+                                           forward_traffic)
 
-# Neuron of every case (DESIGN.md §6).
+# Neuron of every case.
 TAU, V_TH, V_RESET, ALPHA = 2.0, 1.0, 0.0, 2.0
-SAVE_MODES = ("h", "h_bf16", "input")
+NEURON = NeuronConfig(kind="lif", tau=TAU, decay_input=True, v_threshold=V_TH, hard_reset=True, v_reset=V_RESET,
+                      detach_reset=True, surrogate="atan", alpha=ALPHA)
 PASSES = ("forward", "forward+backward")
 
 
@@ -62,7 +66,7 @@ PROVIDERS = tuple(f"revsnn[{m}]" for m in SAVE_MODES) + (
     "spikingjelly-triton", "spikingjelly-torch", "torch.compile-loop")
 SJ_ENV = "SJ_LIF_CUDA_IMPLEMENTATION"
 
-# Targets of issue 2 (one H100): (case, pass) -> upper bound in ms for our kernels.
+# Targets for our kernels (one H100): (case, pass) -> upper bound in ms.
 TARGET_MS = {
     ("T4-8.39M-fp32", "forward+backward"): 0.25,
     ("T4-8.39M-bf16", "forward+backward"): 0.13,
@@ -70,7 +74,7 @@ TARGET_MS = {
 }
 TARGET_FORWARD_FRACTION = 0.85  # forward alone, of the measured copy bandwidth (bytes read + written)
 
-# Reference figures, DESIGN.md §6 (one H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0): medians in ms.
+# Reference figures (one H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, measured 2026-11-27): medians in ms.
 REFERENCE_MS = {
     ("T4-8.39M-fp32", "spikingjelly-triton", "forward"): 0.180,
     ("T4-8.39M-fp32", "spikingjelly-triton", "forward+backward"): 0.868,
@@ -93,38 +97,23 @@ COLUMNS = ["case", "T", "neurons", "dtype", "provider", "pass", "status", "media
 
 def traffic_bytes(case: Case, pass_: str, save: str | None) -> int:
     """Bytes read plus written in device memory by one call of the benchmark's neuron (``v_init=None``, only the
-    spikes used downstream: no grad of ``v_final`` flows, ``v_init`` needs none).
+    spikes used downstream: ``v_final`` is not written, no grad of it flows, ``v_init`` needs none).
 
     ``save=None``: the minimum any implementation must move, the basis for the other providers (whose
-    kernels we do not count): forward reads X, writes S and the final V; backward reads dS and X (to
-    recompute), writes dX -- DESIGN.md §6's 5 passes.
-
-    ``save`` a mode of our op: what its kernels (``revsnn_triton.kernels.neurons``) move. Forward kernel:
-    reads X (the constant initial state is not read), writes S, V_final and H (4 bytes/neuron-step for
-    ``h``, 2 for ``h_bf16``, none for ``input``). Backward kernel: reads dS and the saved H, writes dX (an
-    unused V_final's zero gradient is not read, the grad of V_init not written); with ``input`` and
-    ``T <= MAX_RECOMPUTE_T`` it reads X instead of H and recomputes H in registers: exactly the 5-pass floor
-    plus the final V. For longer sequences ``input`` first re-runs the forward kernel into a transient fp32 H
-    (reads X, writes H and a scratch V) that the backward kernel then reads."""
-    from revsnn_triton.kernels.neurons import MAX_RECOMPUTE_T
+    kernels we do not count): forward reads X and writes S; backward reads dS and X (to recompute) and writes
+    dX: 5 passes. ``save`` a mode of our op: what its kernels move, from the byte plan of
+    ``revsnn_triton.ops.neuron.spec`` (checked against the addresses the kernels touch by the tests)."""
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     if save not in (None, *SAVE_MODES):
         raise ValueError(f"save must be None or one of {SAVE_MODES}, got {save!r}")
-    steps, n = case.T * case.n, case.n
-    xb = torch.tensor([], dtype=case.dtype).element_size()
-    if save is None:
-        fwd = steps * 2 * xb + 4 * n
-        return fwd if pass_ == "forward" else fwd + steps * 3 * xb
-    h = {"h": 4, "h_bf16": 2, "input": 0}[save]
-    fwd = steps * (xb + xb + h) + 4 * n
+    fwd = forward_traffic("input" if save is None else save, NEURON, case.T, case.n, case.dtype,
+                          store_v_final=False)
     if pass_ == "forward":
-        return fwd
-    if save == "input" and case.T <= MAX_RECOMPUTE_T:
-        return fwd + steps * (xb + xb + xb)
-    recompute = steps * (xb + 4) + 4 * n if save == "input" else 0
-    bwd = steps * (xb + (h or 4) + xb)
-    return fwd + recompute + bwd
+        return fwd.total
+    if save is None:  # the floor: dS, X, dX
+        return fwd.total + 3 * case.T * case.n * torch.empty((), dtype=case.dtype).element_size()
+    return fwd.total + backward_traffic(save, NEURON, case.T, case.n, case.dtype).total
 
 
 def _inputs(case: Case, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,12 +139,12 @@ def _ours(save: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def forward(x):
         return multistep_neuron(x, None, tau=TAU, v_threshold=V_TH, v_reset=V_RESET, detach_reset=True,
-                                surrogate="atan", alpha=ALPHA, save=save)[0]
+                                surrogate="atan", alpha=ALPHA, save=save, need_v_final=False)[0]
     return forward
 
 
 def _compiled_loop() -> Callable[[torch.Tensor], torch.Tensor]:
-    from revsnn_triton.ops.neuron_reference import multistep_autograd
+    from revsnn_triton.ops.neuron.reference import multistep_autograd
 
     def loop(x):
         return multistep_autograd(x, None, tau=TAU, v_threshold=V_TH, v_reset=V_RESET, detach_reset=True,
@@ -216,12 +205,13 @@ def _error(exc: BaseException) -> str:
 
 def _launch_detail(case: Case, device: torch.device, save: str) -> str:
     """The launch configurations our kernels use for ``case`` and where they come from."""
-    from revsnn_triton.kernels.neurons import MAX_RECOMPUTE_T
-    from revsnn_triton.tuning import lookup_config
+    from revsnn_triton.kernels.neurons import resident_values
+    from revsnn_triton.launch import lookup_config
+    from revsnn_triton.ops.neuron.spec import FORWARD_KERNEL
     parts = []
-    fused = save == "input" and case.T <= MAX_RECOMPUTE_T
-    for kernel in ("neuron_forward", "neuron_backward_recompute" if fused else "neuron_backward"):
-        cfg, source = lookup_config(kernel, case.n, case.T, case.dtype, device)
+    for kernel in (FORWARD_KERNEL, SAVE_PLANS[save].backward_kernel(case.T)):
+        cfg, source = lookup_config(kernel, case.n, case.T, case.dtype, device,
+                                    resident=resident_values(kernel, case.T))
         parts.append(f"{kernel.removeprefix('neuron_')} {cfg.block_size}/{cfg.num_warps} warps ({source})")
     return "; ".join(parts)
 
@@ -321,7 +311,7 @@ def plot(rows: Sequence[dict], path: str | os.PathLike, title: str) -> Path | No
 
 
 def _print_table(rows: Sequence[dict], bandwidth: float) -> None:
-    print(f"device copy bandwidth: {bandwidth / 1e12:.3f} TB/s (read + write; DESIGN.md §6 H100: 3.00 TB/s)")
+    print(f"device copy bandwidth: {bandwidth / 1e12:.3f} TB/s (read + write; reference H100: 3.00 TB/s)")
     print(f"{'case':15s} {'provider':20s} {'pass':17s} {'median ms':>10s} {'q20-q80':>15s} {'of copy bw':>10s} "
           f"{'ref ms':>7s}  target")
     for r in rows:
@@ -386,10 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     title = "Multi-step LIF neuron (tau=2, hard reset, detach_reset, ATan): forward and forward+backward"
     notes = (f"Device copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write). `bytes`: bytes read + written "
-             "per call; `kernel traffic` counts what our op's kernels move in that save mode (see "
-             "`revsnn_triton.bench.neurons.traffic_bytes`), `minimum traffic` what any implementation must move "
-             "(X, S, final V; backward dS, X, dX), since the other providers' kernels are not counted. `reference_ms`: DESIGN.md §6 (H100 80GB HBM3, 2026-11-27); for `revsnn[h]` it is "
-             "the plain hand-written Triton kernel saving H. Targets (issue 2) apply to our op.")
+             "per call; `kernel traffic` counts what our op's kernels move in that save mode (the byte plan of "
+             "`revsnn_triton.ops.neuron.spec`), `minimum traffic` what any implementation must move "
+             "(X, S; backward dS, X, dX: 5 passes), since the other providers' kernels are not counted. "
+             "`reference_ms`: figures measured on one H100 80GB HBM3 on 2026-11-27 (see benchmarks/README.md); "
+             "for `revsnn[h]` it is a plain hand-written Triton kernel saving H. The targets apply to our op.")
     paths = write_results(rows, args.out, args.stem, title, columns=COLUMNS, env=env, notes=notes)
     _print_table(rows, bandwidth)
     if not args.no_plot:
@@ -398,62 +389,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths["png"] = png
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
-
-
-# The launch configuration of a kernel is tuned on the benchmark's neuron (LIF, hard reset, detach_reset,
-# ATan, H saved in fp32); the winner serves every neuron kind and save mode of that kernel (the cache key
-# has no kind or save mode: the memory traffic per neuron-step, which decides the best block, is similar).
-_TUNE_NEURON = dict(kind="lif", tau=TAU, decay_input=True, v_threshold=V_TH, hard_reset=True, v_reset=V_RESET)
-
-
-def _tune_forward(T: int, n: int, dtype: torch.dtype, device: torch.device):
-    from revsnn_triton.kernels import neurons as k
-    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
-    v_init = torch.zeros(n, device=device)
-    out = (torch.empty_like(x), torch.empty_like(v_init), torch.empty(T, n, device=device))
-
-    def run(block_size: int, num_warps: int):
-        return k.neuron_forward(x, v_init, None, **_TUNE_NEURON, save="h", block_size=block_size,
-                                num_warps=num_warps, out=out)
-    return run
-
-
-def _tune_backward(T: int, n: int, dtype: torch.dtype, device: torch.device):
-    from revsnn_triton.kernels import neurons as k
-    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
-    _, _, saved = k.neuron_forward(x, torch.zeros(n, device=device), None, **_TUNE_NEURON, save="h")
-    grad_s = torch.randn(T, n, device=device).to(dtype)
-    grad_v = torch.zeros(n, device=device)
-    out = (torch.empty_like(grad_s), torch.empty_like(grad_v), None, None, None)
-
-    def run(block_size: int, num_warps: int):
-        return k.neuron_backward(grad_s, grad_v, saved, None, None, None, **_TUNE_NEURON, detach_reset=True,
-                                 surrogate="atan", alpha=ALPHA, save="h", block_size=block_size,
-                                 num_warps=num_warps, out=out)
-    return run
-
-
-def _tune_backward_recompute(T: int, n: int, dtype: torch.dtype, device: torch.device):
-    from revsnn_triton.kernels import neurons as k
-    if T > k.MAX_RECOMPUTE_T:
-        raise ValueError(f"neuron_backward_recompute runs for T <= {k.MAX_RECOMPUTE_T} only, got T={T}")
-    x = (torch.rand(T, n, device=device) * 4 - 1).to(dtype)
-    grad_s = torch.randn(T, n, device=device).to(dtype)
-    out = (torch.empty_like(grad_s), None, None, None, None)
-
-    def run(block_size: int, num_warps: int):  # as the benchmark's call: no v_init, v_final unused
-        return k.neuron_backward(grad_s, None, x.new_empty(0, dtype=torch.float32), x, None, None, **_TUNE_NEURON,
-                                 detach_reset=True, surrogate="atan", alpha=ALPHA, save="input",
-                                 need_grad_v_init=False, block_size=block_size, num_warps=num_warps, out=out)
-    return run
-
-
-def tuning_benchmarks() -> dict[str, Callable]:
-    """Kernels :func:`revsnn_triton.tuning.tune` can measure, by the name the launchers pass to
-    ``launch_config``: name -> factory(T, n, dtype, device) that prepares inputs and returns
-    ``run(block_size, num_warps)`` launching that kernel once."""
-    return {"neuron_forward": _tune_forward, "neuron_backward": _tune_backward,
-            "neuron_backward_recompute": _tune_backward_recompute}
 
 
 if __name__ == "__main__":

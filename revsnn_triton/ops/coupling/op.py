@@ -39,7 +39,7 @@ def _launch(op: str, *, s: Tensor, f: Optional[Tensor] = None, out: Optional[Ten
     """Run the kernel; tensors that are not 3-level views are made contiguous first (an in-place target through a
     contiguous copy written back)."""
     from revsnn_triton.kernels import coupling as kernels  # imports triton only when a kernel runs
-    from revsnn_triton.tuning import launch_config
+    from revsnn_triton.launch import launch_config
 
     def representable() -> bool:
         return spec.view3(*[t for t in (s, f, out) if t is not None]) is not None

@@ -1,4 +1,5 @@
-"""Plain-PyTorch multi-step IF / LIF / PLIF neurons: the test oracle and the CPU implementation of the ops.
+"""Plain-PyTorch multi-step IF / LIF / PLIF neurons: the one statement of the formulas, the test oracle and the
+arithmetic of the CPU backend.
 
 Semantics are spikingjelly 2.0's (``step_mode='m'``), computed in fp32 whatever the input dtype, with the same
 operations in the same order, so spikes and membranes are bit-equal to spikingjelly's in fp32. For each t
@@ -11,167 +12,25 @@ operations in the same order, so spikes and membranes are bit-equal to spikingje
 - fire: ``S = (H >= v_threshold)``, returned in the input dtype
 - reset: hard ``V = S * vr + (1 - S) * H``, soft ``V = H - S * v_threshold``
 
-Three entry points:
+Backward through time, from ``t = T-1`` down to 0, carrying ``dL/dV[t]`` (the surrogate ``sg = g'(H - v_th)``):
+``dV/dH`` is ``1 - S`` (+ ``(vr - H) sg`` unless ``detach_reset``) for hard reset, ``1`` or ``1 - v_th sg`` for
+soft; ``dL/dH = dL/dS sg + dL/dV dV/dH``; ``dL/dY`` is ``dL/dH`` scaled by the charge's input coefficient
+(``1/tau``, ``q`` or 1) and ``dL/dV[t-1] = dL/dH - dL/dH / tau`` (``* q``; IF: ``dL/dH``).
+
+Entry points:
 
 - :func:`multistep_autograd`: a Python loop whose gradients come from autograd (the independent oracle).
 - :func:`neuron_forward_reference` / :func:`neuron_backward_reference`: the explicit forward and hand-written
-  backward that the ``revsnn::neuron_*`` ops run on CPU tensors; the Triton kernels implement the same formulas.
+  backward that the CPU backend runs chunk by chunk; the Triton kernels implement the same formulas.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from revsnn_triton.ops.neuron.spec import NeuronConfig, check_neuron_args
 from revsnn_triton.surrogate import SURROGATES, surrogate_derivative
-
-ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SAVE_MODES = ("h", "h_bf16", "input")
-KINDS = ("if", "lif", "plif")
-
-
-@dataclass(frozen=True)
-class NeuronConfig:
-    """Validated scalar configuration of a multi-step neuron (tensors are passed separately)."""
-
-    kind: str  # "if" | "lif" | "plif"
-    tau: float  # LIF only (1.0 otherwise, unused)
-    decay_input: bool
-    v_threshold: float
-    hard_reset: bool
-    v_reset: float  # the hard-reset value; 0.0 for soft reset (that is what the charge uses)
-    detach_reset: bool
-    surrogate: str
-    alpha: float
-    channel_dim: int | None = None  # dim of the per-step shape that scale/shift index; None: no affine input
-
-
-def _is_finite(value: float) -> bool:
-    # Not math.isfinite: under torch.compile(dynamic=True) Dynamo cannot trace it on a float argument.
-    return value - value == 0
-
-
-def _is_real_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_neuron_args(x_seq, v_init, *, tau, w, decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                      alpha, save="h", scale=None, shift=None, channel_dim=None,
-                      where="multistep_neuron") -> NeuronConfig:
-    """Validate the arguments of a multi-step neuron call; raise ``TypeError``/``ValueError`` naming the argument.
-
-    Accepted: ``x_seq`` a float32/float16/bfloat16 tensor with at least 2 dims ``[T, *shape]``, T >= 1;
-    ``v_init`` None or a float32 tensor of shape ``shape`` on ``x_seq``'s device; ``w`` None or a 1-element
-    floating tensor on the same device (PLIF); ``tau`` None or a finite float > 1 (LIF; ignored with ``w``);
-    finite ``v_threshold``, ``v_reset`` (None = soft reset), ``alpha`` > 0; ``surrogate`` one of ``SURROGATES``;
-    ``save`` one of ``SAVE_MODES``; ``scale`` and ``shift`` both None, or both float32 1-D tensors of length
-    ``x_seq.shape[1 + channel_dim]`` on ``x_seq``'s device, with ``channel_dim`` an int indexing
-    ``x_seq.shape[1:]`` (negative counts from the end; returned normalized in ``NeuronConfig.channel_dim``).
-    """
-    if not isinstance(x_seq, torch.Tensor):
-        raise TypeError(f"{where}: x_seq must be a torch.Tensor, got {type(x_seq).__name__}")
-    if x_seq.dtype not in ACCEPTED_DTYPES:
-        raise TypeError(f"{where}: x_seq must have dtype float32, float16 or bfloat16, got {x_seq.dtype}")
-    if x_seq.dim() < 2:
-        raise ValueError(f"{where}: x_seq must have a time axis first, shape [T, *shape] with at least 2 dims; "
-                         f"got shape {tuple(x_seq.shape)}")
-    if x_seq.shape[0] < 1:
-        raise ValueError(f"{where}: x_seq must have T >= 1 time steps, got shape {tuple(x_seq.shape)}")
-    if v_init is not None:
-        if not isinstance(v_init, torch.Tensor):
-            raise TypeError(f"{where}: v_init must be a torch.Tensor or None, got {type(v_init).__name__}")
-        if v_init.dtype != torch.float32:
-            raise TypeError(f"{where}: v_init must be float32 (the membrane is kept in fp32), got {v_init.dtype}")
-        if v_init.shape != x_seq.shape[1:]:
-            raise ValueError(f"{where}: v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), "
-                             f"got {tuple(v_init.shape)}")
-        if v_init.device != x_seq.device:
-            raise ValueError(f"{where}: v_init is on {v_init.device} but x_seq is on {x_seq.device}")
-    if w is not None:
-        if not isinstance(w, torch.Tensor):
-            raise TypeError(f"{where}: w must be a torch.Tensor or None, got {type(w).__name__}")
-        if not w.is_floating_point():
-            raise TypeError(f"{where}: w must be a floating-point tensor, got {w.dtype}")
-        if w.numel() != 1:
-            raise ValueError(f"{where}: w must have exactly 1 element (PLIF's shared 1/tau = sigmoid(w)), "
-                             f"got shape {tuple(w.shape)}")
-        if w.device != x_seq.device:
-            raise ValueError(f"{where}: w is on {w.device} but x_seq is on {x_seq.device}")
-        kind = "plif"
-    elif tau is not None:
-        kind = "lif"
-    else:
-        kind = "if"
-    if kind == "lif":
-        if not _is_real_number(tau):
-            raise TypeError(f"{where}: tau must be a float, got {type(tau).__name__}")
-        if not _is_finite(tau) or tau <= 1:
-            raise ValueError(f"{where}: tau must be finite and > 1 for LIF, got {tau}")
-    if not _is_real_number(v_threshold):
-        raise TypeError(f"{where}: v_threshold must be a float, got {type(v_threshold).__name__}")
-    if not _is_finite(v_threshold):
-        raise ValueError(f"{where}: v_threshold must be finite, got {v_threshold}")
-    if v_reset is not None:
-        if not _is_real_number(v_reset):
-            raise TypeError(f"{where}: v_reset must be a float or None (soft reset), got {type(v_reset).__name__}")
-        if not _is_finite(v_reset):
-            raise ValueError(f"{where}: v_reset must be finite or None (soft reset), got {v_reset}")
-    if not isinstance(surrogate, str):
-        raise TypeError(f"{where}: surrogate must be a name (str), got {type(surrogate).__name__}; "
-                        f"fused surrogates: {sorted(SURROGATES)}")
-    if surrogate not in SURROGATES:
-        raise ValueError(f"{where}: surrogate {surrogate!r} has no fused kernel; fused surrogates: "
-                         f"{sorted(SURROGATES)}")
-    if not _is_real_number(alpha):
-        raise TypeError(f"{where}: alpha must be a float, got {type(alpha).__name__}")
-    if not _is_finite(alpha) or alpha <= 0:
-        raise ValueError(f"{where}: alpha must be finite and > 0, got {alpha}")
-    if save not in SAVE_MODES:
-        raise ValueError(f"{where}: save must be one of {SAVE_MODES}, got {save!r}")
-    for name, flag in (("decay_input", decay_input), ("detach_reset", detach_reset)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{where}: {name} must be a bool, got {type(flag).__name__}")
-    return NeuronConfig(kind=kind, tau=float(tau) if kind == "lif" else 1.0, decay_input=decay_input,
-                        v_threshold=float(v_threshold), hard_reset=v_reset is not None,
-                        v_reset=0.0 if v_reset is None else float(v_reset), detach_reset=detach_reset,
-                        surrogate=surrogate, alpha=float(alpha),
-                        channel_dim=_check_affine(x_seq, scale, shift, channel_dim, where))
-
-
-def _check_affine(x_seq, scale, shift, channel_dim, where: str) -> int | None:
-    """The normalized ``channel_dim`` of a valid ``scale``/``shift`` pair, or None when both are None."""
-    if scale is None and shift is None:
-        if channel_dim is not None:
-            raise ValueError(f"{where}: channel_dim={channel_dim!r} is given without scale and shift; "
-                             f"pass both of them with it, or none of the three")
-        return None
-    if scale is None or shift is None:
-        given, missing = ("scale", "shift") if shift is None else ("shift", "scale")
-        raise ValueError(f"{where}: {given} is given but {missing} is None; pass both (the neuron's input is "
-                         f"x * scale[c] + shift[c]) or neither")
-    ndim = x_seq.dim() - 1
-    if channel_dim is None:
-        raise ValueError(f"{where}: channel_dim is required with scale and shift (the dim of x_seq.shape[1:] "
-                         f"that they index, e.g. 1 for [T, B, C, H, W])")
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"{where}: channel_dim must be an int, got {type(channel_dim).__name__}")
-    if not -ndim <= channel_dim < ndim:
-        raise ValueError(f"{where}: channel_dim must index x_seq.shape[1:] = {tuple(x_seq.shape[1:])}, i.e. lie "
-                         f"in [{-ndim}, {ndim - 1}], got {channel_dim}")
-    channel_dim %= ndim
-    channels = x_seq.shape[1 + channel_dim]
-    for name, t in (("scale", scale), ("shift", shift)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{where}: {name} must be float32 (the input transform runs in fp32), got {t.dtype}")
-        if t.shape != (channels,):
-            raise ValueError(f"{where}: {name} must have shape ({channels},) (x_seq.shape[{1 + channel_dim}], "
-                             f"channel_dim={channel_dim}), got {tuple(t.shape)}")
-        if t.device != x_seq.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but x_seq is on {x_seq.device}")
-    return channel_dim
 
 
 def channel_view(t: torch.Tensor, channel_dim: int, shape: Sequence[int]) -> torch.Tensor:
@@ -259,17 +118,18 @@ def encode_saved(h_seq: torch.Tensor, save: str, v_threshold: float) -> torch.Te
     return h_seq.new_empty(0)
 
 
-def decode_saved(saved: torch.Tensor, save: str, v_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(H fp32, S as fp32 0/1)`` from :func:`encode_saved`'s output (``save`` in ``"h"``, ``"h_bf16"``)."""
+def decode_saved(saved: torch.Tensor, save: str, v_threshold: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(H fp32, S as fp32 0/1)`` from :func:`encode_saved`'s output (``save`` in ``"h"``, ``"h_bf16"``);
+    ``S`` is None where it is ``H >= v_threshold`` (``"h"``: taken step by step by the backward)."""
     if save == "h":
-        return saved, (saved >= v_threshold).float()
+        return saved, None
     sign = saved.view(torch.int16) < 0  # sign bit of bf16 (H - v_threshold); -0.0 counts as below threshold
     return saved.float() + v_threshold, (~sign).float()
 
 
 def neuron_input(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """One step's neuron input in fp32: ``x``, or ``x * scale + shift`` for ``affine = (scale, shift)`` of
-    ``x``'s shape (e.g. :func:`channel_view`\ s)."""
+    ``x``'s shape (e.g. views from :func:`channel_view`)."""
     x = x.float()
     return x if affine is None else x * affine[0] + affine[1]
 
