@@ -14,39 +14,42 @@ The stream ``s`` is int32 or a float tensor holding ``q * 2**-R`` exactly (float
 ``ENCODE`` and ``COUPLE`` OR their flags (overflow, non-finite branch output, ``|q| >= 2**24``) into one row of an
 int32 flag tensor; see ``revsnn_triton/ops/coupling/spec.py``.
 
-Round half to even: ``libdevice.rint`` does not run under Triton's interpreter (triton 3.6 returns None), so rint
-uses the magic-number trick: for ``|v| < M`` with ``M = 2**23`` (float32) or ``2**52`` (float64),
-``(v + copysign(M, v)) - copysign(M, v)`` lands on the grid of unit spacing and rounds half to even under the
-default rounding mode; ``|v| >= M`` is already an integer. (Compiled for sm_90 the compiler contracts
-``f * 2**R + c`` into one fma: harmless, as ``f * 2**R`` is exact. The test suite checks that the magic constants
-survive in the PTX.) Float -> int conversion out of range is undefined in Triton, so out-of-range and NaN lanes are
-replaced before the conversion and patched after it.
+Round half to even: compiled, ``libdevice.rint`` (one instruction). It does not run under Triton's interpreter
+(triton 3.6 returns None), so there (``COMPILED=False``) rint is the magic-number trick: for ``|v| < M`` with
+``M = 2**23`` (float32) or ``2**52`` (float64), ``(v + copysign(M, v)) - copysign(M, v)`` lands on the grid of unit
+spacing and rounds half to even under the default rounding mode; ``|v| >= M`` is already an integer. Float -> int
+conversion out of range is undefined in Triton, so out-of-range and NaN lanes are replaced before the conversion
+and patched after it.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from revsnn_triton.ops.coupling import spec
+from revsnn_triton.ops.coupling.spec import view3
 
 ENCODE, DECODE, COUPLE, UNCOUPLE, TO_FLOAT = 0, 1, 2, 3, 4
 _OPS = {"encode": ENCODE, "decode": DECODE, "couple": COUPLE, "uncouple": UNCOUPLE, "to_float": TO_FLOAT}
 
 
 @triton.jit
-def _rint(v, MAGIC: tl.constexpr):
-    c = tl.where(v < 0, -MAGIC, MAGIC)
-    return tl.where(tl.abs(v) < MAGIC, (v + c) - c, v)
+def _rint(v, MAGIC: tl.constexpr, COMPILED: tl.constexpr):
+    if COMPILED:
+        return libdevice.rint(v)  # one instruction (cvt.rni); round half to even
+    else:
+        c = tl.where(v < 0, -MAGIC, MAGIC)
+        return tl.where(tl.abs(v) < MAGIC, (v + c) - c, v)
 
 
 @triton.jit
-def _scaled(f, SCALE: tl.constexpr, F64: tl.constexpr):
+def _scaled(f, SCALE: tl.constexpr, F64: tl.constexpr, COMPILED: tl.constexpr):
     """``rint(f * 2**R)`` in float32, or float64 for float64 inputs (exact scale, then round half to even)."""
     if F64:
-        return _rint(f.to(tl.float64) * SCALE, 4503599627370496.0)
+        return _rint(f.to(tl.float64) * SCALE, 4503599627370496.0, COMPILED)
     else:
-        return _rint(f.to(tl.float32) * SCALE, 8388608.0)
+        return _rint(f.to(tl.float32) * SCALE, 8388608.0, COMPILED)
 
 
 @triton.jit
@@ -81,9 +84,19 @@ def _decode(q, INV_SCALE: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
-def _or_flag(flags_ptr, column, cond, mask):
-    hit = tl.max(tl.where(mask & cond, 1, 0), axis=0)
-    tl.atomic_max(flags_ptr + column, hit)
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _flag(flags_ptr, overflow, nonfinite, inexact, mask):
+    """OR the block's three facts into the flag row: one bitwise-OR reduction over the block, then one atomic per
+    column and program."""
+    bits = tl.where(mask, overflow.to(tl.int32) | (nonfinite.to(tl.int32) << 1) | (inexact.to(tl.int32) << 2), 0)
+    any_bits = tl.reduce(bits, 0, _bit_or)
+    tl.atomic_or(flags_ptr, any_bits & 1)
+    tl.atomic_or(flags_ptr + 1, (any_bits >> 1) & 1)
+    tl.atomic_or(flags_ptr + 2, (any_bits >> 2) & 1)
 
 
 @triton.jit
@@ -92,7 +105,7 @@ def coupling_kernel(
     s_st0, s_st1, f_st0, f_st1, o_st0, o_st1,
     SCALE: tl.constexpr, INV_SCALE: tl.constexpr, OP: tl.constexpr,
     S_INT: tl.constexpr, S_F64: tl.constexpr, F_F64: tl.constexpr, OUT_F64: tl.constexpr,
-    OUT_BF16: tl.constexpr, FLAGS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    OUT_BF16: tl.constexpr, FLAGS: tl.constexpr, COMPILED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     """One block of ``BLOCK_SIZE`` elements of one row ``(i0, i1)`` of the ``[n0, n1, n2]`` views."""
     pid = tl.program_id(0).to(tl.int64)
@@ -104,13 +117,12 @@ def coupling_kernel(
     s_off = i0 * s_st0 + i1 * s_st1 + offs
     if OP == 0:  # ENCODE
         f = tl.load(f_ptr + i0 * f_st0 + i1 * f_st1 + offs, mask=mask, other=0.0)
-        v = _scaled(f, SCALE, F_F64)
+        v = _scaled(f, SCALE, F_F64, COMPILED)
         q = _saturate(v)
         if FLAGS:
             finite = (f - f) == 0  # false for NaN and +-inf
-            _or_flag(flags_ptr, 0, finite & ((v >= 2147483648.0) | (v < -2147483648.0)), mask)
-            _or_flag(flags_ptr, 1, ~finite, mask)
-            _or_flag(flags_ptr, 2, (q >= 16777216) | (q <= -16777216), mask)
+            _flag(flags_ptr, finite & ((v >= 2147483648.0) | (v < -2147483648.0)), ~finite,
+                  (q >= 16777216) | (q <= -16777216), mask)
         if S_INT:
             tl.store(s_ptr + s_off, q, mask=mask)
         else:
@@ -125,7 +137,7 @@ def coupling_kernel(
             _store_float(out_ptr + i0 * o_st0 + i1 * o_st1 + offs, _decode(q, INV_SCALE, OUT_F64), mask, OUT_BF16)
         else:  # COUPLE, UNCOUPLE
             f = tl.load(f_ptr + i0 * f_st0 + i1 * f_st1 + offs, mask=mask, other=0.0)
-            v = _scaled(f, SCALE, F_F64)
+            v = _scaled(f, SCALE, F_F64, COMPILED)
             qf = _saturate(v)
             if OP == 2:
                 y = q + qf  # int32 arithmetic wraps modulo 2**32
@@ -133,9 +145,8 @@ def coupling_kernel(
                     finite = (f - f) == 0  # false for NaN and +-inf
                     wrapped = ((q ^ y) & (qf ^ y)) < 0
                     saturated = (v >= 2147483648.0) | (v < -2147483648.0)
-                    _or_flag(flags_ptr, 0, (wrapped | saturated) & finite, mask)
-                    _or_flag(flags_ptr, 1, ~finite, mask)
-                    _or_flag(flags_ptr, 2, (y >= 16777216) | (y <= -16777216), mask)
+                    _flag(flags_ptr, (wrapped | saturated) & finite, ~finite, (y >= 16777216) | (y <= -16777216),
+                          mask)
             else:
                 y = q - qf
             if S_INT:
@@ -154,7 +165,7 @@ def coupling(op: str, *, s: torch.Tensor, f: torch.Tensor | None = None, out: to
     present = [t for t in (s, f, out) if t is not None]
     if any(t.shape != s.shape for t in present):
         raise ValueError("coupling launcher: s, f and out must have the same shape")
-    layout = spec.view3(*present)
+    layout = view3(*present)
     if layout is None:
         raise ValueError("coupling launcher: s, f and out must be views of at most 3 levels with a contiguous "
                          "innermost dim")
@@ -174,5 +185,5 @@ def coupling(op: str, *, s: torch.Tensor, f: torch.Tensor | None = None, out: to
         F_F64=f is not None and f.dtype == torch.float64,
         OUT_F64=out is not None and out.dtype == torch.float64,
         OUT_BF16=out is not None and out.dtype == torch.bfloat16, FLAGS=flags is not None,
-        BLOCK_SIZE=block_size, num_warps=num_warps,
+        COMPILED=not triton.knobs.runtime.interpret, BLOCK_SIZE=block_size, num_warps=num_warps,
     )

@@ -63,7 +63,7 @@ def test_cli_runs_only_the_table_and_writes_outside_the_tree(tmp_path) -> None:
     """A subprocess from a fresh directory: the default output folder, no sweep, no ablation, no alarming
     profiler line on a machine without a GPU, and the RSS columns on the CPU."""
     cmd = [sys.executable, "-m", "revsnn_triton", "bench", "memory", "--device", "cpu", "--cpu-small",
-           "--models", "MS-ResNet18", "--T", "1"]
+           "--models", "MS-ResNet18", "--T", "2"]  # T=1: too small for RSS to move
     result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (out,) = (tmp_path / "runs" / "bench").iterdir()

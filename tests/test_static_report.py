@@ -35,7 +35,7 @@ def sm90_report(tmp_path_factory):
 
 
 def test_budgets_hold_on_sm90(sm90_report) -> None:
-    """No shared memory or barriers in any time loop, no spills, no fused multiply-add in a neuron kernel nor an
+    """No shared memory or barriers in any neuron kernel's time loop, no spills, no fused multiply-add in a neuron kernel nor an
     approximate division in a forward, at most 40 registers in LIF's T=4 fp32 forward, at most half the issue
     capacity everywhere (the report's own check, exit status 1 otherwise); the T=16 recompute backward reads
     with at least 64-bit accesses in at most 64 registers, the bf16 T=4 one with 128-bit accesses."""
@@ -43,7 +43,10 @@ def test_budgets_hold_on_sm90(sm90_report) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(rows) == 2 * 2 * 3 * 2 * 2 + 3, len(rows)
     assert not S.budget_violations(rows)
-    assert all(r["loop_barriers"] == r["loop_shared_ops"] == r["local_bytes"] == 0 for r in rows)
+    assert all(r["local_bytes"] == 0 for r in rows)
+    # the neuron kernels' time loops; the coupling kernels have none (their flags take one block-wide reduction
+    # through shared memory per program, outside any loop)
+    assert all(r["loop_barriers"] == r["loop_shared_ops"] == 0 for r in rows if not r["kernel"].startswith("coupling"))
     lif_forward = [r for r in rows if r["kernel"] == FORWARD_KERNEL and r["kind"] == "lif" and r["dtype"] == "fp32"]
     assert lif_forward and all(r["regs"] <= S.MAX_FORWARD_REGS and r["div_per_elem_step"] == 0 for r in lif_forward)
     assert all(r["ld_bits"] == "128" for r in lif_forward if r["save"] != "h_bf16")  # 16-byte vector loads

@@ -141,26 +141,26 @@ class _LaunchRecorder:
 
 
 def coupling_launches(n: int = COUPLING_ELEMENTS):
-    """The coupling ops' main passes as their launchers issue them, fp32 float carrier, 16 fractional bits:
-    ``encode`` (float -> int32), ``couple_decode`` (y = x + q(f), and decode(y)), ``uncouple_step``
-    (x = y - q(f), decode(x), grad = grad_a + grad_b). Bytes: every tensor the pass reads or writes, once."""
-    from revsnn_triton import launch
+    """The coupling ops' passes as the reversible engine issues them, 16 fractional bits: ``encode`` (float input ->
+    int32 stream, with flags), ``couple`` (the forward step on an int32 stream, ``s += q(f)`` in place, with flags),
+    ``uncouple`` (the backward step on a float32 stream, ``s -= q(f)`` in place). Bytes: every tensor the pass reads
+    or writes, once."""
     from revsnn_triton.kernels import coupling as kc
-    cfg = launch.heuristic(n, 1, on_gpu=True)
+    from revsnn_triton.ops.coupling.op import coupling_heuristic
+    cfg = coupling_heuristic(n)
     f32 = lambda: torch.empty(n, device="meta")  # noqa: E731
     i32 = lambda: torch.empty(n, dtype=torch.int32, device="meta")  # noqa: E731
+    flags = lambda: torch.empty(3, dtype=torch.int32, device="meta")  # noqa: E731
     passes = {
-        "coupling:encode": (dict(f=f32(), out_q=i32()), 4 + 4),
-        "coupling:couple_decode": (dict(q=i32(), f=f32(), out_q=i32(), out_f=f32()), 4 * 4),
-        "coupling:uncouple_step": (dict(q=i32(), f=f32(), out_q=i32(), out_f=f32(), grad_a=f32(), grad_b=f32(),
-                                        grad=f32()), 7 * 4),
+        "coupling:encode": ("encode", dict(s=i32(), f=f32(), flags=flags()), 4 + 4),
+        "coupling:couple": ("couple", dict(s=i32(), f=f32(), flags=flags()), 3 * 4),
+        "coupling:uncouple": ("uncouple", dict(s=f32(), f=f32()), 3 * 4),
     }
     out = []
-    for name, (tensors, nbytes) in passes.items():
+    for name, (op, tensors, nbytes) in passes.items():
         recorded: list = []
         with _patched(kc, "coupling_kernel", _LaunchRecorder(kc.coupling_kernel, name, recorded)):
-            kc.coupling(**tensors, frac_bits=16, subtract=name == "coupling:uncouple_step",
-                        block_size=cfg.block_size, num_warps=cfg.num_warps)
+            kc.coupling(op, **tensors, frac_bits=16, block_size=cfg.block_size, num_warps=cfg.num_warps)
         out.append((recorded[0], nbytes))
     return out
 

@@ -39,8 +39,6 @@ def _launch(op: str, *, s: Tensor, f: Optional[Tensor] = None, out: Optional[Ten
     """Run the kernel; tensors that are not 3-level views are made contiguous first (an in-place target through a
     contiguous copy written back)."""
     from revsnn_triton.kernels import coupling as kernels  # imports triton only when a kernel runs
-    from revsnn_triton.launch import launch_config
-
     def representable() -> bool:
         return spec.view3(*[t for t in (s, f, out) if t is not None]) is not None
 
@@ -56,9 +54,34 @@ def _launch(op: str, *, s: Tensor, f: Optional[Tensor] = None, out: Optional[Ten
             _launch(op, s=tmp, f=f, flags=flags, frac_bits=frac_bits)
             s.copy_(tmp)
         return
-    cfg = launch_config("coupling", max(s.numel(), 1), 1, torch.float32, s.device)
+    cfg = launch_settings(s.numel(), s.device)
     kernels.coupling(op, s=s, f=f, out=out, flags=flags, frac_bits=frac_bits, block_size=cfg.block_size,
                      num_warps=cfg.num_warps)
+
+
+# Elements per thread of the coupling kernel on a GPU: four 16-byte accesses per tensor, so that the block-wide
+# reduction of the flags is spread over 16 elements per thread.
+ELEMENTS_PER_THREAD = 16
+
+
+def coupling_heuristic(n: int):
+    """The GPU default for ``n`` elements: ``ELEMENTS_PER_THREAD`` elements per thread, up to 8 warps, fewer while
+    fewer than 512 programs would run."""
+    from revsnn_triton.launch import LaunchConfig
+
+    warps = 8
+    while warps > 1 and n < 512 * 32 * warps * ELEMENTS_PER_THREAD:
+        warps //= 2
+    return LaunchConfig(32 * warps * ELEMENTS_PER_THREAD, warps)
+
+
+def launch_settings(n: int, device: torch.device):
+    """The coupling kernel's launch configuration for ``n`` elements: the tuning cache's entry for this GPU when
+    there is one, else :func:`coupling_heuristic`; under the interpreter the shared small block."""
+    from revsnn_triton.launch import lookup_config
+
+    cfg, source = lookup_config("coupling", max(n, 1), 1, torch.float32, device)
+    return cfg if source != "heuristic" else coupling_heuristic(n)
 
 
 # ------------------------------------------------------------------------------------------ functional ops
