@@ -28,9 +28,11 @@ whole batches in the training loop (:func:`batch_transforms`), in timm's order: 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -295,6 +297,23 @@ _SPIKINGJELLY_SETS = {
 }
 
 
+@contextlib.contextmanager
+def _one_preprocessing_thread():
+    """spikingjelly converts event files in a thread pool, whose threads read them with ``numpy.load``; its header
+    parse (``ast.literal_eval``) is not thread-safe on CPython before 3.12 ("SystemError: AST constructor recursion
+    depth mismatch", seen here on 3.11.7). There the conversion runs in one thread."""
+    if sys.version_info >= (3, 12):
+        yield
+        return
+    from spikingjelly import configure
+    previous = configure.max_threads_number_for_datasets_preprocess
+    configure.max_threads_number_for_datasets_preprocess = 1
+    try:
+        yield
+    finally:
+        configure.max_threads_number_for_datasets_preprocess = previous
+
+
 def _spikingjelly_frames(cfg: TrainConfig) -> DataBundle:
     module, cls_name, folder, num_classes = _SPIKINGJELLY_SETS[cfg.dataset]
     if importlib.util.find_spec("spikingjelly") is None:
@@ -307,9 +326,10 @@ def _spikingjelly_frames(cfg: TrainConfig) -> DataBundle:
     frames = dict(data_type="frame", frames_number=cfg.T, split_by="number")
 
     def build():
-        if cfg.dataset == "cifar10-dvs":
-            return (cls(str(root), **frames),)
-        return cls(str(root), train=True, **frames), cls(str(root), train=False, **frames)
+        with _one_preprocessing_thread():
+            if cfg.dataset == "cifar10-dvs":
+                return (cls(str(root), **frames),)
+            return cls(str(root), train=True, **frames), cls(str(root), train=False, **frames)
     try:
         # The first use converts the archives and writes the frames once; under torchrun rank 0 does it alone.
         built = _rank0_first(build)

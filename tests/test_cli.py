@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import subprocess
 import sys
@@ -235,7 +236,8 @@ def test_default_run_folders_are_unique(tmp_path, monkeypatch, capsys):
     assert main(["train", *TINY_RUN]) == 0
     assert main(["train", *TINY_RUN]) == 0  # the same command again (as `make demo` twice) starts a new run
     runs = sorted((tmp_path / "runs" / "train").iterdir())
-    assert len(runs) == 2 and all(r.name.endswith("-RevSResNet-digits") for r in runs)
+    # <UTC time>-<model>, with -1 appended when the second run starts within the same second
+    assert len(runs) == 2 and all(re.fullmatch(r"\d{8}-\d{6}-RevSResNet-digits(-\d+)?", r.name) for r in runs), runs
     assert all((r / "checkpoint_last.pt").is_file() for r in runs)
     recorded = json.loads((runs[0] / "config.json").read_text())["out"]
     assert recorded in (str(runs[0].relative_to(tmp_path)), str(runs[0]))
