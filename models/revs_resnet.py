@@ -70,6 +70,9 @@ class RevSResNet(SpikingModel):
             them per step); False keeps their graphs.
         recompute_batch: None, or N: the reversible stages and the recomputed transitions run their
             recomputation in micro-batches of N images ("floor mode", see ``RevSequence``).
+        transition_batch: None, or N: only the recomputed stem and downsample layers run in micro-batches of N
+            (the default of the DVS model, whose stem works at 64x64 with T=10 and would otherwise set the peak);
+            ``recompute_batch`` takes precedence.
     Forward returns logits ``[B, num_classes]`` (mean over T).
     """
 
@@ -77,7 +80,8 @@ class RevSResNet(SpikingModel):
                  neuron_impl: str, neuron: dict, in_channels: int, event_input: bool, reversible: bool = True,
                  frac_bits: int = 16, compact_spikes: bool = True, neuron_save: Optional[str] = None,
                  zero_init_last: bool = False, recompute_transitions: bool = True,
-                 recompute_batch: Optional[int] = None, name: str = "RevSResNet"):
+                 recompute_batch: Optional[int] = None, transition_batch: Optional[int] = None,
+                 name: str = "RevSResNet"):
         from revsnn_triton.reversible import RevBlock, RevSequence  # the engine; imported when a model is built
 
         super().__init__()
@@ -103,6 +107,7 @@ class RevSResNet(SpikingModel):
         if not isinstance(recompute_transitions, bool):
             raise TypeError(f"{name}: recompute_transitions must be a bool, got {type(recompute_transitions).__name__}")
         self.recompute_transitions, self.recompute_batch = recompute_transitions, recompute_batch
+        self.transition_batch = recompute_batch if recompute_batch is not None else transition_batch
         self.head = SpikingHead(2 * widths[-1], num_classes, sn)
         init_conv_bn(self, zero_init_last=zero_init_last)
 
@@ -114,7 +119,7 @@ class RevSResNet(SpikingModel):
 
     def _transition(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.recompute_transitions:
-            return recompute(module, x, self.recompute_batch)
+            return recompute(module, x, self.transition_batch)
         return module(x)
 
     def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +157,8 @@ register_variants(RevSResNet, CONFIGS, num_classes=100, T=4, neuron=CIFAR_RESNET
                       "ATan(2), detach_reset. Overrides: see RevSResNet.")
 
 
-register_variants(RevSResNet, {"RevSResNet24": dict(widths=(16, 32, 48), blocks=(1, 2, 2))}, num_classes=10, T=10,
+register_variants(RevSResNet, {"RevSResNet24": dict(widths=(16, 32, 48), blocks=(1, 2, 2), transition_batch=2)},
+                  num_classes=10, T=10,
                   neuron=DVS_NEURON, in_channels=2, event_input=True, reversible=True,
                   counterparts={"RevSResNet24": "MS-ResNet20"},
                   dataset="DVS128 Gesture / CIFAR10-DVS", input="event frames [B, T, 2, 128, 128]",

@@ -73,15 +73,22 @@ class SpikingTransformerBase(SpikingModel):
       spikes leave a neuron: the forward keeps each stage's input (the image view, then each neuron's spikes as
       ``torch.bool``, a quarter of the float map), and backward rebuilds one stage's graph at a time. Best when
       the peak is the tokenizer's own backward (RevSFormer: the reversible blocks keep almost nothing).
+
+    ``transition_batch`` (None, or N): a recomputed tokenizer runs its recomputation in micro-batches of N images (its
+    maps are the model's largest: at 128x128 DVS frames with T=10 one full-resolution map is ~20 MiB per image).
+    Defaults, chosen by measurement: 8 for the CIFAR models, 2 for the DVS models (it acts only where the tokenizer
+    is recomputed: RevSFormer's default; Spikingformer keeps its tokenizer's graph by default). Cost: one more
+    pass per tokenizer stage in forward and in backward, for the batch-wide BatchNorm statistics.
     """
 
     def __init__(self, *, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, patch: int,
                  num_classes: int, T: int, neuron_impl: str, neuron: dict, in_channels: int, event_input: bool,
                  attn_threshold: float = 0.5, compact_spikes: bool = True, neuron_save: Optional[str] = None,
-                 recompute_tokenizer: bool | str = False, name: str):
+                 recompute_tokenizer: bool | str = False, transition_batch: Optional[int] = None, name: str):
         super().__init__()
         _check_transformer_args(name, embed_dim, depth, num_heads, mlp_ratio)
         self.recompute_tokenizer = _check_recompute_mode(name, recompute_tokenizer)
+        self.transition_batch = transition_batch
         self.setup_input(name, num_classes, T, in_channels, event_input, min_size=patch, multiple=patch)
         kw = dict(neuron)
         self.neuron = neuron_factory(neuron_impl, kw.pop("kind"), save=neuron_save, **kw)
@@ -94,13 +101,15 @@ class SpikingTransformerBase(SpikingModel):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, C, H, W]`` -> tokens ``[T, B, E, N]``, recomputed in backward as ``recompute_tokenizer`` says."""
         if self.recompute_tokenizer == "stages":
-            head, *stages = self.tokenizer.stages()
-            x = recompute(head, x)
+            head, first, *stages = self.tokenizer.stages()
+            # the stem and the first stage are one segment: the gradient of the stem's spikes (the largest map,
+            # at full resolution) then only exists inside it, one micro-batch at a time
+            x = recompute(nn.Sequential(head, first), x, self.transition_batch)
             for stage in stages:
-                x = recompute(stage, x, binary_input=True)  # spikes: kept as bool
+                x = recompute(stage, x, self.transition_batch, binary_input=True)  # spikes: kept as bool
             return x.flatten(3)
         if self.recompute_tokenizer:
-            return recompute(self.tokenizer, x)
+            return recompute(self.tokenizer, x, self.transition_batch)
         return self.tokenizer(x)
 
     def extra_repr(self) -> str:
@@ -134,9 +143,10 @@ class Spikingformer(SpikingTransformerBase):
         return self.head(x.mean(dim=(0, 3)))
 
 
-CIFAR = dict(num_heads=12, mlp_ratio=4.0, patch=4, neuron=CIFAR_TRANSFORMER_NEURON, in_channels=3,
+CIFAR = dict(num_heads=12, mlp_ratio=4.0, patch=4, neuron=CIFAR_TRANSFORMER_NEURON, in_channels=3, transition_batch=8,
              event_input=False)
-DVS = dict(num_heads=16, mlp_ratio=4.0, patch=16, neuron=DVS_NEURON, in_channels=2, event_input=True)
+DVS = dict(num_heads=16, mlp_ratio=4.0, patch=16, neuron=DVS_NEURON, in_channels=2, event_input=True,
+           transition_batch=2)
 # (model config, default T, default classes, dataset, input, {name suffix: (depth, embed_dim)})
 FAMILY = (
     (CIFAR, 4, 10, "CIFAR-10/100", "images [B, 3, 32, 32]", {"2-384": (2, 384), "4-384": (4, 384)}),

@@ -89,34 +89,53 @@ def batchnorm_neuron(bn: SeqBatchNorm, neuron: nn.Module, x: Tensor, time_steps:
     copies). Our neurons take the normalization as their input transform (``scale``/``shift``), so the normalized
     tensor is never materialized and the graph keeps ``x`` only; any other neuron module gets it materialized.
     Returns the spikes ``[T, B, C, *]``."""
-    scale, shift = bn.normalization(x)
-
     def sequence(t: Tensor) -> Tensor:
         return t.unsqueeze(0).expand(time_steps, *t.shape) if repeated else t.unflatten(0, (time_steps, -1))
+
+    if not isinstance(bn, SeqBatchNorm):  # a torch.nn BatchNorm: no fusion
+        return neuron(sequence(bn(x)))
+    scale, shift = bn.normalization(x)
 
     if callable(getattr(neuron, "forward_affine", None)) and getattr(neuron, "fuses_affine", True):
         return neuron.forward_affine(sequence(x), scale, shift, 1)
     return neuron(sequence(channel_affine(x, scale, shift)))
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
+def convert_batchnorm(module: nn.Module, to: str = "seq") -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` (in place; also ``module`` itself) by a
-    :class:`SeqBatchNorm` with the same parameters, buffers and settings, and return the result. The outputs are
-    equal up to float rounding (the normalization is computed as ``x * scale + shift``)."""
+    :class:`SeqBatchNorm` with the same parameters, buffers and settings (``to="seq"``), or every SeqBatchNorm by a
+    ``torch.nn`` BatchNorm of any number of dims (``to="torch"``, e.g. to compare), and return the result. The parameters stay the same
+    objects (an optimizer keeps them); the outputs are equal up to float rounding (SeqBatchNorm computes the
+    normalization as ``x * scale + shift``)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
-    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    if isinstance(module, kinds) and not isinstance(module, SeqBatchNorm):
-        new = SeqBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                           module.track_running_stats, device=_device_of(module), dtype=_dtype_of(module))
+    if to not in ("seq", "torch"):
+        raise ValueError(f"convert_batchnorm: to must be 'seq' or 'torch', got {to!r}")
+    if to == "seq":
+        match = isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and \
+            not isinstance(module, SeqBatchNorm)
+        cls = SeqBatchNorm
+    else:
+        match, cls = isinstance(module, SeqBatchNorm), _TorchBatchNorm
+    if match:
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  device=_device_of(module), dtype=_dtype_of(module))
         new.load_state_dict(module.state_dict())
         if module.affine:
             new.weight, new.bias = module.weight, module.bias  # the same Parameter objects (optimizers keep them)
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        setattr(module, name, convert_batchnorm(child))
+        setattr(module, name, convert_batchnorm(child, to))
     return module
+
+
+class _TorchBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """``torch.nn``'s BatchNorm (``F.batch_norm``) on ``[N, C, *]`` of any number of dims."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"BatchNorm: expected input [N, C, *], got shape {tuple(x.shape)}")
 
 
 def _device_of(m: nn.Module) -> Optional[torch.device]:

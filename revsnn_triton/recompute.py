@@ -152,13 +152,14 @@ class _RecomputeFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (saved,) = ctx.saved_tensors
         call: _RecomputeCall = ctx.call
-        x = saved.to(ctx.x_dtype) if call.binary else saved
+        x = saved
         want_x = ctx.needs_input_grad[0]
         inputs = call.segment.params + call.record.externals
         wanted = [t for t, want in zip(inputs, ctx.needs_input_grad[2:]) if want]
         if not want_x and not wanted:
             return (None, None, *[None] * len(inputs))
-        grad_x = torch.zeros_like(x) if want_x and call.segment.split else None
+        grad_x = (torch.zeros(x.shape, dtype=ctx.x_dtype, device=x.device) if want_x and call.segment.split
+                  else None)
         holder: list[Tensor] = []
 
         def add_grad(chunk, g):
@@ -167,7 +168,11 @@ class _RecomputeFunction(torch.autograd.Function):
             else:
                 grad_x[:, chunk] += g
 
-        grads = call.segment.backward(call.record, read=lambda chunk: _batched(x, chunk), write=lambda c, out: None,
+        def read(chunk):  # a 0/1 mask is turned back into the input micro-batch by micro-batch
+            part = _batched(x, chunk)
+            return part.to(ctx.x_dtype) if call.binary else part
+
+        grads = call.segment.backward(call.record, read=read, write=lambda c, out: None,
                                       grad_of=lambda chunk: _batched(grad_out, chunk),
                                       add_grad=add_grad if want_x else None, inputs=wanted)
         by_id = {id(t): g for t, g in zip(wanted, grads)}

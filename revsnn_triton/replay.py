@@ -252,11 +252,19 @@ class _ForwardPass(_Plan):
             if k == len(stats):
                 stats.append(_Stats(module=bn))
             s = stats[k]
-            dims = [0, *range(2, x.dim())]
-            xs = x.detach().to(torch.float64)
-            s.count += x.numel() // x.shape[1]
-            s.mean = xs.sum(dims) if s.mean is None else s.mean + xs.sum(dims)
-            s.var = (xs * xs).sum(dims) if s.var is None else s.var + (xs * xs).sum(dims)
+            # this micro-batch's mean and biased variance (the chunked two-pass reduction of the whole-batch op),
+            # combined with the earlier ones by Chan et al.'s parallel formula, in float64
+            from revsnn_triton.ops.batchnorm import batch_mean_var
+            mean, var = (t.double() for t in batch_mean_var(x.detach()))
+            n = x.numel() // x.shape[1]
+            if s.count == 0:
+                s.mean, s.var = mean, var * n  # var holds the sum of squared deviations while accumulating
+            else:
+                total = s.count + n
+                delta = mean - s.mean
+                s.var = s.var + var * n + delta * delta * (s.count * n / total)
+                s.mean = s.mean + delta * (n / total)
+            s.count += n
             self.stopped = True
             raise _StopPass
         s = stats[k]
@@ -265,9 +273,7 @@ class _ForwardPass(_Plan):
     def finish(self) -> None:
         """Turn the sums of layer ``layer`` into statistics; update that layer's running statistics once."""
         s = self.record.stats[self.layer]
-        mean = s.mean / s.count
-        var = (s.var / s.count - mean * mean).clamp_(min=0)
-        s.mean, s.var = mean.float(), var.float()
+        s.mean, s.var = s.mean.float(), (s.var / max(s.count, 1)).float()
         s.module.update_running_stats(s.mean, s.var, count=s.count)
 
 

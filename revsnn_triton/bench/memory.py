@@ -28,7 +28,7 @@ import argparse
 import datetime as _dt
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,14 +38,19 @@ import torch.nn.functional as F
 
 from revsnn_triton.memory import (malloc_mmap_threshold, measure_peak_bytes, measure_peak_rss, peak_breakdown,
                                   peak_rss_unavailable, set_malloc_mmap_threshold)
-from revsnn_triton.models import create_model, list_models
+from revsnn_triton.batchnorm import convert_batchnorm
+from revsnn_triton.models import create_model, list_models, model_info
 from revsnn_triton.suggest import did_you_mean
 
 MiB = float(1 << 20)
 
-DEPTHS = {"RevSResNet21": 21, "RevSResNet37": 37, "RevSResNet109": 109, "RevSResNet24": 24,
-          "MS-ResNet18": 18, "MS-ResNet34": 34, "MS-ResNet104": 104, "MS-ResNet20": 20}
+# The depth sweep: the zoo's ResNets (layers from the registry), at the zoo's widths and in the narrow family of the
+# 1,000-layer model (RevSResNet1001: widths per half 16..128; its counterparts MS-ResNet250/498/998 at 16..128),
+# where RevSResNet21 is also measured at the narrow widths ("RevSResNet21-narrow") so that the two reversible points
+# differ in depth only.
 SWEEP_RESNETS = ("RevSResNet21", "RevSResNet37", "RevSResNet109", "MS-ResNet18", "MS-ResNet34", "MS-ResNet104")
+SWEEP_NARROW = ("RevSResNet1001", "MS-ResNet250", "MS-ResNet498", "MS-ResNet998")
+NARROW_WIDTHS = {"RevSResNet": (16, 32, 64, 128), "MS-ResNet": (16, 32, 64, 128)}
 # The default per-model table: the pairs compared in the README first, so that a run cut short by a time limit
 # still has them.
 ALL_MODELS = ("RevSResNet37", "MS-ResNet34", "RevSResNet21", "RevSResNet109", "RevSFormer-4-384",
@@ -56,18 +61,28 @@ TRANSFORMER_SWEEP = (2, 4, 8)
 INPUT_SIZES = {"RevSResNet-digits": 8, "MS-ResNet-digits": 8}
 
 Variants = tuple  # ((variant label or None for the defaults, model overrides), ...)
+# An override "batchnorm": "torch" rebuilds the model's BatchNorm layers as torch.nn's (convert_batchnorm): no saved
+# statistics, no BatchNorm fused into a neuron.
 _RESNET_ABLATION: Variants = (
     (None, {}), ("compact_spikes=False", {"compact_spikes": False}), ("neuron_save=h", {"neuron_save": "h"}),
-    ("neuron_save=h_bf16", {"neuron_save": "h_bf16"}), ("spikingjelly neurons", {"neuron_impl": "spikingjelly"}))
+    ("neuron_save=h_bf16", {"neuron_save": "h_bf16"}), ("spikingjelly neurons", {"neuron_impl": "spikingjelly"}),
+    ("torch BatchNorm", {"batchnorm": "torch"}))
+_REV_ABLATION: Variants = _RESNET_ABLATION + (
+    ("recompute_transitions=False", {"recompute_transitions": False}),
+    ("floor mode, recompute_batch=8", {"recompute_batch": 8}), ("floor mode, recompute_batch=4", {"recompute_batch": 4}),
+    ("floor mode, recompute_batch=2", {"recompute_batch": 2}))
 # model -> its ablation variants (add rows here). The transformers run the tokenizer recomputation modes other than
 # their default ("stages" for RevSFormer, False for Spikingformer), so each side shows what each mode buys.
 ABLATION: dict[str, Variants] = {
-    "RevSResNet37": _RESNET_ABLATION,
+    "RevSResNet37": _REV_ABLATION,
     "MS-ResNet34": _RESNET_ABLATION,
     "RevSFormer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True}),
-                         ("recompute_tokenizer=False", {"recompute_tokenizer": False})),
+                         ("recompute_tokenizer=False", {"recompute_tokenizer": False}),
+                         ("transition_batch=4", {"transition_batch": 4}), ("torch BatchNorm", {"batchnorm": "torch"})),
     "Spikingformer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True}),
                             ("recompute_tokenizer=stages", {"recompute_tokenizer": "stages"})),
+    "RevSResNet24": ((None, {}), ("transition_batch=None", {"transition_batch": None}),
+                     ("recompute_transitions=False", {"recompute_transitions": False})),
 }
 
 # Pairs of batch sizes known to read low: (device type, models, smallest batch of a pair that reads right, why).
@@ -113,12 +128,17 @@ def model_case(name: str, small: bool = False) -> Case:
     reversible = name.startswith("Rev")
     if prefix in ("RevSFormer", "Spikingformer"):
         return Case(name, name, "transformer", reversible, int(name.split("-")[1]), overrides)
-    return Case(name, name, "resnet", reversible, DEPTHS.get(name), overrides)
+    return Case(name, name, "resnet", reversible, model_info(name).layers, overrides)
 
 
 def depth_sweep_cases(small: bool = False) -> list[Case]:
-    """RevSResNet21/37/109 and MS-ResNet18/34/104; RevSFormer and Spikingformer (E=384) with 2, 4 and 8 blocks."""
+    """RevSResNet21/37/109 and MS-ResNet18/34/104; the narrow family: RevSResNet21 at the narrow widths,
+    RevSResNet1001, MS-ResNet250/498/998; RevSFormer and Spikingformer (E=384) with 2, 4 and 8 blocks."""
     cases = [model_case(n, small) for n in SWEEP_RESNETS]
+    narrow = dict(widths=NARROW_WIDTHS["RevSResNet"])
+    cases.append(Case("RevSResNet21-narrow", "RevSResNet21", "resnet-narrow", True, model_info("RevSResNet21").layers,
+                      narrow))
+    cases += [replace(model_case(n, small), family="resnet-narrow") for n in SWEEP_NARROW]
     for prefix in ("RevSFormer", "Spikingformer"):
         for depth in TRANSFORMER_SWEEP:
             overrides = dict(SMALL_OVERRIDES[prefix]) if small else {}
@@ -188,9 +208,13 @@ def _model_and_step(case: Case, device: torch.device, dtype: str, batch_sizes: S
     torch.manual_seed(0)
     kw = dict(case.overrides, **(extra or {}))
     neuron_impl = kw.pop("neuron_impl", neuron_impl)
+    batchnorm = kw.pop("batchnorm", None)
     if T is not None:
         kw["T"] = T
-    model = create_model(case.name, neuron_impl=neuron_impl, **kw).to(device).train()
+    model = create_model(case.name, neuron_impl=neuron_impl, **kw)
+    if batchnorm is not None:
+        model = convert_batchnorm(model, to=batchnorm)
+    model = model.to(device).train()
     size = image_size or input_size(case.name, model)
     return model, training_step_fn(model, size, device, dtype, batch_sizes), neuron_impl, size
 
@@ -246,17 +270,24 @@ def plot_depth(rows: Sequence[dict], path: Path, title: str) -> Path | None:
     except ImportError:
         print("memory: matplotlib is not installed; no plot drawn", file=sys.stderr)
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, family, xlabel in ((axes[0], "resnet", "layers"), (axes[1], "transformer", "transformer blocks")):
+    panels = [(f, x, t) for f, x, t in (
+        ("resnet", "layers", "RevSResNet vs MS-ResNet (the zoo's widths)"),
+        ("resnet-narrow", "layers", "narrow: RevSResNet21/1001 vs MS-ResNet250/498/998 (widths 16-128)"),
+        ("transformer", "transformer blocks", "RevSFormer vs Spikingformer")) if any(r.get("family") == f for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (family, xlabel, panel_title) in zip(axes[0], panels):
         for reversible, style, label in ((True, "o-", "reversible"), (False, "s--", "non-reversible")):
             for dtype in sorted({r["dtype"] for r in rows}):
                 pts = sorted((r["depth"], r["mib_per_image"]) for r in rows
-                             if r["family"] == family and r["reversible"] == reversible and r["dtype"] == dtype)
+                             if r.get("family") == family and r["reversible"] == reversible and r["dtype"] == dtype
+                             and r.get("status") == "ok")
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"{label} ({dtype})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("MiB per image (training step)")
-        ax.set_title("RevSResNet vs MS-ResNet" if family == "resnet" else "RevSFormer vs Spikingformer")
+        ax.set_title(panel_title, fontsize=9)
+        if family == "resnet-narrow":
+            ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
