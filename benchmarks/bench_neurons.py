@@ -1,4 +1,4 @@
-"""Neuron benchmark (issue 2): see ``revsnn_triton.bench.neurons`` (``--help`` for options).
+"""Neuron benchmark: see ``revsnn_triton.bench.neurons`` (``--help`` for options).
 
     python benchmarks/bench_neurons.py --out benchmarks/results
 """

@@ -1,4 +1,4 @@
-"""Training-step time of the model zoo (issue 4; needs CUDA): see ``revsnn_triton.bench.train_step`` (``--help``).
+"""Training-step time of the model zoo (needs CUDA): see ``revsnn_triton.bench.train_step`` (``--help``).
 
     python benchmarks/bench_train_step.py --out benchmarks/results
 """

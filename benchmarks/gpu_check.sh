@@ -10,7 +10,7 @@
 # Results: benchmarks/results/<UTC date>-<card>/ (logs, junit XML, every benchmark's csv/json/md/png) and,
 # when $OUT is set, $OUT/results.tar.gz (that folder), $OUT/summary.md (stage outcomes, test tail, every
 # markdown table) and $OUT/gpu_check.log. With RUN_TUNE=1 the benchmarks run on the tuned configurations.
-# Stage limits in seconds can be overridden: T_INSTALL, T_TESTS, T_NEURONS, T_MEMORY, T_TRAIN, T_TUNE
+# Stage limits in seconds can be overridden: T_INSTALL, T_TESTS, T_STATIC, T_NEURONS, T_MEMORY, T_TRAIN, T_TUNE
 # (the tuning stage runs only with RUN_TUNE=1). PYTEST_ARGS adds pytest arguments, TESTS replaces the test paths (default tests); PYTHON picks python;
 # XDIST_WORKERS (default 8, 0 = no pytest-xdist); SKIP_INSTALL=1 skips the installation stage (a dry run on a machine where the package is installed).
 set -uo pipefail
@@ -27,11 +27,11 @@ if [[ "${1:-}" == "fetch" ]]; then
         -d "$WHEELS" "${FETCH[@]}"
 fi
 
-# Budget (s): 30 + 140 + 80 + 100 + 90 = 440 at most, plus about 20 s of imports, set-up and packing. The model
-# benchmarks write their tables after every row and run the issue's target models first, so a stage cut short
+# Budget (s): 30 + 130 + 60 + 70 + 90 + 70 = 450 at most, plus about 20 s of imports, set-up and packing. The
+# model benchmarks write their tables after every row and run the target models first, so a stage cut short
 # still reports them.
-T_INSTALL=${T_INSTALL:-30}; T_TESTS=${T_TESTS:-140}; T_NEURONS=${T_NEURONS:-80}
-T_MEMORY=${T_MEMORY:-100}; T_TRAIN=${T_TRAIN:-90}; T_TUNE=${T_TUNE:-120}
+T_INSTALL=${T_INSTALL:-30}; T_TESTS=${T_TESTS:-130}; T_STATIC=${T_STATIC:-60}; T_NEURONS=${T_NEURONS:-70}
+T_MEMORY=${T_MEMORY:-90}; T_TRAIN=${T_TRAIN:-70}; T_TUNE=${T_TUNE:-120}
 START=$(date +%s)
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
 RES="benchmarks/results/$(date -u +%Y-%m-%d)-$(echo "$CARD" | tr -c 'A-Za-z0-9._\n-' '-' | sed 's/--*/-/g; s/-$//')"
@@ -97,22 +97,18 @@ if [[ "${RUN_TUNE:-0}" == 1 ]]; then
 fi
 
 # 4. Benchmarks. Each writes <stem>.csv/.json/.md (+ .png) into $RES.
+# The compiler's report for this card's architecture (registers, spills, access widths, issue share), to set beside
+# the measured kernel times.
+stage bench_static "$T_STATIC" "$PY" -m revsnn_triton.bench.static --target sm_90 --out "$RES"
 stage bench_neurons "$T_NEURONS" "$PY" -m revsnn_triton.bench.neurons --out "$RES" --worker-timeout 60
-
-# Memory per image and training step (issue 4; modules of the model-zoo helper). A missing module is
-# reported, not fatal.
-for mod in memory train_step; do
-    limit=$T_MEMORY; [[ $mod == train_step ]] && limit=$T_TRAIN
-    usage=$("$PY" -m "revsnn_triton.bench.$mod" --help 2>&1)
-    if [[ $? -ne 0 ]]; then
-        SUMMARY+=("bench_$mod: MISSING or broken (python -m revsnn_triton.bench.$mod --help failed)")
-        say "== bench_$mod: python -m revsnn_triton.bench.$mod --help failed, skipped: $(echo "$usage" | tail -n 1)"
-        continue
-    fi
-    extra=()  # stop starting new measurements 15 s before the stage's limit, where supported
-    grep -q -- --budget-s <<< "$usage" && extra=(--budget-s $(( limit > 30 ? limit - 15 : limit / 2 )))
-    stage "bench_$mod" "$limit" "$PY" -m "revsnn_triton.bench.$mod" --out "$RES" "${extra[@]}"
-done
+# Memory per image (max allocated and max reserved, batches 16/64): the engine's targets first, then the ablation
+# (RevSResNet37 in floor mode among its rows), the 1,000-layer model at batch 64.
+stage bench_memory "$T_MEMORY" "$PY" -m revsnn_triton.bench.memory --device cuda --batch-sizes 16 64 \
+    --models RevSResNet37 MS-ResNet34 RevSResNet1001 RevSFormer-4-384 Spikingformer-4-384 --ablation \
+    --out "$RES" --budget-s $(( T_MEMORY - 15 ))
+# Step time at batch 64: RevSResNet37 (default and floor mode) against MS-ResNet34, ours and spikingjelly's neurons.
+stage bench_train_step "$T_TRAIN" "$PY" -m revsnn_triton.bench.train_step --out "$RES" --batch 64 \
+    --models MS-ResNet34 RevSResNet37 RevSResNet37:recompute_batch=16 --compile-models --budget-s $(( T_TRAIN - 15 ))
 
 # 5. Summary (with every benchmark's markdown table), and the files that travel back (at most 8).
 {

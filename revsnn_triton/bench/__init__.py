@@ -208,3 +208,28 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, rep: int =
     bandwidth = 2 * src.numel() * 4 / (timing.median * 1e-3)
     del src, dst
     return bandwidth, timing
+
+
+def parse_case(spec: str) -> tuple[str, dict]:
+    """``"NAME"`` or ``"NAME:key=value,key=value"`` (values parsed as Python literals, e.g.
+    ``RevSResNet37:recompute_batch=8``) -> ``(name, overrides)``: a zoo model with constructor overrides."""
+    import ast
+
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(rest + ","):  # commas inside brackets belong to a value: widths=(16,32,64)
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            items.append(rest[start:i])
+            start = i + 1
+    for item in filter(None, items):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"case {spec!r}: expected NAME or NAME:key=value,..., got {item!r}")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"case {spec!r}: {key.strip()}={value.strip()!r} is not a Python literal") from None
+    return name, overrides

@@ -234,12 +234,17 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
     t0 = time.perf_counter()
     step(small)                                   # warm-up: optimizer state, kernel compilation, caches
     peak_small = measure_peak_bytes(lambda: step(small), device)
+    reserved_small = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     peak_big = measure_peak_bytes(lambda: step(big), device)
+    reserved_big = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     row = dict(model=case.label, family=case.family, reversible=case.reversible, depth=case.depth,
                neuron_impl=neuron_impl, dtype=dtype, T=model.T, image=size, batches=f"{small}/{big}",
                params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                mib_per_image=(peak_big - peak_small) / (big - small) / MiB,
                peak_small_MiB=peak_small / MiB, peak_big_MiB=peak_big / MiB)
+    if reserved_small is not None:  # CUDA: the caching allocator's reserved memory too (what nvidia-smi sees)
+        row.update(reserved_mib_per_image=(reserved_big - reserved_small) / (big - small) / MiB,
+                   reserved_big_MiB=reserved_big / MiB)
     if rss is None:
         rss = device.type == "cpu" and malloc_mmap_threshold() is not None
     if rss and device.type == "cpu":
@@ -258,7 +263,7 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
 
 COLUMNS = ["model", "family", "reversible", "depth", "neuron_impl", "dtype", "T", "image", "batches", "params_M",
            "mib_per_image", "peak_small_MiB", "peak_big_MiB", "rss_mib_per_image", "peak_rss_small_MiB",
-           "peak_rss_big_MiB", "seconds", "variant", "warning", "status"]
+           "peak_rss_big_MiB", "reserved_mib_per_image", "reserved_big_MiB", "seconds", "variant", "warning", "status"]
 
 
 def plot_depth(rows: Sequence[dict], path: Path, title: str) -> Path | None:

@@ -1,4 +1,4 @@
-"""Training-step time of the model zoo (issue 4): our neurons against spikingjelly's, eager and ``torch.compile``.
+"""Training-step time of the model zoo: our neurons against spikingjelly's, eager and ``torch.compile``.
 
 One step = forward, cross-entropy, backward, SGD-with-momentum step, ``zero_grad(set_to_none=False)`` at batch
 64 (``--batch``), fp32 unless ``--dtype bf16`` (autocast). The time is the median of CUDA-event timings after a
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from revsnn_triton.bench import require_cuda, time_ms, write_results
+from revsnn_triton.bench import parse_case, require_cuda, time_ms, write_results
 from revsnn_triton.bench.memory import ALL_MODELS, training_step_fn
 
 COLUMNS = ["model", "neuron_impl", "mode", "dtype", "batch", "T", "image", "step_ms", "q20_ms", "q80_ms",
@@ -32,13 +32,16 @@ IMPLS = ("triton", "spikingjelly")
 
 
 def time_step(name: str, neuron_impl: str, mode: str, dtype: str, batch: int, T: int | None) -> dict:
-    """Median step time of one case on the current CUDA device (``mode``: ``"eager"`` or ``"compile"``)."""
+    """Median step time of one case on the current CUDA device (``mode``: ``"eager"`` or ``"compile"``); ``name`` may
+    carry constructor overrides (``RevSResNet37:recompute_batch=16``, see :func:`revsnn_triton.bench.parse_case`)."""
     from revsnn_triton.models import create_model
 
     device = require_cuda("train_step benchmark")
     torch.manual_seed(0)
-    kw = {} if T is None else {"T": T}
-    model = create_model(name, neuron_impl=neuron_impl, **kw).to(device).train()
+    model_name, kw = parse_case(name)
+    if T is not None:
+        kw["T"] = T
+    model = create_model(model_name, neuron_impl=neuron_impl, **kw).to(device).train()
     size = 128 if model.event_input else 32
     step = training_step_fn(model, size, device, dtype, (batch,), compiled=mode == "compile")
     t = time_ms(lambda: step(batch), warmup=200, rep=600)
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict] = []
     note = ("One step = forward + cross-entropy + backward + SGD momentum step; median of CUDA-event timings. "
             "vs_ms_resnet34_sj_eager: step time relative to MS-ResNet34 with spikingjelly neurons, eager "
-            "(the issue's target: RevSResNet37 <= 1.0).")
+            "(the comparison that matters: RevSResNet37 against MS-ResNet34).")
     for name, impl, mode in cases:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             print(f"train_step: --budget-s {args.budget_s} reached; results are partial", file=sys.stderr)
