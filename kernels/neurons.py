@@ -384,7 +384,7 @@ def _grad_step(h, spike, grad_s, carry, inv_tau, q, v_threshold, v_reset, sg_a, 
             dv_dh = tl.full(sg.shape, 1.0, tl.float32)
         else:
             dv_dh = 1.0 - v_threshold * sg
-    grad_h = grad_s * sg + carry * dv_dh
+    grad_h = grad_s * sg + tl.where(carry == 0, 0.0, carry * dv_dh)  # a zero carry adds nothing, not inf * 0
     if KIND == 0:
         grad_y = grad_h
         carry = grad_h

@@ -276,3 +276,15 @@ def test_lif_branches_with_seq_batchnorm_match_autograd_bit_for_bit():
     y0, g0 = run(base, x, w)
     assert_equal(y, y0, "output")
     check_grads(g, g0, "LIF + SeqBatchNorm")
+
+
+def test_if_neuron_with_hard_reset_gives_spikingjelly_s_finite_gradient_at_minus_inf():
+    spikingjelly = pytest.importorskip("spikingjelly.activation_based.neuron")
+    x = torch.tensor([[-float("inf"), 0.5, 1.5]], requires_grad=True)
+    spikingjelly.IFNode(step_mode="m")(x).sum().backward()
+    want = x.grad.clone()
+    assert torch.isfinite(want).all()
+    for backend in ("triton", "torch"):
+        x.grad = None
+        IFNode(step_mode="m", backend=backend)(x).sum().backward()
+        assert_equal(x.grad, want, f"IF gradient at -inf ({backend})")

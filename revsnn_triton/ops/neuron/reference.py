@@ -205,7 +205,9 @@ def neuron_backward_reference(grad_spikes: torch.Tensor, grad_v_final: torch.Ten
                 dv_dh = dv_dh + (cfg.v_reset - h) * sg
         else:
             dv_dh = torch.ones_like(h) if cfg.detach_reset else 1.0 - cfg.v_threshold * sg
-        grad_h = grad_spikes[t].float() * sg + carry * dv_dh
+        # a zero carry (no gradient reaches the membrane, e.g. from an unused v_final) contributes nothing, also where
+        # dv_dh is not finite (an input of -inf makes (v_reset - H) * sg = inf * 0): autograd would not form it
+        grad_h = grad_spikes[t].float() * sg + torch.where(carry == 0, 0.0, carry * dv_dh)
         if cfg.kind == "if":
             grad_y = grad_h
             carry = grad_h
