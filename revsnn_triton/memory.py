@@ -13,7 +13,10 @@ Resident memory (RSS) on the CPU is a second, coarser view: :func:`measure_peak_
 while ``fn`` ran, above its RSS when ``fn`` started. glibc's malloc keeps freed large blocks for reuse (its mmap
 threshold grows with the blocks freed), so RSS reads 2-3x the real allocations of a training step unless the
 threshold is fixed first: :func:`set_malloc_mmap_threshold` (e.g. 128 KiB, at the start of the process; blocks
-at least that large are then returned to the system when freed).
+at least that large are then returned to the system when freed). A large request can still be served from free
+memory inside the heap (left there by many small blocks, e.g. a profiler run's records), whose pages stay resident:
+:func:`measure_peak_rss` first returns the heap's free memory to the system (glibc's ``malloc_trim``), so that
+every page the step touches counts.
 """
 from __future__ import annotations
 
@@ -272,6 +275,16 @@ def _status_kib(field: str) -> int:
     return int(match.group(1))
 
 
+def _trim_heap() -> None:
+    """glibc: give the heap's free memory back to the system (``malloc_trim(0)``); elsewhere nothing."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> None:
     # "5" resets the process's peak RSS (VmHWM) to its current RSS (Linux 4.0+; see proc(5), clear_refs).
     with open("/proc/self/clear_refs", "w") as f:
@@ -300,16 +313,17 @@ def peak_rss_unavailable() -> str | None:
 
 def measure_peak_rss(fn: Callable[[], object]) -> int | None:
     """Run ``fn()`` once and return the peak resident memory of this process while it ran, above the resident
-    memory when it started, in bytes (Linux: the peak ``VmHWM`` is reset through ``/proc/self/clear_refs``
-    before ``fn`` and read after it). Returns None, without running ``fn``, where that is not possible
-    (:func:`peak_rss_unavailable` says why). Counts every thread's memory, the allocator's retained heap
-    included: fix the malloc mmap threshold first (:func:`set_malloc_mmap_threshold`) for figures that follow
-    the allocations."""
+    memory when it started, in bytes (Linux: the heap's free memory is returned to the system, then the peak
+    ``VmHWM`` is reset through ``/proc/self/clear_refs`` before ``fn`` and read after it). Returns None,
+    without running ``fn``, where that is not possible (:func:`peak_rss_unavailable` says why). Counts every
+    thread's memory, the allocator's retained heap included: fix the malloc mmap threshold first
+    (:func:`set_malloc_mmap_threshold`) for figures that follow the allocations."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if peak_rss_unavailable() is not None:
         return None
     gc.collect()
+    _trim_heap()  # free heap memory still resident would serve the step's blocks without a page being counted
     _reset_peak_rss()
     start = _status_kib("VmRSS")
     fn()

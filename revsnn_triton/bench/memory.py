@@ -5,7 +5,9 @@ SGD-with-momentum step; gradients zeroed, not freed) between two batch sizes: pa
 state exist before each measured step and cancel out; the input batches are allocated before the measurement.
 CUDA: ``torch.cuda.max_memory_allocated``; CPU: every allocation of the CPU allocator recorded by the profiler
 (:mod:`revsnn_triton.memory`) -- real allocations, never estimates. On the CPU the peak resident memory (RSS) of
-the same steps is reported next to it, measured with glibc's malloc mmap threshold fixed (``--mmap-threshold``).
+the same steps is reported next to it, measured with glibc's malloc mmap threshold fixed (``--mmap-threshold``)
+and each model in a fresh process: the heap that one model leaves behind would serve the next one's blocks from
+pages already resident.
 
 Defaults: batches 16 and 64 on CUDA, 16 and 32 on the CPU (pairs where activations dominate both peaks; a pair
 known to read low is flagged with a warning); each model at its own input size (CIFAR 32x32, DVS 128x128,
@@ -26,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -233,6 +237,11 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
                                                      extra)
     t0 = time.perf_counter()
     step(small)                                   # warm-up: optimizer state, kernel compilation, caches
+    if rss is None:
+        rss = device.type == "cpu" and malloc_mmap_threshold() is not None
+    rss_small = rss_big = None
+    if rss and device.type == "cpu":  # before the profiler runs, whose many small records fragment the heap
+        rss_small, rss_big = measure_peak_rss(lambda: step(small)), measure_peak_rss(lambda: step(big))
     peak_small = measure_peak_bytes(lambda: step(small), device)
     reserved_small = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     peak_big = measure_peak_bytes(lambda: step(big), device)
@@ -245,13 +254,9 @@ def measure_case(case: Case, *, device: torch.device, dtype: str, batch_sizes: S
     if reserved_small is not None:  # CUDA: the caching allocator's reserved memory too (what nvidia-smi sees)
         row.update(reserved_mib_per_image=(reserved_big - reserved_small) / (big - small) / MiB,
                    reserved_big_MiB=reserved_big / MiB)
-    if rss is None:
-        rss = device.type == "cpu" and malloc_mmap_threshold() is not None
-    if rss and device.type == "cpu":
-        rss_small, rss_big = measure_peak_rss(lambda: step(small)), measure_peak_rss(lambda: step(big))
-        if rss_small is not None and rss_big is not None:
-            row.update(rss_mib_per_image=(rss_big - rss_small) / (big - small) / MiB,
-                       peak_rss_small_MiB=rss_small / MiB, peak_rss_big_MiB=rss_big / MiB)
+    if rss_small is not None and rss_big is not None:
+        row.update(rss_mib_per_image=(rss_big - rss_small) / (big - small) / MiB,
+                   peak_rss_small_MiB=rss_small / MiB, peak_rss_big_MiB=rss_big / MiB)
     # the known low readings are those of the zoo's models as registered (not of smaller widths or depths)
     warning = None if case.overrides else low_reading_warning(case.name, device.type, (small, big))
     row.update(seconds=time.perf_counter() - t0, warning=warning, status="ok")
@@ -295,7 +300,10 @@ def plot_depth(rows: Sequence[dict], path: Path, title: str) -> Path | None:
             ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # every case of the panel failed
+            ax.text(0.5, 0.5, "no successful measurement", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -409,6 +417,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _measure_in_child(mmap_threshold: int, kwargs: dict) -> dict:
+    torch.set_num_threads(1)
+    set_malloc_mmap_threshold(mmap_threshold)
+    return measure_case(**kwargs)
+
+
+def measure_case_isolated(mmap_threshold: int, **kwargs) -> dict:
+    """:func:`measure_case` in a fresh (spawned) process whose malloc mmap threshold is fixed at ``mmap_threshold``
+    bytes: its peak RSS is the model's own, not served from heap pages an earlier model left resident. Errors of
+    the measurement are raised here."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_in_child, mmap_threshold, kwargs).result()
+
+
 def _prepare_rss(mmap_threshold: int) -> tuple[bool, str]:
     """CPU: fix the malloc mmap threshold (before any model is built). Returns (measure RSS?, what it means)."""
     if mmap_threshold == 0:
@@ -461,10 +483,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if out_of_time():
                         print(f"memory: --budget-s {args.budget_s} reached; {stem} is partial", file=sys.stderr)
                         return rows
+                    kwargs = dict(case=case, device=device, dtype=dtype, batch_sizes=args.batch_sizes, T=args.T,
+                                  image_size=args.image_size, neuron_impl=args.neuron_impl, extra=extra,
+                                  rss=with_rss)
                     try:
-                        row = measure_case(case, device=device, dtype=dtype, batch_sizes=args.batch_sizes,
-                                           T=args.T, image_size=args.image_size, neuron_impl=args.neuron_impl,
-                                           extra=extra, rss=with_rss)
+                        row = (measure_case_isolated(args.mmap_threshold, **kwargs) if with_rss
+                               else measure_case(**kwargs))
                     except Exception as error:  # one failing case (e.g. out of memory) must not end the run
                         row = dict(model=case.label, family=case.family, reversible=case.reversible,
                                    depth=case.depth, dtype=dtype, mib_per_image=float("nan"),
@@ -474,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row["variant"] = variant
                     rows.append(row)
                     measured[key] = row
-                    rss = (f"  (peak RSS {row['rss_mib_per_image']:.3f})" if row.get("rss_mib_per_image") is not None else "")
+                    rss = row.get("rss_mib_per_image")
+                    rss = f"  (peak RSS {rss:.3f})" if rss is not None else ""
                     print(f"{row['model']:>22} {dtype} {variant or '':>22}: "
                           f"{row['mib_per_image']:.3f} MiB/image{rss}  {row['status']}", flush=True)
                     write_results(rows, args.out, stem, title, COLUMNS, notes=note)
