@@ -305,7 +305,7 @@ def _check_parser() -> argparse.ArgumentParser:
                    help="time steps of a registered model (default: the model's)")
     p.add_argument("--input-shape", dest="input_shape", default=None, metavar="B,C,H,W",
                    help="shape of a random example input (default: the registered model's input at --batch-size)")
-    p.add_argument("--neuron-impl", dest="neuron_impl", default="triton", choices=("triton", "torch", "spikingjelly"),
+    p.add_argument("--neuron-impl", dest="neuron_impl", default=None, choices=("triton", "torch", "spikingjelly"),
                    help="neurons of a registered model (default: triton; plain PyTorch on the CPU)")
     p.add_argument("--steps", type=int, default=2, help="training steps of the BatchNorm check (default: 2)")
     p.add_argument("--runs", type=int, default=3, help="recomputations compared per branch (default: 3)")
@@ -374,6 +374,10 @@ def _check_subject(args):
         raise CheckError(f"--batch-size must be >= 1, got {args.batch_size}")
     example = None
     if ":" in args.model:
+        given = [flag for flag, value in (("--T", args.T), ("--neuron-impl", args.neuron_impl)) if value is not None]
+        if given:
+            raise CheckError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to registered "
+                             "models; a factory builds its own model")
         made = _load_factory(args.model)
         model, example = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
         if not isinstance(model, torch.nn.Module):
@@ -394,7 +398,7 @@ def _check_subject(args):
         T = info.T if args.T is None else args.T
         kwargs = {} if args.T is None else {"T": args.T}
         try:
-            model = create_model(args.model, neuron_impl=args.neuron_impl, **kwargs)
+            model = create_model(args.model, neuron_impl=args.neuron_impl or "triton", **kwargs)
         except (TypeError, ValueError) as exc:
             raise CheckError(str(exc)) from None
         shape = (_parse_shape(args.input_shape) if args.input_shape is not None else
@@ -416,6 +420,7 @@ def check_main(argv: Sequence[str]) -> int:
 
         from .testing import check_model
 
+        torch.manual_seed(args.seed)  # the weights and the example input
         model, example = _check_subject(args)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -425,7 +430,6 @@ def check_main(argv: Sequence[str]) -> int:
             raise CheckError(f"--device {args.device}: {exc}") from None
         example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example) \
             if isinstance(example, (tuple, list)) else example.to(device)
-        torch.manual_seed(args.seed)
         shape = list(example.shape) if isinstance(example, torch.Tensor) else "(several inputs)"
         print(f"revsnn check {args.model}: input {shape} on {device}, training mode")
         try:

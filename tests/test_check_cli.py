@@ -134,6 +134,7 @@ def test_check_a_broken_factory_fails_naming_the_block(tmp_path):
     (["MS-ResNet-digits"], "MSResNet has no RevSequence to check"),
     (["RevSResNet-digits", "--runs", "1"], "--runs must be >= 2"),
     (["check_factories:"], "expected package.module:factory"),
+    (["check_factories:sound", "--T", "4"], "--T applies only to registered models"),
 ])
 def test_user_errors_are_one_line_and_status_2(factories, capsys, argv, message):
     assert main(["check", *argv]) == 2

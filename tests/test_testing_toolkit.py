@@ -422,5 +422,13 @@ def test_bad_arguments_are_clear_errors():
         assert_invertible(seq, x[:, :, :3])
     with pytest.raises(ValueError, match="non-finite"):
         assert_invertible(seq, torch.full_like(x, float("nan")))
+    from revsnn_triton.testing import check_model
+    with pytest.raises(ValueError, match="Sequential has no RevSequence to check"):
+        check_model(nn.Sequential(nn.Linear(2, 2)), torch.zeros(1, 2))
+    skips = nn.Module()
+    skips.unused = seq
+    skips.forward = lambda x: x  # a model whose forward does not call its sequence
+    with pytest.raises(ValueError, match="the forward on the example input did not call unused"):
+        check_model(skips, x)
     # a single block is checked as a one-block sequence
     assert assert_invertible(seq.blocks[0], x).blocks == {0: True}

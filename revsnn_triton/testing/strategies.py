@@ -85,6 +85,8 @@ def stream_values(draw, shape: Shape, *, threshold: float = 1.0, frac_bits: int 
     subnormals and huge values (up to ``max_magnitude``, default a quarter of the grid's range for ``frac_bits``:
     8192 at 16 bits, far beyond what float32 holds on the grid exactly). Every value is inside the grid's range,
     so the sequence can encode it."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"stream_values: dtype must be a float dtype, got {dtype!r}")
     shape = _shape(draw, shape)
     limit = representable_range(frac_bits)[1] / 4 if max_magnitude is None else float(max_magnitude)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 63 - 1)))
