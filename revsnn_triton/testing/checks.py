@@ -759,8 +759,8 @@ class SequenceReport:
     def format(self) -> str:
         """The heading, the table, and a line of sequence-wide figures."""
         blocks = f"{self.num_blocks} block{'s' if self.num_blocks != 1 else ''}"
-        head = (f"{self.name}: RevSequence of {blocks}, input {list(self.shape)} {str(self.dtype).replace('torch.', '')}"
-                f", frac_bits {self.frac_bits}")
+        dtype = str(self.dtype).replace("torch.", "")
+        head = f"{self.name}: RevSequence of {blocks}, input {list(self.shape)} {dtype}, frac_bits {self.frac_bits}"
         g, det = self.gradients.details, self.deterministic.details
         launches = det.get("launches", 0)
         tail = (f"input grad dev {g['input']:.2g} (tolerance rtol {g['rtol']:.2g}, atol {g['atol']:.2g}); "
