@@ -1,9 +1,11 @@
 """``revsnn check MODEL_OR_FACTORY``: passes on the zoo's RevSResNet21 and prints a table per sequence; fails
 (exit status 1) on a broken factory, naming the sequence and block; user errors are one line and exit status 2."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +97,14 @@ def test_check_revsresnet21_passes_and_prints_a_table_per_sequence(capsys):
         assert row[:2] == ["0", "yes"] and float(row[2]) == 0.0 and row[3:5] == ["yes", "yes"], row
         assert 1.0 < float(row[5]) < 31.0, row
     assert out.rstrip().endswith("revsnn check: all checks passed (4 sequences, 4 blocks)")
+    # the README shows this output (its first stage) as the command prints it; figures may differ in their last
+    # digits on another CPU (its BLAS), the rest may not
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = re.search(r"^```\n(revsnn check RevSResNet21: .*?)^```", readme, flags=re.M | re.S).group(1)
+
+    def figures_masked(text: str) -> str:
+        return re.sub(r"\d+\.\d+(e-?\d+)?", "<figure>", text)
+    assert figures_masked(shown) in figures_masked(out)
 
 
 def test_check_a_factory_and_its_example_input(factories, capsys):
