@@ -1,11 +1,13 @@
-"""The ``revsnn`` command: ``revsnn train``, ``revsnn eval``, ``revsnn bench <name>``, ``revsnn tune``.
+"""The ``revsnn`` command: ``revsnn train``, ``revsnn eval``, ``revsnn bench <name>``, ``revsnn tune``,
+``revsnn check``.
 
 ``revsnn train`` with no arguments trains the small reversible model on scikit-learn's bundled digits (offline)
 into a new folder ``runs/train/<timestamp>-<model>`` and ends with a report of accuracy, speed and memory per
 image. ``--config`` takes a YAML/TOML recipe (or the name of a shipped one, see ``revsnn train
 --list-configs``); flags given on the command line override it. ``--resume RUN`` continues a run with its own
 settings. Under ``torchrun`` the same command trains with DistributedDataParallel. ``revsnn eval CHECKPOINT``
-measures a trained model on its test split.
+measures a trained model on its test split. ``revsnn check MODEL_OR_FACTORY`` runs the invertibility checks of
+``revsnn_triton.testing`` on every reversible sequence of a model and prints a table per sequence.
 
 Bad input or a problem of the environment (unknown model, dataset or config key, missing data, a corrupt
 checkpoint, an output folder that cannot be written) ends with a one-line message and exit status 2; a run that
@@ -28,6 +30,7 @@ commands:
   eval CHECKPOINT  accuracy of a trained model on its test split; revsnn eval --help
   bench <name>     run a benchmark (revsnn_triton.bench.<name>); revsnn bench lists them
   tune             tune the neuron kernels' launch configurations (revsnn_triton.tuning)
+  check MODEL      exactness, gradients, BatchNorm, determinism and headroom of every reversible sequence
 
 options:
   -h, --help       this message
@@ -279,8 +282,184 @@ def _run_entry(module_name: str, argv: list[str], what: str) -> int:
     return int(status or 0)
 
 
+# ----------------------------------------------------------------------------------------------------- check
+class CheckError(Exception):
+    """A user error of ``revsnn check``: printed as one line, exit status 2."""
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="revsnn check", description="Check every reversible sequence (RevSequence) of a model at a small "
+        "batch: exact inversion on the fixed-point grid (and in the backward's reconstruction), gradients equal to "
+        "reversible=False, BatchNorm statistics updated once per step, a bit-identical recomputation (also with "
+        "the launch configurations a tuning cache may pick), and the stream's headroom before overflow. Prints a "
+        "table per sequence.",
+        epilog="MODEL_OR_FACTORY: a registered model (revsnn train --list-models) or package.module:factory, a "
+        "function called without arguments that returns a model, or (model, example_input). Exit status: 0 all "
+        "checks passed, 1 a check failed (the message names the sequence and block), 2 bad input.")
+    p.add_argument("model", metavar="MODEL_OR_FACTORY", help="registered model name or package.module:factory")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=2, metavar="N",
+                   help="batch of the example input (default: 2)")
+    p.add_argument("--T", "-T", dest="T", type=int, default=None,
+                   help="time steps of a registered model (default: the model's)")
+    p.add_argument("--input-shape", dest="input_shape", default=None, metavar="B,C,H,W",
+                   help="shape of a random example input (default: the registered model's input at --batch-size)")
+    p.add_argument("--neuron-impl", dest="neuron_impl", default=None, choices=("triton", "torch", "spikingjelly"),
+                   help="neurons of a registered model (default: triton; plain PyTorch on the CPU)")
+    p.add_argument("--steps", type=int, default=2, help="training steps of the BatchNorm check (default: 2)")
+    p.add_argument("--runs", type=int, default=3, help="recomputations compared per branch (default: 3)")
+    p.add_argument("--min-headroom", dest="min_headroom", type=float, default=0.0, metavar="BITS",
+                   help="fail a block whose stream keeps fewer bits of headroom (default: 0, i.e. only overflow)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default: 0)")
+    return p
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    import re
+
+    parts = re.split(r"[,x]", text.strip())
+    shape = tuple(int(v) for v in parts) if all(v.strip().isdigit() for v in parts) else ()
+    if not shape or any(n < 1 for n in shape):
+        raise CheckError(f"--input-shape: expected positive integers like 2,3,32,32, got {text!r}")
+    return shape
+
+
+def _registry_input_shape(info, batch: int, T: int) -> tuple[int, ...]:
+    """``"images [B, 3, 32, 32]"`` -> ``(batch, 3, 32, 32)`` (``T`` for a ``T`` entry)."""
+    import re
+
+    match = re.search(r"\[([^\]]*)\]", info.input)
+    if match is None:
+        raise CheckError(f"{info.name} declares no input shape; give --input-shape")
+    dims = []
+    for token in match.group(1).split(","):
+        token = token.strip()
+        dims.append(batch if token == "B" else T if token == "T" else int(token) if token.isdigit() else None)
+    if None in dims:
+        raise CheckError(f"{info.name}: cannot read its input shape from {info.input!r}; give --input-shape")
+    return tuple(dims)
+
+
+def _load_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CheckError(f"expected package.module:factory, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: a module of the current folder
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's module raises, reported in one line
+        raise CheckError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise CheckError(f"{module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise CheckError(f"{spec} is not callable")
+    try:
+        return factory()
+    except Exception as exc:  # noqa: BLE001
+        raise CheckError(f"{spec}() raised {type(exc).__name__}: {exc}") from None
+
+
+def _check_subject(args):
+    """``(title, model, example_input)`` for the command's arguments."""
+    import torch
+
+    from .models import create_model, list_models, model_info
+
+    if args.batch_size < 1:
+        raise CheckError(f"--batch-size must be >= 1, got {args.batch_size}")
+    example = None
+    if ":" in args.model:
+        given = [flag for flag, value in (("--T", args.T), ("--neuron-impl", args.neuron_impl)) if value is not None]
+        if given:
+            raise CheckError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to registered "
+                             "models; a factory builds its own model")
+        made = _load_factory(args.model)
+        model, example = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+        if not isinstance(model, torch.nn.Module):
+            raise CheckError(f"{args.model}() must return a torch.nn.Module or (module, example_input), got "
+                             f"{type(made).__name__}")
+        if args.input_shape is not None:
+            example = torch.randn(_parse_shape(args.input_shape))
+        elif example is None:
+            raise CheckError(f"{args.model}() returned no example input: return (model, example_input) or give "
+                             "--input-shape")
+    else:
+        names = list_models()
+        if args.model not in names:
+            from .suggest import did_you_mean
+            raise CheckError(f"unknown model {args.model!r}{did_you_mean(args.model, names)}; give a registered "
+                             "name (revsnn train --list-models) or package.module:factory")
+        info = model_info(args.model)
+        T = info.T if args.T is None else args.T
+        kwargs = {} if args.T is None else {"T": args.T}
+        try:
+            model = create_model(args.model, neuron_impl=args.neuron_impl or "triton", **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CheckError(str(exc)) from None
+        shape = (_parse_shape(args.input_shape) if args.input_shape is not None else
+                 _registry_input_shape(info, args.batch_size, T or 1))
+        example = torch.rand(shape)
+    return model, example
+
+
+def check_main(argv: Sequence[str]) -> int:
+    """``revsnn check MODEL_OR_FACTORY``: prints a table per reversible sequence; exit status 0 (all checks passed),
+    1 (a check failed) or 2 (bad input)."""
+    args = _check_parser().parse_args(list(argv))
+    for name in ("steps", "runs"):
+        if getattr(args, name) < (1 if name == "steps" else 2):
+            print(f"revsnn check: error: --{name} must be >= {1 if name == 'steps' else 2}", file=sys.stderr)
+            return 2
+    try:
+        import torch
+
+        from .testing import check_model
+
+        torch.manual_seed(args.seed)  # the weights and the example input
+        model, example = _check_subject(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(device)
+            model = model.to(device).train()
+        except (RuntimeError, ValueError, AssertionError) as exc:  # torch without CUDA raises AssertionError
+            raise CheckError(f"--device {args.device}: {exc}") from None
+        example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example) \
+            if isinstance(example, (tuple, list)) else example.to(device)
+        shape = list(example.shape) if isinstance(example, torch.Tensor) else "(several inputs)"
+        print(f"revsnn check {args.model}: input {shape} on {device}, training mode")
+        try:
+            reports = check_model(model, example, steps=args.steps, runs=args.runs, seed=args.seed,
+                                  min_headroom_bits=args.min_headroom)
+        except ValueError as exc:
+            raise CheckError(str(exc)) from None
+    except CheckError as exc:
+        print(f"revsnn check: error: {exc}", file=sys.stderr)
+        return 2
+    failures = []
+    for report in reports:
+        print()
+        print(report.format())
+        failures += [f"{report.name}: {problem}" for problem in report.problems]
+    blocks = sum(r.num_blocks for r in reports)
+    print()
+    if failures:
+        for line in failures:
+            print(f"FAILED {line}")
+        print(f"revsnn check: {len(failures)} problem{'s' if len(failures) != 1 else ''} in {len(reports)} "
+              f"sequence{'s' if len(reports) != 1 else ''} ({blocks} blocks)", file=sys.stderr)
+        return 1
+    print(f"revsnn check: all checks passed ({len(reports)} sequence{'s' if len(reports) != 1 else ''}, "
+          f"{blocks} blocks)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ main
-COMMANDS = {"train": train_main, "eval": eval_main, "bench": bench_main, "tune": tune_main}
+COMMANDS = {"train": train_main, "eval": eval_main, "bench": bench_main, "tune": tune_main, "check": check_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,29 +1,26 @@
-"""Neuron test cases shared by the kernel, op and parity tests: one ``Case``, its inputs, its Hypothesis strategy.
+"""Helpers of the kernel, op and parity tests around one neuron case.
 
-Inputs never sit only near zero: ``special_values`` puts values at the threshold (also after LIF's division),
-signed zeros, subnormals and huge values of the dtype among the random ones; layouts cover every stride pattern
-the op reads in place (transposed, channels_last, time innermost, sliced, expanded over T).
+The case itself (``NeuronCase``), its inputs (``make_inputs``: values at the threshold, signed zeros, subnormals and
+huge values among the random ones, in every memory layout the op reads in place) and its Hypothesis strategy
+(``neuron_cases``) are public: ``revsnn_triton.testing.strategies``. Here: the affine input, the validated
+configuration, tolerance bounds, and the memory-access log of the interpreted kernels.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import strategies as st
 
 from revsnn_triton import runtime
 from revsnn_triton.ops.neuron.reference import channel_view, neuron_forward_reference
 from revsnn_triton.ops.neuron.spec import NeuronConfig, check_neuron_args
-from revsnn_triton.surrogate import SURROGATES
+from revsnn_triton.testing.strategies import NeuronCase as Case
 
-# Hypothesis tests cannot take the function-scoped `kernel_device` fixture; same rule as conftest's.
+# Hypothesis tests cannot take the function-scoped `kernel_device` fixture; same rule as the plugin's.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LAYOUTS = ("contiguous", "transposed", "channels_last", "time_inner", "sliced", "expand")
-SURROGATE_NAMES = sorted(SURROGATES)
 
 
 def kernels_on(device: str):
@@ -33,88 +30,6 @@ def kernels_on(device: str):
             pytest.skip("CPU kernel tests need TRITON_INTERPRET=1 before triton is imported (see conftest)")
         return runtime.cpu_kernels("triton")
     return contextlib.nullcontext()
-
-
-@dataclass(frozen=True)
-class Case:
-    """One neuron call: the neuron (``w`` is PLIF's op argument; the modules take ``init_tau=tau``), the input
-    ``[T, *shape]`` (dtype, layout, magnitude ``scale``, fraction of special values, seed), an initial state,
-    and optionally a per-channel affine input along ``channel_dim``."""
-
-    kind: str = "lif"
-    tau: float = 2.0
-    decay_input: bool = True
-    v_threshold: float = 1.0
-    v_reset: float | None = 0.0
-    detach_reset: bool = False
-    surrogate: str = "sigmoid"
-    alpha: float | None = None  # None: the surrogate's default
-    T: int = 3
-    shape: tuple[int, ...] = (3, 5)
-    dtype: torch.dtype = torch.float32
-    layout: str = "contiguous"
-    random_v_init: bool = True
-    scale: float = 1.0
-    special_frac: float = 0.2
-    w: float = 0.3
-    seed: int = 0
-    channel_dim: int | None = None
-
-    @property
-    def alpha_value(self) -> float:
-        return SURROGATES[self.surrogate].default_alpha if self.alpha is None else self.alpha
-
-    def kwargs(self) -> dict:
-        """Keyword arguments of ``multistep_neuron`` / ``multistep_autograd`` (besides tensors)."""
-        kw = dict(decay_input=self.decay_input, v_threshold=self.v_threshold, v_reset=self.v_reset,
-                  detach_reset=self.detach_reset, surrogate=self.surrogate, alpha=self.alpha_value)
-        if self.kind == "lif":
-            kw["tau"] = self.tau
-        return kw
-
-
-def special_values(case: Case) -> torch.Tensor:
-    """At the threshold (also after LIF's division) and one fp32 ulp around it, signed zeros, subnormals and
-    huge values of the dtype."""
-    tiny = torch.finfo(case.dtype).smallest_normal / 4
-    huge = 3e4 if case.dtype == torch.float16 else 1e30
-    th = case.v_threshold
-    return torch.tensor([th, th * case.tau, 2 * th, -th, 0.0, -0.0, tiny, -tiny, huge, -huge, th + 1e-7, th - 1e-7],
-                        dtype=torch.float32)
-
-
-def with_layout(base: torch.Tensor, layout: str) -> torch.Tensor:
-    """A tensor equal to ``base [T, *shape]`` but with the named memory layout."""
-    if layout == "transposed" and base.dim() >= 3:
-        return base.transpose(1, 2).contiguous().transpose(1, 2)
-    if layout == "channels_last" and base.dim() >= 3:
-        return base.movedim(2, -1).contiguous().movedim(-1, 2)
-    if layout == "time_inner":
-        return base.movedim(0, -1).contiguous().movedim(-1, 0)
-    if layout == "sliced":
-        big = torch.zeros((base.shape[0], *base.shape[1:-1], 2 * base.shape[-1] + 1), dtype=base.dtype)
-        view = big[..., 1::2]
-        view.copy_(base)
-        return view
-    if layout == "expand":
-        return base[:1].expand(base.shape)
-    return base.contiguous()
-
-
-def make_inputs(case: Case, device: str = "cpu"):
-    """``x_seq`` (in ``case.layout``), ``v_init`` (or None), ``w`` (or None), grads of spikes and of v_final."""
-    g = torch.Generator().manual_seed(case.seed)
-    full = (case.T, *case.shape)
-    x = torch.randn(full, generator=g) * case.scale + 0.5 * case.v_threshold
-    specials = special_values(case)
-    pick = torch.rand(full, generator=g) < case.special_frac
-    x = torch.where(pick, specials[torch.randint(len(specials), full, generator=g)], x).to(case.dtype)
-    x = with_layout(x, case.layout).to(device)
-    v_init = (torch.randn(case.shape, generator=g) * 0.5).to(device) if case.random_v_init else None
-    w = torch.tensor([case.w], device=device) if case.kind == "plif" else None
-    grad_s = torch.randn(full, generator=g).to(case.dtype).to(device)
-    grad_v = torch.randn(case.shape, generator=g).to(device)
-    return x, v_init, w, grad_s, grad_v
 
 
 def make_affine(case: Case, device: str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -182,38 +97,6 @@ def plif_w_term_scale(case: Case, x: torch.Tensor, v_init: torch.Tensor | None, 
     grad_h = finite_max(grad_x.float()) / (float(q) if cfg.decay_input else 1.0)
     dh_dq = finite_max(y) + v_max + abs(cfg.v_reset)
     return grad_h * dh_dq * float(q * (1 - q))
-
-
-SHAPES = ((1,), (7,), (131,), (3, 5), (2, 3, 4), (1, 5, 1), (2, 1, 3, 3))
-THRESHOLDS = st.sampled_from([1.0, 0.5, 0.0, -0.5]) | st.floats(-2.0, 3.0)
-
-
-@st.composite
-def cases(draw, dtypes=(torch.float32, torch.float32, torch.bfloat16, torch.float16), affine: bool = True,
-          layouts=LAYOUTS, shapes=SHAPES, thresholds=THRESHOLDS, max_T: int = 6) -> Case:
-    name = draw(st.sampled_from(SURROGATE_NAMES))
-    shape = draw(st.sampled_from(shapes))
-    channel_dims = st.none() | st.none() | st.integers(-len(shape), len(shape) - 1) if affine else st.none()
-    return Case(
-        kind=draw(st.sampled_from(["if", "lif", "plif"])),
-        tau=draw(st.sampled_from([1.5, 2.0, 3.0]) | st.floats(1.01, 20.0)),
-        decay_input=draw(st.booleans()),
-        v_threshold=draw(thresholds),
-        v_reset=draw(st.sampled_from([0.0, None, -0.5, 0.3, -1.0])),
-        detach_reset=draw(st.booleans()),
-        surrogate=name,
-        alpha=draw(st.none() | st.floats(0.25, 8.0)),
-        T=draw(st.integers(1, max_T)),
-        shape=shape,
-        dtype=draw(st.sampled_from(dtypes)),
-        layout=draw(st.sampled_from(layouts)),
-        random_v_init=draw(st.booleans()),
-        scale=draw(st.sampled_from([0.3, 1.0, 3.0, 30.0])),
-        special_frac=draw(st.sampled_from([0.0, 0.2, 0.6])),
-        w=draw(st.floats(-3.0, 3.0)),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        channel_dim=draw(channel_dims),
-    )
 
 
 def n_terms(*tensors: torch.Tensor) -> int:

@@ -14,8 +14,7 @@ from revsnn_triton.ops.coupling import reference as ref
 from revsnn_triton.ops.coupling import spec
 from revsnn_triton.runtime import cpu_kernels
 from revsnn_triton.testing import assert_equal
-
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+from revsnn_triton.testing.strategies import INT32_MAX, INT32_MIN, int32_arrays, stream_and_branch
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # The kernel_device fixture as a constant, for Hypothesis tests (function-scoped fixtures are refused there).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,18 +45,6 @@ def expected_quantize(f: np.ndarray, frac_bits: int) -> np.ndarray:
 
 def wrap(v: np.ndarray) -> np.ndarray:
     return ((v.astype(np.int64) - INT32_MIN) % 2 ** 32 + INT32_MIN).astype(np.int32)
-
-
-int32_arrays = st.integers(1, 300).flatmap(lambda n: hnp.arrays(np.int32, n))
-finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
-
-
-@st.composite
-def stream_and_branch(draw):
-    n = draw(st.integers(1, 300))
-    x = draw(hnp.arrays(np.int32, n))
-    f = draw(hnp.arrays(np.float32, n, elements=finite_f32))
-    return x, f
 
 
 # ------------------------------------------------------------------------------- oracle vs numpy
@@ -130,7 +117,7 @@ def test_triton_quantizer_non_finite_and_extremes(kernel_device):
     assert got.cpu().tolist() == [INT32_MAX, INT32_MIN]
 
 
-@given(st.integers(1, 300).flatmap(lambda n: hnp.arrays(np.int32, n)),
+@given(int32_arrays,
        st.integers(spec.MIN_FRAC_BITS, spec.MAX_FRAC_BITS), st.sampled_from(FLOAT_DTYPES))
 def test_triton_decode_equals_oracle(q, frac_bits, dtype):
     qt = torch.from_numpy(q)

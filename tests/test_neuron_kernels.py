@@ -26,8 +26,10 @@ from revsnn_triton.ops.neuron.reference import (decode_saved, encode_saved, init
 from revsnn_triton.ops.neuron.spec import (MAX_RECOMPUTE_T, SAVE_PLANS, backward_traffic, empty_neuron_layout,
                                            forward_traffic)
 from revsnn_triton.testing import assert_close, assert_equal
-from neuron_cases import (KERNEL_DEVICE, LAYOUTS, SURROGATE_NAMES, Case, affine_kwargs, affine_views, cases, config,
-                          kernels_on, make_affine, make_inputs, recorded_accesses)
+from revsnn_triton.testing.strategies import LAYOUTS, SURROGATE_NAMES, NeuronCase as Case, make_inputs
+from revsnn_triton.testing.strategies import neuron_cases as cases
+from neuron_cases import (KERNEL_DEVICE, affine_kwargs, affine_views, config, kernels_on, make_affine,
+                          recorded_accesses)
 
 K = pytest.importorskip("revsnn_triton.kernels.neurons")
 # Triton's interpreter evaluates exp() of huge arguments with numpy, which warns about the (intended) inf.

@@ -23,8 +23,10 @@ from revsnn_triton.ops.neuron import op as op_module
 from revsnn_triton.ops.neuron.reference import multistep_autograd
 from revsnn_triton.surrogate import SURROGATES
 from revsnn_triton.testing import assert_close, assert_equal
-from neuron_cases import (KERNEL_DEVICE, LAYOUTS, Case, affine_kwargs, cases, config, explicit_input, kernels_on,
-                          make_affine, make_inputs, n_terms, plif_w_term_scale)
+from revsnn_triton.testing.strategies import LAYOUTS, NeuronCase as Case, make_inputs
+from revsnn_triton.testing.strategies import neuron_cases as cases
+from neuron_cases import (KERNEL_DEVICE, affine_kwargs, config, explicit_input, kernels_on, make_affine, n_terms,
+                          plif_w_term_scale)
 
 sj_functional = pytest.importorskip("spikingjelly.activation_based.functional")
 from spikingjelly.activation_based import surrogate as sj_surrogate  # noqa: E402

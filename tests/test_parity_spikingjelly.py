@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 from revsnn_triton import runtime, surrogate
 from revsnn_triton.neuron import IFNode, LIFNode, ParametricLIFNode
 from revsnn_triton.testing import assert_close, assert_equal
-from neuron_cases import SURROGATE_NAMES, Case, cases, make_inputs, n_terms, plif_w_term_scale
+from revsnn_triton.testing.strategies import SURROGATE_NAMES, NeuronCase as Case, make_inputs
+from revsnn_triton.testing.strategies import neuron_cases as cases
+from neuron_cases import n_terms, plif_w_term_scale
 
 sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
 from spikingjelly.activation_based import functional as sj_functional  # noqa: E402

@@ -25,6 +25,8 @@ NOT_RUN = {
     "revsnn train --resume runs/train/<run>": "needs an earlier full run (resuming is tested in tests/test_training.py)",
     "revsnn bench neurons": "times CUDA kernels: needs a GPU",
     "revsnn tune": "tunes CUDA kernels: needs a GPU",
+    "pytest test_my_block.py --hypothesis-profile=revsnn-ci":
+        "the README's example test file: run by tests/test_testing_plugin.py in a folder without conftest",
 }
 
 

@@ -1,142 +1,31 @@
 """The reversible engine: exact reconstruction, gradients equal to ordinary autograd on the same
 quantized math, BatchNorm statistics updated once, the exactness guard, and input validation.
 
-Helpers here (``SeqToANN``, ``make_branch``, ``make_sequence``) are shared with the other
-``test_reversible_*`` files.
+The random branches, sequences and inputs come from ``revsnn_triton.testing.strategies``; ``check_grads``,
+``CallCounter`` and ``kept_as_float`` here are shared with the other ``test_reversible_*`` files.
 """
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
 
-from revsnn_triton.neuron import IFNode, LIFNode
 from revsnn_triton.ops import coupling as C
 from revsnn_triton.reversible import ReconstructionError, RevBlock, RevSequence
 from revsnn_triton.runtime import cpu_kernels
-from revsnn_triton.testing import assert_close, assert_equal
+from revsnn_triton.testing import (assert_close, assert_equal, assert_gradients_close, assert_invertible, grad_tolerance,
+                                   record_streams)
+from revsnn_triton.testing.strategies import engine_cases, input_for, make_branch, make_sequence
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-
-class SeqToANN(nn.Module):
-    """Apply a per-frame module to ``[T, B, ...]`` by merging T and B."""
-
-    def __init__(self, *modules: nn.Module) -> None:
-        super().__init__()
-        self.body = nn.Sequential(*modules)
-
-    def forward(self, x):
-        y = self.body(x.flatten(0, 1))
-        return y.reshape(x.shape[:2] + y.shape[1:])
-
-
-def make_branch(kind: str, width: int, *, neuron: str = "if", bn: bool = True, dropout: float = 0.0) -> nn.Module:
-    """A small spiking branch mapping a half to the same shape: neuron -> conv/linear -> [BN] -> [dropout].
-    ``kind="conv"``: ``[T, B, width, H, W]``; ``kind="linear"``: tokens ``[T, B, N, width]``."""
-    node = {"if": lambda: IFNode(step_mode="m"), "lif": lambda: LIFNode(tau=2.0, step_mode="m"),
-            "none": nn.Identity}[neuron]()  # "none": a non-spiking branch (float64 runs)
-    if kind == "conv":
-        layers = [nn.Conv2d(width, width, 3, padding=1)] + ([nn.BatchNorm2d(width)] if bn else [])
-    else:
-        layers = [nn.Flatten(0, 1), nn.Linear(width, width)]
-        if bn:
-            layers += [nn.Flatten(0, 1), nn.BatchNorm1d(width)]
-        layers = [_Tokens(nn.Sequential(*layers))]
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    return nn.Sequential(node, SeqToANN(*layers) if kind == "conv" else nn.Sequential(*layers))
-
-
-class _Tokens(nn.Module):
-    """``[T, B, N, D]`` -> body on rows -> same shape."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x):
-        return self.body(x).reshape(x.shape)
-
-
-def make_sequence(kind: str, depth: int, width: int, *, seed: int = 0, frac_bits: int = 16,
-                  **branch_kw) -> RevSequence:
-    torch.manual_seed(seed)
-    split_dim = 2 if kind == "conv" else -1
-    blocks = [RevBlock(make_branch(kind, width, **branch_kw), make_branch(kind, width, **branch_kw),
-                       split_dim=split_dim) for _ in range(depth)]
-    seq = RevSequence(blocks, frac_bits=frac_bits)
-    with torch.no_grad():  # non-trivial BatchNorm affine parameters
-        for m in seq.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 2.0)
-                m.bias.uniform_(-0.5, 0.5)
-    return seq
-
-
-def input_for(kind: str, T: int, B: int, width: int, size: int, scale: float, seed: int) -> torch.Tensor:
-    """Random stream input with mixed magnitudes: Gaussian times ``scale``, some exact threshold values
-    (1.0), negative zeros and subnormals."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (T, B, 2 * width, size, size) if kind == "conv" else (T, B, size, 2 * width)
-    x = torch.randn(shape, generator=g) * scale
-    pick = torch.rand(shape, generator=g)
-    x = torch.where(pick < 0.1, torch.ones_like(x), x)
-    x = torch.where((pick >= 0.1) & (pick < 0.15), torch.full_like(x, -0.0), x)
-    x = torch.where((pick >= 0.15) & (pick < 0.2), torch.full_like(x, 1e-40), x)
-    return x
-
-
-def record_streams(seq: RevSequence) -> dict:
-    rec = {"forward": {}, "backward": {}, "inverse": {}}
-
-    def hook(phase, i, x1, x2):
-        rec[phase].setdefault(i, []).append((x1.clone(), x2.clone()))
-    seq.register_stream_hook(hook)
-    return rec
-
-
-def grad_tolerance(grads: list[torch.Tensor]) -> tuple[float, float]:
-    """Tolerance for reversible vs reversible=False gradients.
-
-    Both runs evaluate the *same* quantized forward: every block input is bit-identical (checked through
-    the stream hooks), F and G run the same kernels on it, and the couplings are exact integer
-    arithmetic. So the quantization step ``2**-frac_bits`` does not enter the difference at all (it would
-    only bound the distance to an unquantized float network: ``2**-(R+1)`` per coupling). What can differ
-    is floating-point summation order: autograd accumulates the two gradient contributions of a stream
-    half in its own order, our fused step in another (a two-term fp sum is commutative, so on CPU they
-    come out bit-identical), and a GPU's backward kernels may reduce in a different order per call
-    (atomics). Such reorderings cost a few fp32 ulps per accumulation level; with up to 8 blocks x 2
-    branches we allow rtol = 16 * 2**-23 * 8 ~ 1.5e-5 and an atol of the same relative size of the
-    largest gradient (for elements that cancel to near zero)."""
-    biggest = max((float(g.abs().max()) for g in grads if g is not None and g.numel()), default=0.0)
-    rtol = 16 * 2.0 ** -23 * 8
-    return rtol, rtol * max(biggest, 1e-30)
 
 
 def check_grads(got: list, want: list, what: str) -> None:
     """Reversible vs reversible=False gradients: within :func:`grad_tolerance` everywhere; on CPU,
     where every kernel is deterministic and both runs hand the branches contiguous gradients, the
     same operations run in the same order, so they must be bit-identical."""
-    rtol, atol = grad_tolerance(want)
-    for k, (a, b) in enumerate(zip(got, want)):
-        name = "input grad" if k == 0 else f"param {k - 1} grad"
-        assert_close(a, b, f"{name}, {what}", rtol=rtol, atol=atol)
-        if DEVICE == "cpu":
-            assert_equal(a, b, f"{name}, {what}")
-
-
-@st.composite
-def engine_cases(draw):
-    kind = draw(st.sampled_from(["conv", "linear"]))
-    return dict(
-        kind=kind, depth=draw(st.integers(1, 8)), T=draw(st.integers(1, 3)), B=draw(st.integers(1, 3)),
-        width=draw(st.integers(1, 3)), size=draw(st.integers(2, 4)),
-        scale=draw(st.sampled_from([1e-3, 0.7, 3.0, 300.0])), frac_bits=draw(st.sampled_from([8, 16, 20])),
-        neuron=draw(st.sampled_from(["if", "lif"])), bn=draw(st.booleans()),
-        dropout=draw(st.sampled_from([0.0, 0.3])), seed=draw(st.integers(0, 2 ** 16)))
+    assert_gradients_close(got, want, what, exact=DEVICE == "cpu")
 
 
 def run_steps(seq: RevSequence, case: dict, steps: int, rec: dict | None = None):
@@ -282,6 +171,7 @@ def test_inverse_fixed_inverts_forward_fixed(case):
     assert not torch.equal(y, q)
     after_forward = copy.deepcopy(seq.state_dict())
     assert_equal(seq.inverse_fixed(y), q, "inverse_fixed(forward_fixed(q))")
+    assert assert_invertible(seq, q).passed  # block by block, with the public toolkit
     for name, v in seq.state_dict().items():  # the inverse leaves running statistics alone
         assert_equal(v, after_forward[name], f"{name} after inverse_fixed")
 

@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from revsnn_triton.testing import assert_close, assert_equal
-from test_reversible import DEVICE, SeqToANN, check_grads, input_for, make_sequence, record_streams
+from revsnn_triton.testing import assert_close, assert_equal, record_streams
+from revsnn_triton.testing.strategies import SeqToANN, input_for, make_sequence
+from test_reversible import DEVICE, check_grads
 
 
 class Net(nn.Module):

@@ -9,8 +9,9 @@ import torch.nn as nn
 from revsnn_triton.batchnorm import SeqBatchNorm, convert_batchnorm
 from revsnn_triton.neuron import IFNode, LIFNode
 from revsnn_triton.reversible import ReconstructionError, RevBlock, RevSequence, StreamOverflowError
-from revsnn_triton.testing import assert_close, assert_equal
-from test_reversible import CallCounter, check_grads, input_for, make_sequence, record_streams
+from revsnn_triton.testing import assert_close, assert_equal, record_streams
+from revsnn_triton.testing.strategies import input_for, make_sequence
+from test_reversible import CallCounter, check_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from revsnn_triton.memory import measure_memory, measure_peak_bytes, memory_per_image, peak_breakdown
-from test_reversible import input_for, make_sequence
+from revsnn_triton.testing.strategies import input_for, make_sequence
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MIB = 1 << 20
