@@ -94,7 +94,7 @@ def test_traffic_bytes_are_what_the_benchmarked_call_moves(save, dtype, monkeypa
     forward = bn._ours(save)
     x, grad = bn._inputs(case, torch.device("cpu"))
     with runtime.cpu_kernels("triton"), recorded_accesses(monkeypatch, {}) as log:
-        spikes = forward(x)
+        forward(x)
     assert sum(log.reads.values()) + sum(log.writes.values()) == bn.traffic_bytes(case, "forward", save)
     with runtime.cpu_kernels("triton"), recorded_accesses(monkeypatch, {}) as log:
         forward(x).backward(grad)

@@ -1,8 +1,8 @@
 """The reversible engine: exact reconstruction, gradients equal to ordinary autograd on the same
 quantized math, BatchNorm statistics updated once, the exactness guard, and input validation.
 
-The random branches, sequences and inputs come from ``revsnn_triton.testing.strategies``; ``check_grads``,
-``CallCounter`` and ``kept_as_float`` here are shared with the other ``test_reversible_*`` files.
+The random branches, sequences and inputs come from ``revsnn_triton.testing.strategies``; ``DEVICE``,
+``check_grads`` and ``CallCounter`` from ``reversible_cases``, shared with the other ``test_reversible_*`` files.
 """
 import copy
 
@@ -14,19 +14,10 @@ from hypothesis import example, given
 from revsnn_triton.ops import coupling as C
 from revsnn_triton.reversible import ReconstructionError, RevBlock, RevSequence
 from revsnn_triton.runtime import cpu_kernels
-from revsnn_triton.testing import (assert_close, assert_equal, assert_gradients_close, assert_invertible, grad_tolerance,
+from revsnn_triton.testing import (assert_close, assert_equal, assert_invertible, grad_tolerance,
                                    record_streams)
 from revsnn_triton.testing.strategies import engine_cases, input_for, make_branch, make_sequence
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_grads(got: list, want: list, what: str) -> None:
-    """Reversible vs reversible=False gradients: within :func:`grad_tolerance` everywhere; on CPU,
-    where every kernel is deterministic and both runs hand the branches contiguous gradients, the
-    same operations run in the same order, so they must be bit-identical."""
-    assert_gradients_close(got, want, what, exact=DEVICE == "cpu")
-
+from reversible_cases import DEVICE, CallCounter, check_grads
 
 def run_steps(seq: RevSequence, case: dict, steps: int, rec: dict | None = None):
     """``steps`` SGD steps on fresh inputs; returns per-step (output, input grad, param grads, RNG state)."""
@@ -275,19 +266,6 @@ def test_backward_copies_a_held_output_and_reuses_an_unheld_one():
 
 
 # ------------------------------------------------------------------------------------------- guard
-
-class CallCounter(nn.Module):
-    """A deliberately nondeterministic branch: its output depends on how often it was called."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x) + 1e-3 * self.calls
-
 
 @pytest.mark.parametrize("which", ["F", "G"])
 def test_guard_names_the_nondeterministic_block(which):

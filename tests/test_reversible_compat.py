@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from revsnn_triton.testing import assert_close, assert_equal, record_streams
 from revsnn_triton.testing.strategies import SeqToANN, input_for, make_sequence
-from test_reversible import DEVICE, check_grads
+from reversible_cases import DEVICE, check_grads
 
 
 class Net(nn.Module):

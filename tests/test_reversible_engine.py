@@ -11,9 +11,7 @@ from revsnn_triton.neuron import IFNode, LIFNode
 from revsnn_triton.reversible import ReconstructionError, RevBlock, RevSequence, StreamOverflowError
 from revsnn_triton.testing import assert_close, assert_equal, record_streams
 from revsnn_triton.testing.strategies import input_for, make_sequence
-from test_reversible import CallCounter, check_grads
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from reversible_cases import DEVICE, CallCounter, check_grads
 
 
 class Branch(nn.Module):

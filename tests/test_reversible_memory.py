@@ -5,8 +5,8 @@ import torch
 
 from revsnn_triton.memory import measure_memory, measure_peak_bytes, memory_per_image, peak_breakdown
 from revsnn_triton.testing.strategies import input_for, make_sequence
+from reversible_cases import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MIB = 1 << 20
 
 

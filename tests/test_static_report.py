@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from revsnn_triton.bench import static as S
 from revsnn_triton.ops.neuron.spec import FORWARD_KERNEL, RECOMPUTE_KERNEL
