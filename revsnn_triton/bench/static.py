@@ -35,13 +35,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
 from revsnn_triton.bench import environment, write_results
-from revsnn_triton.ops.neuron.spec import (FORWARD_KERNEL, KINDS, RECOMPUTE_KERNEL, SAVE_MODES, NeuronConfig,
+from revsnn_triton.ops.neuron.spec import (FORWARD_KERNEL, KINDS, SAVE_MODES, NeuronConfig,
                                            backward_traffic, forward_traffic)
 
 
