@@ -36,14 +36,16 @@ def _step(spec: str, batch: int, dtype: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="revsnn bench cpu_step", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="revsnn bench cpu_step", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n" + __doc__.rstrip().rsplit("\n\n", 1)[1])
     p.add_argument("--cases", nargs="+", required=True, metavar="CASE", help="models to time (NAME[:key=value,...])")
-    p.add_argument("--vs", nargs="+", default=[], metavar="CASE", help="reference cases; the first is the ratios'")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads")
+    p.add_argument("--vs", nargs="+", default=[], metavar="CASE",
+                   help="reference cases, timed in the same rounds; the first is the ratios' (default: none)")
+    p.add_argument("--batch", type=int, default=16, help="images per step (default: 16)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds, after one warm-up round (default: 5)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: under autocast (default: fp32)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench/cpu_step-<UTC time>)")
     args = p.parse_args(argv)
     if args.batch < 1 or args.rounds < 1 or args.threads < 1:
