@@ -74,6 +74,10 @@ def _train_parser() -> argparse.ArgumentParser:
                       help="spiking neurons: triton (the fused multi-step kernels; plain PyTorch on the CPU), "
                       "spikingjelly (spikingjelly's nodes, for comparison) or torch (the PyTorch reference)"
                       + default("neuron_impl"))
+    what.add_argument("--recompute-batch", dest="recompute_batch", type=int, metavar="N",
+                      help="reversible ResNets: the floor mode, recomputing in backward N images at a time (less "
+                      "memory, more time; the same as --set 'model_kwargs={recompute_batch: N}') (default: the whole "
+                      "batch at once)")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--epochs", type=int, help="training epochs" + default("epochs"))
     opt.add_argument("--batch-size", dest="batch_size", type=int, help="per process" + default("batch_size"))
@@ -181,6 +185,10 @@ def train_main(argv: Sequence[str]) -> int:
         # What the user asked for, without defaults: recipe file, then --set, then the flags.
         requested = read_config_file(args.pop("config")) if "config" in args else {}
         requested.update(_parse_sets(args.pop("sets", [])))
+        if "recompute_batch" in args:
+            kwargs = requested.get("model_kwargs")
+            requested["model_kwargs"] = {**(kwargs if isinstance(kwargs, dict) else {}),
+                                         "recompute_batch": args.pop("recompute_batch")}
         requested.update(args)
         try:
             train(requested, overwrite=overwrite)

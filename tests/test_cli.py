@@ -94,6 +94,19 @@ def test_flags_override_config_file(tmp_path, monkeypatch):
     cfg = seen["cfg"]
     assert (cfg.epochs, cfg.lr, cfg.weight_decay, cfg.T, cfg.model_kwargs) == (7, 0.25, 0.5, 2, {"blocks": [1, 1]})
 
+    # --recompute-batch is model_kwargs.recompute_batch, next to what the recipe's model_kwargs hold
+    seen.clear()
+    assert main(["train", "--config", str(recipe), "--recompute-batch", "4"]) == 0
+    assert seen["cfg"].model_kwargs == {"blocks": [1, 1], "recompute_batch": 4}
+
+
+def test_recompute_batch_reaches_the_model_and_a_bad_value_is_one_line(tmp_path, capsys):
+    status, err = _run(["train", "--recompute-batch", "0", "--out", str(tmp_path), *QUIET], capsys)
+    assert status == 2 and "recompute_batch must be None or an int >= 1, got 0" in err and err.count("\n") == 1
+    status, err = _run(["train", "--model", "Spikingformer-2-384", "--dataset", "synthetic-cifar10",
+                        "--recompute-batch", "4", "--out", str(tmp_path), *QUIET], capsys)
+    assert status == 2 and "recompute_batch" in err and err.count("\n") == 1
+
 
 def test_bench_and_tune_dispatch(monkeypatch, capsys):
     import types
