@@ -10,7 +10,7 @@
 # Results: benchmarks/results/<UTC date>-<card>/ (logs, junit XML, every benchmark's csv/json/md/png) and,
 # when $OUT is set, $OUT/results.tar.gz (that folder), $OUT/summary.md (stage outcomes, test tail, every
 # markdown table) and $OUT/gpu_check.log. With RUN_TUNE=1 the benchmarks run on the tuned configurations.
-# Stage limits in seconds can be overridden: T_INSTALL, T_TESTS, T_STATIC, T_NEURONS, T_MEMORY, T_TRAIN, T_TUNE
+# Stage limits in seconds can be overridden: T_INSTALL, T_TESTS, T_CHECK, T_STATIC, T_NEURONS, T_MEMORY, T_TRAIN, T_TUNE
 # (the tuning stage runs only with RUN_TUNE=1). PYTEST_ARGS adds pytest arguments, TESTS replaces the test paths (default tests); PYTHON picks python;
 # XDIST_WORKERS (default 8, 0 = no pytest-xdist); SKIP_INSTALL=1 skips the installation stage (a dry run on a machine where the package is installed).
 set -uo pipefail
@@ -27,10 +27,11 @@ if [[ "${1:-}" == "fetch" ]]; then
         -d "$WHEELS" "${FETCH[@]}"
 fi
 
-# Budget (s): 30 + 130 + 60 + 70 + 90 + 70 = 450 at most, plus about 20 s of imports, set-up and packing. The
+# Budget (s): 30 + 120 + 25 + 50 + 70 + 90 + 70 = 455 at most, plus about 20 s of imports, set-up and packing. The
 # model benchmarks write their tables after every row and run the target models first, so a stage cut short
 # still reports them.
-T_INSTALL=${T_INSTALL:-30}; T_TESTS=${T_TESTS:-130}; T_STATIC=${T_STATIC:-60}; T_NEURONS=${T_NEURONS:-70}
+T_INSTALL=${T_INSTALL:-30}; T_TESTS=${T_TESTS:-120}; T_CHECK=${T_CHECK:-25}; T_STATIC=${T_STATIC:-50}
+T_NEURONS=${T_NEURONS:-70}
 T_MEMORY=${T_MEMORY:-90}; T_TRAIN=${T_TRAIN:-70}; T_TUNE=${T_TUNE:-120}
 START=$(date +%s)
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
@@ -89,6 +90,9 @@ XDIST=()
 [[ ${XDIST_WORKERS:-8} != 0 ]] && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${XDIST_WORKERS:-8}")
 stage tests "$T_TESTS" "$PY" -m pytest -q "${XDIST[@]}" -p no:cacheprovider --durations=15 \
     --junitxml="$RES/tests.xml" ${PYTEST_ARGS:-} ${TESTS:-tests}
+
+# The invertibility checks a user runs on a new GPU before a long training run (compiled kernels).
+stage check "$T_CHECK" "$PY" -m revsnn_triton check RevSResNet21 --device cuda
 
 # 3. Optional: tune the neuron kernels for the benchmark shapes (cache kept with the results).
 if [[ "${RUN_TUNE:-0}" == 1 ]]; then

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "IFNode": ".neuron", "LIFNode": ".neuron", "ParametricLIFNode": ".neuron",
     "RevBlock": ".reversible", "RevSequence": ".reversible", "ReconstructionError": ".reversible",
+    "StreamOverflowError": ".reversible", "SeqBatchNorm": ".batchnorm", "convert_batchnorm": ".batchnorm",
     "Recompute": ".recompute", "recompute": ".recompute",
     "convert_spikingjelly": ".convert",
     "multistep_neuron": ".ops.neuron",
@@ -53,7 +54,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
-    "IFNode", "LIFNode", "ParametricLIFNode", "RevBlock", "RevSequence", "ReconstructionError", "Recompute",
-    "recompute",
+    "IFNode", "LIFNode", "ParametricLIFNode", "RevBlock", "RevSequence", "ReconstructionError", "StreamOverflowError",
+    "SeqBatchNorm", "convert_batchnorm", "Recompute", "recompute",
     "convert_spikingjelly", "create_model", "list_models", "load_model", "multistep_neuron", "functional", "surrogate",
 ]

@@ -122,26 +122,20 @@ class _NaNAfter(torch.nn.Module):
         logits = self.fc(x.flatten(1))
         if self.training:
             self.calls += 1
-            if self.calls >= self.bad_call:
-                return logits * float("nan")
+            logits = self.spoil(logits)
         return logits
 
+    def spoil(self, logits):
+        return logits * float("nan") if self.calls >= self.bad_call else logits
 
-class _PoisonedUpdate(torch.nn.Module):
+
+class _PoisonedUpdate(_NaNAfter):
     """Stand-in classifier whose ``bad_call``-th training step gets infinite gradients: the loss of that step is
     finite, the update makes the weights NaN, and the epoch ends before another loss is computed."""
 
-    def __init__(self, num_classes: int, bad_call: int):
-        super().__init__()
-        self.fc = torch.nn.Linear(64, num_classes)
-        self.calls, self.bad_call = 0, bad_call
-
-    def forward(self, x):
-        logits = self.fc(x.flatten(1))
-        if self.training:
-            self.calls += 1
-            if self.calls == self.bad_call:
-                logits.register_hook(lambda grad: grad * float("inf"))
+    def spoil(self, logits):
+        if self.calls == self.bad_call:
+            logits.register_hook(lambda grad: grad * float("inf"))
         return logits
 
 
