@@ -90,13 +90,13 @@ ABLATION: dict[str, Variants] = {
 }
 
 # Pairs of batch sizes known to read low: (device type, models, smallest batch of a pair that reads right, why).
-# Measured on the 2-core CPU machine (fp32, T=4, 32x32): RevSResNet21 7.93 / 13.59 / 15.00 / 15.00 MiB per image at
-# 2/4, 4/8, 8/16, 16/32; RevSResNet37 8.15 / 14.16 / 15.00 at 2/4, 8/16, 16/32; RevSResNet109 10.1 at 8/16 and
-# 15.2 at 16/32. The non-reversible models, the transformers and the digits models read the same at every pair.
+# Measured on the 2-core CPU machine (fp32, T=4, 32x32, 2026-12-01): RevSResNet21 and RevSResNet37 4.29 / 7.96 /
+# 8.50 MiB per image at 2/4, 8/16, 16/32 (peaks 43/52, 73/136, 136/272 MiB). The non-reversible models, the
+# transformers and the digits models read the same at every pair.
 LOW_READINGS: tuple[tuple[str, tuple[str, ...], int, str], ...] = (
     ("cpu", ("RevSResNet21", "RevSResNet37", "RevSResNet109"), 16,
-     "below batch 16 the peak of its CPU step sits on batch-independent buffers (a reversible stage's parameter "
-     "gradients, oneDNN's weight-gradient work space), not on activations"),
+     "below batch 16 the peak of its CPU step sits on batch-independent buffers (a block's parameter gradients, "
+     "oneDNN's weight-gradient work space), not on activations"),
 )
 DEFAULT_MMAP_THRESHOLD = 128 * 1024
 
