@@ -152,3 +152,15 @@ def test_input_sizes_agree_with_the_registry() -> None:
         stated = re.search(r"(\d+), (\d+)\]$", model_info(name).input)
         assert stated, (name, model_info(name).input)
         assert bench_memory.input_size(name, model) == int(stated.group(1)) == int(stated.group(2)), name
+
+
+@pytest.mark.parametrize("name", list(bench_memory.ABLATION))
+def test_every_ablation_variant_trains(name):
+    """Each variant of the ablation builds and runs a training step (at tiny widths: what is checked is that the
+    combination of options is valid, e.g. torch.nn BatchNorm only where nothing recomputes in micro-batches)."""
+    case = bench_memory.model_case(name, small=True)
+    batch = 9  # above every default micro-batch of the zoo (8), so that the micro-batched paths run
+    for variant, extra in bench_memory.ABLATION[name]:
+        _, step, _, _ = bench_memory._model_and_step(case, torch.device("cpu"), "fp32", (batch,), 2, 32, "triton",
+                                                     extra)
+        step(batch)

@@ -82,7 +82,9 @@ ABLATION: dict[str, Variants] = {
     "MS-ResNet34": _RESNET_ABLATION,
     "RevSFormer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True}),
                          ("recompute_tokenizer=False", {"recompute_tokenizer": False}),
-                         ("transition_batch=4", {"transition_batch": 4}), ("torch BatchNorm", {"batchnorm": "torch"})),
+                         ("transition_batch=4", {"transition_batch": 4}),
+                         # torch.nn's BatchNorm cannot be recomputed in micro-batches: the tokenizer in one piece
+                         ("torch BatchNorm", {"batchnorm": "torch", "transition_batch": None})),
     "Spikingformer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True}),
                             ("recompute_tokenizer=stages", {"recompute_tokenizer": "stages"})),
     "RevSResNet24": ((None, {}), ("transition_batch=None", {"transition_batch": None}),
@@ -108,6 +110,8 @@ SMALL_OVERRIDES = {
     "RevSFormer": dict(embed_dim=48),
     "Spikingformer": dict(embed_dim=48),
 }
+# The DVS ResNets have three stages.
+SMALL_OVERRIDES_BY_NAME = {"RevSResNet24": dict(widths=(2, 4, 6)), "MS-ResNet20": dict(widths=(2, 4, 8))}
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,8 @@ def _family_prefix(name: str) -> str:
 def model_case(name: str, small: bool = False) -> Case:
     """The :class:`Case` of a registered zoo model (``small``: tiny widths, see ``SMALL_OVERRIDES``)."""
     prefix = _family_prefix(name)
-    overrides = dict(SMALL_OVERRIDES[prefix]) if small and name not in INPUT_SIZES else {}
+    overrides = dict(SMALL_OVERRIDES_BY_NAME.get(name, SMALL_OVERRIDES[prefix])) if small and name not in INPUT_SIZES \
+        else {}
     reversible = name.startswith("Rev")
     if prefix in ("RevSFormer", "Spikingformer"):
         return Case(name, name, "transformer", reversible, int(name.split("-")[1]), overrides)
