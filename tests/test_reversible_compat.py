@@ -4,11 +4,13 @@ import os
 import socket
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from revsnn_triton.batchnorm import convert_batchnorm
 from revsnn_triton.testing import assert_close, assert_equal, record_streams
 from revsnn_triton.testing.strategies import SeqToANN, input_for, make_sequence
 from reversible_cases import DEVICE, check_grads
@@ -34,8 +36,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------------------- compile
 
-def test_compile_trains_and_matches_eager():
+@pytest.mark.parametrize("recompute_batch", [None, 1])
+def test_compile_trains_and_matches_eager(recompute_batch):
     net = Net(dropout=0.2).to(DEVICE)
+    if recompute_batch is not None:  # floor mode: micro-batches of one image, on SeqBatchNorm
+        convert_batchnorm(net)
+        net.rev.recompute_batch = recompute_batch
     x = input_for("conv", 2, 2, 2, 4, 3.0, 0).to(DEVICE)
     explain = torch._dynamo.explain(net)(x)
     # The one graph break is the sequence itself (torch.compiler.disable around the engine's
@@ -102,13 +108,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_path: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out_path: str, recompute_batch) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         net = Net(bn=False, seed=0)  # no BatchNorm: per-rank batch statistics would differ from the full batch
+        net.rev.recompute_batch = recompute_batch
         ddp = nn.parallel.DistributedDataParallel(net)
         x = input_for("conv", 2, 4, 2, 4, 3.0, 5)  # the global batch of 4
         target = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
@@ -121,12 +128,14 @@ def _ddp_worker(rank: int, world: int, port: int, out_path: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process_run():
+@pytest.mark.parametrize("recompute_batch", [None, 1])
+def test_ddp_gradients_equal_single_process_run(recompute_batch):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp_grads.pt")
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, _free_port(), out, recompute_batch), nprocs=2, join=True)
         ddp_grads = torch.load(out)
     net = Net(bn=False, seed=0)
+    net.rev.recompute_batch = recompute_batch
     x = input_for("conv", 2, 4, 2, 4, 3.0, 5)
     target = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
     (net(x) - target).square().mean().backward()
