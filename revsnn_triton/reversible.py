@@ -211,8 +211,6 @@ def _stream_sum(x: Tensor, frac_bits: int) -> Tensor:
     return total
 
 
-# ------------------------------------------------------------------------------------ external tensors
-
 # ------------------------------------------------------------------------------------------------ sequence
 
 class RevSequence(nn.Module):

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch < 1 or args.rounds < 1 or args.threads < 1:
         p.error("--batch, --rounds and --threads must be >= 1")
-    out = args.out or default_out().with_name(default_out().name.replace("memory", "cpu_step"))
+    out = args.out or default_out("cpu_step")
     torch.set_num_threads(args.threads)
     specs = list(dict.fromkeys([*args.cases, *args.vs]))
     try:

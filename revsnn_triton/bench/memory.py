@@ -341,9 +341,9 @@ def explain(args: argparse.Namespace) -> None:
     (Path(args.out) / "memory_explain.md").write_text("\n".join(lines))
 
 
-def default_out() -> Path:
-    """``runs/bench/memory-<UTC date and time>`` under the current directory (``runs/`` is git-ignored)."""
-    return Path("runs", "bench", "memory-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+def default_out(benchmark: str = "memory") -> Path:
+    """``runs/bench/<benchmark>-<UTC date and time>`` under the current directory (``runs/`` is git-ignored)."""
+    return Path("runs", "bench", f"{benchmark}-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
