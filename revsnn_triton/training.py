@@ -877,7 +877,8 @@ def memory_report(cfg: TrainConfig, data: DataBundle, device: torch.device, mode
                 info = model_info(name)
                 row = measure_case(Case(name, name, info.family, info.reversible, info.layers or 0),
                                    device=device, dtype=dtype, batch_sizes=batch_sizes, T=cfg.T,
-                                   image_size=data.sample_shape[-1], neuron_impl=cfg.neuron_impl, extra=extra)
+                                   image_size=data.sample_shape[-1], neuron_impl=cfg.neuron_impl, extra=extra,
+                                   rss=False)  # the report gives allocations only: no extra RSS steps
             results[name] = row["mib_per_image"] * 2**20
     except Exception as exc:  # e.g. out of memory at the larger batch
         return results, f"memory report failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
