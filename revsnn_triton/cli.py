@@ -186,9 +186,11 @@ def train_main(argv: Sequence[str]) -> int:
         requested = read_config_file(args.pop("config")) if "config" in args else {}
         requested.update(_parse_sets(args.pop("sets", [])))
         if "recompute_batch" in args:
-            kwargs = requested.get("model_kwargs")
-            requested["model_kwargs"] = {**(kwargs if isinstance(kwargs, dict) else {}),
-                                         "recompute_batch": args.pop("recompute_batch")}
+            kwargs = requested.get("model_kwargs", {})
+            recompute_batch = args.pop("recompute_batch")
+            # a model_kwargs that is not a mapping is left for the config's validation to report
+            requested["model_kwargs"] = ({**kwargs, "recompute_batch": recompute_batch} if isinstance(kwargs, dict)
+                                         else kwargs)
         requested.update(args)
         try:
             train(requested, overwrite=overwrite)

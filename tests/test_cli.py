@@ -103,6 +103,9 @@ def test_flags_override_config_file(tmp_path, monkeypatch):
 def test_recompute_batch_reaches_the_model_and_a_bad_value_is_one_line(tmp_path, capsys):
     status, err = _run(["train", "--recompute-batch", "0", "--out", str(tmp_path), *QUIET], capsys)
     assert status == 2 and "recompute_batch must be None or an int >= 1, got 0" in err and err.count("\n") == 1
+    status, err = _run(["train", "--set", "model_kwargs=3", "--recompute-batch", "4", "--out", str(tmp_path), *QUIET],
+                       capsys)  # a model_kwargs that is not a mapping is reported, not replaced
+    assert status == 2 and "model_kwargs" in err and "mapping" in err and err.count("\n") == 1
     status, err = _run(["train", "--model", "Spikingformer-2-384", "--dataset", "synthetic-cifar10",
                         "--recompute-batch", "4", "--out", str(tmp_path), *QUIET], capsys)
     assert status == 2 and "recompute_batch" in err and err.count("\n") == 1
