@@ -6,7 +6,8 @@ Architecture (Zhang & Zhang, AAAI 2024): stem (conv3x3 -> BN, no neuron) -> stag
 stages a non-reversible :class:`~revsnn_triton.models.conv.Downsample` (neuron -> AvgPool(3, s2, p1) -> 1x1
 conv -> BN) -> neuron -> global mean -> Linear. ``widths`` are per half, so a stage carries ``2 * width``
 channels. Each stage is one :class:`revsnn_triton.reversible.RevSequence`: its forward keeps no graph, and its
-backward recomputes one F or G at a time from reset neuron state on the exactly reconstructed input.
+backward recomputes one F or G at a time from reset neuron state on the exactly reconstructed input (a small last
+stage keeps its graph instead, see 5. below).
 
 Where the training memory per image goes, and what the model side does about it (for scale: the original
 RevSNN code needs 19.5 MiB per image for RevSResNet37 on an H100, fp32, T=4, CIFAR 32x32):
@@ -25,6 +26,12 @@ RevSNN code needs 19.5 MiB per image for RevSResNet37 on an H100, fp32, T=4, CIF
    conv input is a bool; the downsample graphs are freed before the stage-1 recomputation begins, so at the
    peak only the stem's saved BN input (one copy per image, not T) is left of them. The stem runs once per
    image and is repeated over T by ``expand`` (the original repeats with a copy).
+
+5. Time, not memory: the last stage, when its graph is small beside that peak
+   (:meth:`RevSResNet.default_keep_graph_stages`; RevSResNet21/37/109 and RevSResNet24, not RevSResNet1001), runs
+   with ordinary autograd instead of the engine. Its graph is freed before the first stage's recomputation begins,
+   so the peak stays where it was, and its convolutions (a fifth of RevSResNet37's) are not run twice.
+   ``keep_graph_stages`` sets how many stages do this.
 
 Beyond this, the remaining per-image memory is the engine's backward work space during the stage-1
 recomputation: the stage output (whose memory holds the re-encoded int32 stream meanwhile), the incoming
@@ -70,6 +77,11 @@ class RevSResNet(SpikingModel):
             them per step); False keeps their graphs.
         recompute_batch: None, or N: the reversible stages and the recomputed transitions run their
             recomputation in micro-batches of N images ("floor mode", see ``RevSequence``).
+        keep_graph_stages: how many of the last stages run with ordinary autograd (``reversible=False``: they keep
+            their graph and are not recomputed, same arithmetic and parameters). None (default): the last stage
+            when its graph is small beside the work space of a first-stage block's recomputation, which sets the
+            peak of a step (see :meth:`default_keep_graph_stages`), and none in floor mode. Each kept stage saves
+            its recomputation time and costs its activations.
         transition_batch: None, or N: only the recomputed stem and downsample layers run in micro-batches of N
             (the default of the DVS model, whose stem works at 64x64 with T=10 and would otherwise set the peak);
             ``recompute_batch`` takes precedence.
@@ -81,7 +93,7 @@ class RevSResNet(SpikingModel):
                  frac_bits: int = 16, compact_spikes: bool = True, neuron_save: Optional[str] = None,
                  zero_init_last: bool = False, recompute_transitions: bool = True,
                  recompute_batch: Optional[int] = None, transition_batch: Optional[int] = None,
-                 name: str = "RevSResNet"):
+                 keep_graph_stages: Optional[int] = None, name: str = "RevSResNet"):
         from revsnn_triton.reversible import RevBlock, RevSequence  # the engine; imported when a model is built
 
         super().__init__()
@@ -91,6 +103,13 @@ class RevSResNet(SpikingModel):
                          min_size=(4 if event_input else 1) * 2 ** (len(widths) - 1))
         kw = dict(neuron)
         sn = neuron_factory(neuron_impl, kw.pop("kind"), save=neuron_save, **kw)
+        if keep_graph_stages is None:
+            keep_graph_stages = 0 if recompute_batch is not None else self.default_keep_graph_stages(widths, blocks)
+        elif isinstance(keep_graph_stages, bool) or not isinstance(keep_graph_stages, int) or \
+                not 0 <= keep_graph_stages <= len(widths):
+            raise ValueError(f"{name}: keep_graph_stages must be None or an int in [0, {len(widths)}] (the number of "
+                             f"stages), got {keep_graph_stages!r}")
+        self.keep_graph_stages = keep_graph_stages
         self.stem = Stem(in_channels, 2 * widths[0], stride=2 if event_input else 1,
                          pool="avg" if event_input else None)
         self.stages = torch.nn.ModuleList()
@@ -102,7 +121,8 @@ class RevSResNet(SpikingModel):
             rev_blocks = [RevBlock(SpikingResidualBranch(width, width, sn, compact=compact_spikes),
                                    SpikingResidualBranch(width, width, sn, compact=compact_spikes), split_dim=2)
                           for _ in range(n)]
-            self.stages.append(RevSequence(rev_blocks, frac_bits=frac_bits, reversible=reversible,
+            kept = i >= len(widths) - keep_graph_stages
+            self.stages.append(RevSequence(rev_blocks, frac_bits=frac_bits, reversible=reversible and not kept,
                                            recompute_batch=recompute_batch))
         if not isinstance(recompute_transitions, bool):
             raise TypeError(f"{name}: recompute_transitions must be a bool, got {type(recompute_transitions).__name__}")
@@ -116,6 +136,20 @@ class RevSResNet(SpikingModel):
         """Weighted layers, counted as the zoo's names do: the stem conv, four 3x3 convs per reversible block
         (two in F, two in G), the 1x1 conv of each downsample between stages, and the Linear head."""
         return 1 + 4 * sum(blocks) + (len(blocks) - 1) + 1
+
+    @staticmethod
+    def default_keep_graph_stages(widths: Sequence[int], blocks: Sequence[int]) -> int:
+        """1 if the last stage's activations are small enough to keep, else 0. A stage halves the resolution, so a
+        half-stream of stage ``s`` holds ``widths[s] / 4**s`` of the first stage's elements per channel of the
+        first. The peak of a training step is the recomputation of one first-stage block (several of its
+        half-streams next to the stored stage outputs); the last stage's graph (a few of its half-streams per
+        block) fits under it when ``blocks[-1] * widths[-1] / 4**(S-1) <= widths[0] / 2``. Measured on RevSResNet37
+        (CPU, fp32): keeping stage 4 (ratio 0.22) leaves 8.50 MiB/image unchanged and shortens the step; keeping
+        stages 3 and 4 as well (0.97) costs 3.2 MiB/image more."""
+        if len(widths) < 2:
+            return 0
+        last = blocks[-1] * widths[-1] / 4 ** (len(widths) - 1)
+        return int(last <= widths[0] / 2)
 
     def _transition(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.recompute_transitions:

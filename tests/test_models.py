@@ -158,6 +158,35 @@ def test_reversible_gradients_equal_ordinary_autograd(name, kernel_device):
     _assert_grads_close(grads_rev, grads_ref, f"{name} reversible vs reversible=False")
 
 
+@pytest.mark.parametrize("name", ["RevSResNet21", "RevSResNet37", "RevSResNet24"])
+def test_fully_reversible_resnets_equal_ordinary_autograd(name, kernel_device):
+    """keep_graph_stages=0: every stage on the reversible engine (the default keeps the last stage's graph, which
+    the test above covers); the same loss bit for bit and the same gradients as reversible=False."""
+    loss_rev, grads_rev = _loss_and_grads(name, "triton", kernel_device, keep_graph_stages=0)
+    loss_ref, grads_ref = _loss_and_grads(name, "triton", kernel_device, reversible=False)
+    assert_equal(loss_rev, loss_ref, f"{name} loss")
+    _assert_grads_close(grads_rev, grads_ref, f"{name} keep_graph_stages=0 vs reversible=False")
+
+
+def test_keep_graph_stages_defaults_and_checks():
+    def modes(name, **kw):
+        return [s.reversible for s in create_model(name, neuron_impl="torch", **kw).stages]
+
+    # the rule blocks[-1] * widths[-1] / 4**(S-1) <= widths[0] / 2: RevSResNet37 2 * 448 / 64 = 14 <= 32
+    assert modes("RevSResNet37") == [True, True, True, False]
+    assert modes("RevSResNet24") == [True, True, False]                  # 2 * 48 / 16 = 6 <= 8
+    assert modes("RevSResNet1001", widths=(2, 2, 2, 2)) == [True] * 4     # 62 * 2 / 64 > 1
+    assert modes("RevSResNet37", blocks=(1, 2, 3, 20)) == [True] * 4      # 20 * 448 / 64 = 140 > 32
+    assert modes("RevSResNet37", recompute_batch=4) == [True] * 4         # floor mode keeps no graph
+    assert modes("RevSResNet37", keep_graph_stages=2) == [True, True, False, False]
+    assert modes("RevSResNet37", keep_graph_stages=0) == [True] * 4
+    assert modes("RevSResNet37", reversible=False) == [False] * 4
+    assert create_model("RevSResNet37", neuron_impl="torch").keep_graph_stages == 1
+    for bad in (-1, 5, 1.0, True, "1"):
+        with pytest.raises(ValueError, match=r"keep_graph_stages must be None or an int in \[0, 4\]"):
+            create_model("RevSResNet37", neuron_impl="torch", keep_graph_stages=bad)
+
+
 def test_1001_layer_model_at_tiny_width(kernel_device):
     # All 249 reversible blocks (62, 62, 63, 62 per stage) at per-half width 2: the engine's exactness over a
     # thousand layers, at a size the CPU runs in seconds. Without zero_init_last, so that every F and G adds

@@ -73,6 +73,8 @@ _RESNET_ABLATION: Variants = (
     ("torch BatchNorm", {"batchnorm": "torch"}))
 _REV_ABLATION: Variants = _RESNET_ABLATION + (
     ("recompute_transitions=False", {"recompute_transitions": False}),
+    ("keep_graph_stages=0 (all stages reversible)", {"keep_graph_stages": 0}),
+    ("keep_graph_stages=2", {"keep_graph_stages": 2}),
     ("floor mode, recompute_batch=8", {"recompute_batch": 8}), ("floor mode, recompute_batch=4", {"recompute_batch": 4}),
     ("floor mode, recompute_batch=2", {"recompute_batch": 2}))
 # model -> its ablation variants (add rows here). The transformers run the tokenizer recomputation modes other than
@@ -88,7 +90,8 @@ ABLATION: dict[str, Variants] = {
     "Spikingformer-4-384": ((None, {}), ("recompute_tokenizer=True", {"recompute_tokenizer": True}),
                             ("recompute_tokenizer=stages", {"recompute_tokenizer": "stages"})),
     "RevSResNet24": ((None, {}), ("transition_batch=None", {"transition_batch": None}),
-                     ("recompute_transitions=False", {"recompute_transitions": False})),
+                     ("recompute_transitions=False", {"recompute_transitions": False}),
+                     ("keep_graph_stages=0 (all stages reversible)", {"keep_graph_stages": 0})),
 }
 
 # Pairs of batch sizes known to read low: (device type, models, smallest batch of a pair that reads right, why).
