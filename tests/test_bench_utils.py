@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -19,6 +20,25 @@ def test_environment_records_versions_and_date():
     assert env["torch"] == torch.__version__
     assert env["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     assert env["date_utc"].endswith("Z") and env["date_utc"][:2] == "20"
+
+
+def test_git_commit_marks_uncommitted_changes(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert bench._git_commit(tmp_path) is None          # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("1")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert bench._git_commit(tmp_path) == head
+    (tmp_path / "b.txt").write_text("untracked files do not count")
+    assert bench._git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("2")
+    assert bench._git_commit(tmp_path) == head + "-dirty"
 
 
 def test_write_results_writes_the_fixed_schema(tmp_path):

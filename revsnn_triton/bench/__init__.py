@@ -34,13 +34,19 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", None)
 
 
-def _git_commit() -> str | None:
+def _git_commit(where: Path | None = None) -> str | None:
+    """The short commit of the checkout holding this package (or ``where``), with ``-dirty`` appended when tracked
+    files differ from it: a result measured on uncommitted code says so. None outside a git checkout."""
+    cwd = where or Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=cwd)
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True, timeout=5, cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() + ("-dirty" if diff.returncode == 1 else "")
 
 
 def environment() -> dict:
