@@ -110,9 +110,10 @@ stage bench_neurons "$T_NEURONS" "$PY" -m revsnn_triton.bench.neurons --out "$RE
 stage bench_memory "$T_MEMORY" "$PY" -m revsnn_triton.bench.memory --device cuda --batch-sizes 16 64 \
     --models RevSResNet37 MS-ResNet34 RevSResNet1001 RevSFormer-4-384 Spikingformer-4-384 --ablation \
     --out "$RES" --budget-s $(( T_MEMORY - 15 ))
-# Step time at batch 64: RevSResNet37 (default and floor mode) against MS-ResNet34, ours and spikingjelly's neurons.
+# Step time at batch 64: RevSResNet37 (default, fully reversible, floor mode) against MS-ResNet34, ours and
+# spikingjelly's neurons.
 stage bench_train_step "$T_TRAIN" "$PY" -m revsnn_triton.bench.train_step --out "$RES" --batch 64 \
-    --models MS-ResNet34 RevSResNet37 RevSResNet37:recompute_batch=16 --compile-models --budget-s $(( T_TRAIN - 15 ))
+    --models MS-ResNet34 RevSResNet37 RevSResNet37:keep_graph_stages=0 RevSResNet37:recompute_batch=16 --compile-models --budget-s $(( T_TRAIN - 15 ))
 
 # 5. Summary (with every benchmark's markdown table), and the files that travel back (at most 8).
 {
