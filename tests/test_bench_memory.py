@@ -43,7 +43,9 @@ def test_only_what_was_asked() -> None:
     assert ablation.ablation_models == ["RevSResNet37"] and ablation.table
     assert bench_memory._parse(["--device", "cpu", "--ablation"]).ablation_models == list(bench_memory.ABLATION)
     sweep = bench_memory._parse(["--device", "cpu", "--sweep"])
-    assert sweep.sweep and not sweep.table and not sweep.ablation
+    assert sweep.sweep == ["resnet", "transformer"] and not sweep.table and not sweep.ablation
+    assert bench_memory._parse(["--device", "cpu", "--sweep", "transformer"]).sweep == ["transformer"]
+    assert bench_memory._parse(["--device", "cpu"]).sweep is None
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -23,6 +23,7 @@ what it had.
     revsnn bench memory --models RevSResNet37 MS-ResNet34           # two models, the device's default batches
     revsnn bench memory --device cpu --ablation --models RevSResNet37
     revsnn bench memory --sweep --cpu-small                         # CPU: tiny widths, the shape against depth
+    revsnn bench memory --device cpu --sweep transformer            # only the transformers' depth panel
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ ALL_MODELS = ("RevSResNet37", "MS-ResNet34", "RevSResNet21", "RevSResNet109", "R
               "Spikingformer-4-384", "MS-ResNet18", "MS-ResNet104", "RevSFormer-2-384", "Spikingformer-2-384",
               "RevSResNet24", "MS-ResNet20", "RevSFormer-2-256", "Spikingformer-2-256")
 TRANSFORMER_SWEEP = (2, 4, 8)
+SWEEP_FAMILIES = ("resnet", "transformer")  # --sweep FAMILY ...: the panels of the depth plot
 # Input sizes (H = W) other than CIFAR's 32 and the DVS frames' 128.
 INPUT_SIZES = {"RevSResNet-digits": 8, "MS-ResNet-digits": 8}
 
@@ -360,9 +362,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    help="models of the per-model table (default: " + " ".join(ALL_MODELS) + "); with --ablation "
                    "or --sweep alone, no per-model table")
-    p.add_argument("--sweep", action="store_true",
-                   help="also measure the depth sweep (RevSResNet21/37/109 vs MS-ResNet18/34/104, transformers with "
-                   f"{'/'.join(map(str, TRANSFORMER_SWEEP))} blocks) and plot memory per image against depth")
+    p.add_argument("--sweep", nargs="*", choices=SWEEP_FAMILIES, default=None, metavar="FAMILY",
+                   help="also measure the depth sweep (resnet: RevSResNet21/37/109 vs MS-ResNet18/34/104 and the "
+                   "narrow family up to RevSResNet1001 and MS-ResNet998; transformer: RevSFormer vs Spikingformer "
+                   f"with {'/'.join(map(str, TRANSFORMER_SWEEP))} blocks; default: both) and plot memory per image "
+                   "against depth")
     p.add_argument("--ablation", action="store_true",
                    help="also measure the ablation: each model of --models that has variants (default: "
                    + " ".join(ABLATION) + ") with each memory option switched")
@@ -405,6 +409,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         if missing == args.models:
             p.error(f"--ablation: no ablation variants for {' '.join(missing)}; models with variants: "
                     f"{' '.join(ABLATION)}")
+    if args.sweep is not None:
+        args.sweep = list(dict.fromkeys(args.sweep or SWEEP_FAMILIES))
     args.table = args.models is not None or not (args.sweep or args.ablation)
     args.ablation_models = [n for n in (args.models or ABLATION) if n in ABLATION]
     args.models = args.models or list(ALL_MODELS)
@@ -521,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.table:
         run([model_case(n, args.cpu_small) for n in args.models], "memory", "Training memory per image")
     if args.sweep:
-        rows = run(depth_sweep_cases(args.cpu_small), "memory_depth", "Training memory per image against depth")
+        cases = [c for c in depth_sweep_cases(args.cpu_small) if c.family.split("-")[0] in args.sweep]
+        rows = run(cases, "memory_depth", "Training memory per image against depth")
         if rows:
             env_dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
             png = plot_depth(rows, Path(args.out) / "memory_depth.png",
