@@ -88,6 +88,10 @@ def test_check_revsresnet21_passes_and_prints_a_table_per_sequence(capsys):
     for i, (channels, size) in enumerate([(128, 32), (256, 16), (512, 8), (896, 4)]):
         assert f"stages.{i}: RevSequence of 1 block, input [4, 2, {channels}, {size}, {size}] float32, frac_bits 16" \
             in out
+    # the last stage trains with ordinary autograd (keep_graph_stages) and is still checked as reversible
+    assert out.count("(trains with reversible=False") == 1
+    assert "frac_bits 16 (trains with reversible=False, keeping its graph; checked as a reversible sequence)" in \
+        out.split("stages.3:")[1].splitlines()[0]
     header = "block  exact  max grad dev  BN once  deterministic  headroom (bits)"
     assert out.count(header) == 4
     rows = [line.split() for line in out.splitlines() if line.startswith("0 ")]

@@ -707,7 +707,8 @@ def stream_headroom(seq: SequenceLike, x: Tensor) -> Headroom:
 class SequenceReport:
     """Every check on one sequence (:func:`check_sequence`): ``name`` (its path in the model), the input it was
     checked on (``shape``, ``dtype``), its ``frac_bits`` and blocks, the four :class:`CheckResult` s and the
-    :class:`Headroom`."""
+    :class:`Headroom`; ``trains_reversible``: the sequence's own ``reversible`` setting (every check runs it as a
+    reversible sequence either way)."""
 
     name: str
     shape: tuple[int, ...]
@@ -720,6 +721,7 @@ class SequenceReport:
     deterministic: CheckResult
     headroom: Headroom
     min_headroom_bits: float = 0.0
+    trains_reversible: bool = True
 
     @property
     def problems(self) -> list[str]:
@@ -761,6 +763,8 @@ class SequenceReport:
         blocks = f"{self.num_blocks} block{'s' if self.num_blocks != 1 else ''}"
         dtype = str(self.dtype).replace("torch.", "")
         head = f"{self.name}: RevSequence of {blocks}, input {list(self.shape)} {dtype}, frac_bits {self.frac_bits}"
+        if not self.trains_reversible:
+            head += " (trains with reversible=False, keeping its graph; checked as a reversible sequence)"
         g, det = self.gradients.details, self.deterministic.details
         launches = det.get("launches", 0)
         tail = (f"input grad dev {g['input']:.2g} (tolerance rtol {g['rtol']:.2g}, atol {g['atol']:.2g}); "
@@ -780,12 +784,14 @@ def check_sequence(seq: SequenceLike, x: Tensor, *, name: str = "sequence", step
     fewer than ``min_headroom_bits`` bits fails). Returns a :class:`SequenceReport`."""
     seq = _as_sequence(seq, "check_sequence")
     x = _check_float(x, "check_sequence")
+    trains_reversible = seq.reversible  # (the checks switch it and restore it)
     return SequenceReport(
         name=name, shape=tuple(x.shape), dtype=x.dtype, frac_bits=seq.frac_bits, num_blocks=len(seq.blocks),
         invertible=_invertible(seq, x, None, seed), gradients=_gradients(seq, x, None, None, False, seed),
         batchnorm=_batchnorm_once(seq, x, steps, seed),
         deterministic=_deterministic(seq, x, runs, launch_configs, seed),
-        headroom=stream_headroom(seq, x), min_headroom_bits=float(min_headroom_bits))
+        headroom=stream_headroom(seq, x), min_headroom_bits=float(min_headroom_bits),
+        trains_reversible=trains_reversible)
 
 
 def check_model(model: nn.Module, example_input, **kwargs) -> list[SequenceReport]:
