@@ -150,22 +150,19 @@ def test_heavy_models_forward_backward(name, kernel_device):
     _loss_and_grads(name, "triton", kernel_device)
 
 
-@pytest.mark.parametrize("name", [n for n in ZOO if n.startswith("Rev")])
-def test_reversible_gradients_equal_ordinary_autograd(name, kernel_device):
-    loss_rev, grads_rev = _loss_and_grads(name, "triton", kernel_device, reversible=True)
-    loss_ref, grads_ref = _loss_and_grads(name, "triton", kernel_device, reversible=False)
-    assert_equal(loss_rev, loss_ref, f"{name} loss")       # same quantized forward arithmetic
-    _assert_grads_close(grads_rev, grads_ref, f"{name} reversible vs reversible=False")
+# Each reversible model as registered (the ResNets' last stage keeps its graph by default), and the ResNets with
+# every stage on the reversible engine (keep_graph_stages=0).
+_REVERSIBLE_CASES = ([pytest.param(n, {}, id=n) for n in ZOO if n.startswith("Rev")]
+                     + [pytest.param(n, {"keep_graph_stages": 0}, id=f"{n}-keep_graph_stages=0")
+                        for n in ("RevSResNet21", "RevSResNet37", "RevSResNet24")])
 
 
-@pytest.mark.parametrize("name", ["RevSResNet21", "RevSResNet37", "RevSResNet24"])
-def test_fully_reversible_resnets_equal_ordinary_autograd(name, kernel_device):
-    """keep_graph_stages=0: every stage on the reversible engine (the default keeps the last stage's graph, which
-    the test above covers); the same loss bit for bit and the same gradients as reversible=False."""
-    loss_rev, grads_rev = _loss_and_grads(name, "triton", kernel_device, keep_graph_stages=0)
+@pytest.mark.parametrize("name, overrides", _REVERSIBLE_CASES)
+def test_reversible_gradients_equal_ordinary_autograd(name, overrides, kernel_device):
+    loss_rev, grads_rev = _loss_and_grads(name, "triton", kernel_device, reversible=True, **overrides)
     loss_ref, grads_ref = _loss_and_grads(name, "triton", kernel_device, reversible=False)
-    assert_equal(loss_rev, loss_ref, f"{name} loss")
-    _assert_grads_close(grads_rev, grads_ref, f"{name} keep_graph_stages=0 vs reversible=False")
+    assert_equal(loss_rev, loss_ref, f"{name} {overrides} loss")       # same quantized forward arithmetic
+    _assert_grads_close(grads_rev, grads_ref, f"{name} {overrides} reversible vs reversible=False")
 
 
 def test_keep_graph_stages_defaults_and_checks():
